@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: builds/starts what the tests need (a tansu Kafka
+# broker on loopback), runs `cargo test`, and stops the broker again.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test topics`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export SWITCHYARD_KAFKA_PORT="${SWITCHYARD_KAFKA_PORT:-19092}"
+export SWITCHYARD_KAFKA_DIR="${SWITCHYARD_KAFKA_DIR:-${TMPDIR:-/tmp}/switchyard-test-kafka}"
+scripts/kafka-dev.sh install
+SWITCHYARD_TEST_BROKERS="$(scripts/kafka-dev.sh start)"
+export SWITCHYARD_TEST_BROKERS
+trap 'scripts/kafka-dev.sh stop' EXIT
+
+cargo test --locked "$@"

@@ -1,0 +1,328 @@
+//! Normalisation and SHA-256 hashing of identity hints, the way ad platforms
+//! match them: Meta, Google and TikTok all hash the *normalised* value, so a
+//! different normalisation silently produces a hash that matches nobody.
+//!
+//! Every `hash_*` function passes a value that already is a SHA-256 hex
+//! digest through (lowercased) instead of hashing it twice, because
+//! publishers and identify traits mix raw and pre-hashed values.
+
+use phonenumber::Mode;
+use sha2::{Digest, Sha256};
+
+use super::validate::{is_email, is_phone};
+
+/// Default country for phone numbers written without an international prefix.
+pub type PhoneCountry = phonenumber::country::Id;
+
+/// How a normalised phone number is written before hashing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhoneFormat {
+    /// `+15551234567` (Google Ads, TikTok, Klaviyo).
+    E164,
+    /// `15551234567`: E.164 without the '+' (Meta).
+    DigitsOnly,
+}
+
+/// Lowercase hex SHA-256 of the UTF-8 bytes of `s`.
+pub fn sha256_hex(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(s.as_bytes());
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+/// 64 hex characters in either case: a value someone already hashed.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Trimmed and lowercased; with `gmail_dot_rule` (Google's enhanced
+/// conversions rule) the dots of the local part are dropped for gmail.com
+/// and googlemail.com, where they do not matter to delivery. `None` when the
+/// value does not have the contract's email shape.
+pub fn normalize_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
+    let email = raw.trim().to_lowercase();
+    if !is_email(&email) {
+        return None;
+    }
+    if gmail_dot_rule
+        && let Some((local, domain)) = email.split_once('@')
+        && matches!(domain, "gmail.com" | "googlemail.com")
+    {
+        let local = local.replace('.', "");
+        return (!local.is_empty()).then(|| format!("{local}@{domain}"));
+    }
+    Some(email)
+}
+
+/// The number in E.164 (or its digits), reading numbers without an
+/// international prefix as numbers of `default_country`. `None` unless the
+/// phone-number metadata says the number can exist.
+pub fn normalize_phone(
+    raw: &str,
+    default_country: PhoneCountry,
+    format: PhoneFormat,
+) -> Option<String> {
+    let raw = raw.trim();
+    // Only the contract's phone shape reaches the parser: trait values are
+    // free-form, and the parser has panicked on odd input in the past.
+    if !(6..=32).contains(&raw.len()) || !is_phone(raw) {
+        return None;
+    }
+    let number = phonenumber::parse(Some(default_country), raw).ok()?;
+    if !phonenumber::is_valid(&number) {
+        return None;
+    }
+    let e164 = number.format().mode(Mode::E164).to_string();
+    match format {
+        PhoneFormat::E164 => Some(e164),
+        PhoneFormat::DigitsOnly => Some(e164.trim_start_matches('+').to_owned()),
+    }
+}
+
+/// An ISO 3166-1 alpha-2 code in any case, e.g. "us" or "GB".
+pub fn parse_country(code: &str) -> Option<PhoneCountry> {
+    let code = code.trim();
+    if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return None;
+    }
+    code.to_ascii_uppercase().parse().ok()
+}
+
+/// SHA-256 of the normalised email, or the given digest lowercased.
+pub fn hash_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
+    pre_hashed(raw).or_else(|| normalize_email(raw, gmail_dot_rule).map(|e| sha256_hex(&e)))
+}
+
+/// SHA-256 of the normalised phone number, or the given digest lowercased.
+pub fn hash_phone(raw: &str, default_country: PhoneCountry, format: PhoneFormat) -> Option<String> {
+    pre_hashed(raw)
+        .or_else(|| normalize_phone(raw, default_country, format).map(|p| sha256_hex(&p)))
+}
+
+/// SHA-256 of a trimmed external id (case is kept: ids are case-sensitive),
+/// or the given digest lowercased; `None` for a blank id.
+pub fn hash_identifier(raw: &str) -> Option<String> {
+    let id = raw.trim();
+    if id.is_empty() {
+        return None;
+    }
+    pre_hashed(id).or_else(|| Some(sha256_hex(id)))
+}
+
+fn pre_hashed(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    is_sha256_hex(raw).then(|| raw.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Expected digests computed with `printf %s 'value' | sha256sum`.
+    const TEST_EXAMPLE_COM: &str =
+        "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
+    const JOHNSMITH_GMAIL: &str =
+        "3586de92bb3636d0885a12eff961429a32e4ebd764b96f50d85d016f9338d586";
+    const JOHN_DOT_SMITH_GMAIL: &str =
+        "d0c648bc36f12061bec770df216cea2ab95851b9350fd54b658de53b0407767a";
+    const PLUS_442079460958: &str =
+        "f0bf0228144d9fe2bdf1da2d8ca698f17bf1410ee688b075c27062e47b6f0b6d";
+    const DIGITS_442079460958: &str =
+        "35e206e5dec4c89b9e8b71b8c32724a5bb518483ac5a20c6617d738375b3b823";
+    const PLUS_16502530000: &str =
+        "3ad9f10d73829a714b1383221691d4dbf08484f3ceeae884f53053a1c7bb0a92";
+    const DIGITS_16502530000: &str =
+        "67d3cb9e9b1b64b913a5f2508beac167cfa7d3fb943f6a52e6767392d425a536";
+    const CRM_123: &str = "e10df6b2067f84972609f0924b53f3cfdede67a8088805cd673c5808a8ed404b";
+
+    fn us() -> PhoneCountry {
+        parse_country("US").unwrap()
+    }
+
+    fn gb() -> PhoneCountry {
+        parse_country("gb").unwrap()
+    }
+
+    #[test]
+    fn sha256_known_vector() {
+        assert_eq!(sha256_hex("test@example.com"), TEST_EXAMPLE_COM);
+        assert!(is_sha256_hex(TEST_EXAMPLE_COM));
+        assert!(is_sha256_hex(&TEST_EXAMPLE_COM.to_uppercase()));
+        assert!(!is_sha256_hex(&TEST_EXAMPLE_COM[1..]));
+        assert!(!is_sha256_hex(&format!("{}g", &TEST_EXAMPLE_COM[1..])));
+    }
+
+    #[test]
+    fn email_is_trimmed_and_lowercased() {
+        assert_eq!(
+            normalize_email(" Test@Example.COM ", false).as_deref(),
+            Some("test@example.com")
+        );
+        assert_eq!(
+            hash_email(" Test@Example.COM ", false).as_deref(),
+            Some(TEST_EXAMPLE_COM)
+        );
+        assert_eq!(
+            hash_email(" Test@Example.COM ", true).as_deref(),
+            Some(TEST_EXAMPLE_COM)
+        );
+    }
+
+    #[test]
+    fn gmail_dot_rule_only_for_google_domains_and_only_when_asked() {
+        assert_eq!(
+            normalize_email("John.Smith@Gmail.com", true).as_deref(),
+            Some("johnsmith@gmail.com")
+        );
+        assert_eq!(
+            normalize_email("john.smith@googlemail.com", true).as_deref(),
+            Some("johnsmith@googlemail.com")
+        );
+        assert_eq!(
+            hash_email("John.Smith@gmail.com", true).as_deref(),
+            Some(JOHNSMITH_GMAIL)
+        );
+        assert_eq!(
+            hash_email("John.Smith@gmail.com", false).as_deref(),
+            Some(JOHN_DOT_SMITH_GMAIL)
+        );
+        assert_eq!(
+            normalize_email("john.smith@example.com", true).as_deref(),
+            Some("john.smith@example.com")
+        );
+        assert_eq!(normalize_email("...@gmail.com", true), None);
+    }
+
+    #[test]
+    fn invalid_emails_are_none() {
+        for bad in [
+            "",
+            "   ",
+            "plainaddress",
+            "a@b",
+            "a b@example.com",
+            "a@@b.com",
+            "@example.com",
+        ] {
+            assert_eq!(normalize_email(bad, true), None, "{bad:?}");
+            assert_eq!(hash_email(bad, true), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn us_number_with_default_country() {
+        assert_eq!(
+            normalize_phone("(650) 253-0000", us(), PhoneFormat::E164).as_deref(),
+            Some("+16502530000")
+        );
+        assert_eq!(
+            normalize_phone("(650) 253-0000", us(), PhoneFormat::DigitsOnly).as_deref(),
+            Some("16502530000")
+        );
+        assert_eq!(
+            hash_phone("(650) 253-0000", us(), PhoneFormat::E164).as_deref(),
+            Some(PLUS_16502530000)
+        );
+        assert_eq!(
+            hash_phone("650.253.0000", us(), PhoneFormat::DigitsOnly).as_deref(),
+            Some(DIGITS_16502530000)
+        );
+    }
+
+    #[test]
+    fn uk_number_with_default_country_and_international_forms() {
+        for raw in [
+            "020 7946 0958",
+            "+44 20 7946 0958",
+            "0044 20 7946 0958",
+            " 02079460958 ",
+        ] {
+            assert_eq!(
+                normalize_phone(raw, gb(), PhoneFormat::E164).as_deref(),
+                Some("+442079460958"),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(
+            hash_phone("020 7946 0958", gb(), PhoneFormat::E164).as_deref(),
+            Some(PLUS_442079460958)
+        );
+        assert_eq!(
+            hash_phone("020 7946 0958", gb(), PhoneFormat::DigitsOnly).as_deref(),
+            Some(DIGITS_442079460958)
+        );
+        // An explicit '+' wins over the default country.
+        assert_eq!(
+            normalize_phone("+44 20 7946 0958", us(), PhoneFormat::E164).as_deref(),
+            Some("+442079460958")
+        );
+    }
+
+    #[test]
+    fn invalid_phones_are_none() {
+        for bad in [
+            "",
+            "12345",
+            "555-0000",
+            "+1 (000) 000-0000",
+            "call me",
+            "+44 20 7946 0958 x12",
+        ] {
+            assert_eq!(
+                normalize_phone(bad, us(), PhoneFormat::E164),
+                None,
+                "{bad:?}"
+            );
+            assert_eq!(hash_phone(bad, us(), PhoneFormat::E164), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn phone_parser_survives_odd_input_of_the_allowed_shape() {
+        // A cheap deterministic fuzz over the characters the shape admits.
+        const ALPHABET: &[u8] = b"0123456789 .()-+";
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..5_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = 6 + (state % 27) as usize;
+            let raw: String = (0..len)
+                .map(|i| char::from(ALPHABET[((state >> (i % 60)) as usize) % ALPHABET.len()]))
+                .collect();
+            let _ = normalize_phone(&raw, gb(), PhoneFormat::E164);
+        }
+    }
+
+    #[test]
+    fn pre_hashed_values_pass_through_lowercased() {
+        let upper = PLUS_16502530000.to_uppercase();
+        assert_eq!(hash_email(&upper, true).as_deref(), Some(PLUS_16502530000));
+        assert_eq!(
+            hash_phone(&format!(" {upper} "), us(), PhoneFormat::E164).as_deref(),
+            Some(PLUS_16502530000)
+        );
+        assert_eq!(hash_identifier(&upper).as_deref(), Some(PLUS_16502530000));
+    }
+
+    #[test]
+    fn identifiers_are_trimmed_not_lowercased() {
+        assert_eq!(hash_identifier(" crm-123 ").as_deref(), Some(CRM_123));
+        assert_ne!(hash_identifier("CRM-123").as_deref(), Some(CRM_123));
+        assert_eq!(hash_identifier("   "), None);
+    }
+
+    #[test]
+    fn countries() {
+        assert_eq!(parse_country("us"), Some(PhoneCountry::US));
+        assert_eq!(parse_country(" De "), Some(PhoneCountry::DE));
+        for bad in ["", "U", "USA", "U1", "ZZ"] {
+            assert_eq!(parse_country(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! librdkafka client configuration built from `[kafka]`.
+
+use rdkafka::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::producer::BaseProducer;
+
+use super::Error;
+use crate::config::KafkaConfig;
+
+/// Settings shared by every client: bootstrap, client id and the user's pass-through properties.
+pub fn base(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("client.id", &kafka.client_id);
+    for (k, v) in &kafka.properties {
+        c.set(k, v.to_kafka_string());
+    }
+    c
+}
+
+/// An idempotent producer's settings: no duplicates or reordering from its own retries.
+pub fn idempotent_producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = base(kafka, bootstrap);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    c
+}
+
+/// A consumer that never commits on its own: switchyard commits only what is durable.
+pub fn manual_commit_consumer(kafka: &KafkaConfig, bootstrap: &str, group: &str) -> ClientConfig {
+    let mut c = base(kafka, bootstrap);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    c
+}
+
+/// Lets librdkafka reject unknown or malformed pass-through properties
+/// before anything connects (`switchyard check`).
+pub fn check_properties(kafka: &KafkaConfig) -> Result<(), Error> {
+    // A placeholder bootstrap: creating a client validates properties without a broker.
+    let mut c = base(kafka, "127.0.0.1:9");
+    c.set("enable.idempotence", "true")
+        .set_log_level(RDKafkaLogLevel::Emerg);
+    c.create::<BaseProducer>().map(drop).map_err(Error::Client)
+}

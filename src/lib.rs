@@ -1,0 +1,6 @@
+//! switchyard: validate, dedup, enrich and deliver canonical business events from Kafka.
+
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod kafka;

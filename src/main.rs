@@ -1,0 +1,192 @@
+//! The `switchyard` command line.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use switchyard::config::{Config, ConfigError};
+use switchyard::kafka::{self, Cluster, topics};
+use switchyard::{demo, event};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Validate, dedup, enrich and deliver canonical business events from Kafka"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish sample events to the (embedded by default) broker and show what happened to each.
+    Demo {
+        /// Config file; without one the embedded broker is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// NDJSON events to publish instead of the built-in sample.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Validate NDJSON canonical events (one per line; `-` reads stdin).
+    /// Exit 0: all valid, 1: any invalid, 2: the file cannot be read.
+    Validate { file: PathBuf },
+    /// Check a config file: print every problem (exit 1) or a summary (exit 0).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage the topics switchyard needs.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every missing topic and check the existing ones (safe to run again).
+    Create {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Validate { file } => return validate(&file),
+        Command::Check { config } => return check(&config),
+        Command::Demo { config, file } => {
+            runtime().and_then(|rt| rt.block_on(run_demo(config, file)))
+        }
+        Command::Topics {
+            command: TopicsCommand::Create { config },
+        } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<ConfigError>() {
+                Some(ce) => ce.lines().iter().for_each(|l| eprintln!("error: {l}")),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn validate(file: &Path) -> ExitCode {
+    let input: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => Box::new(BufReader::new(f)),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", file.display());
+                return ExitCode::from(2);
+            }
+        }
+    };
+    match event::check_ndjson(input, std::io::stdout().lock()) {
+        Ok(s) => {
+            println!("{} valid, {} invalid", s.valid, s.invalid);
+            if s.invalid == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for l in e.lines() {
+                eprintln!("error: {l}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = kafka::client::check_properties(&config.kafka) {
+        eprintln!("error: {}: `kafka.properties`: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    print!("{}", topics::summary(&config));
+    ExitCode::SUCCESS
+}
+
+async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = load(config.as_deref())?;
+    let input = match &file {
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        None => demo::SAMPLE_EVENTS.to_string(),
+    };
+    let cluster = Cluster::connect(&config)?;
+    demo::run(&config, &cluster, &input, &mut std::io::stdout().lock()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn topics_create(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    if config.kafka.brokers.is_none() {
+        anyhow::bail!(
+            "{}: `kafka.brokers` is not set; the embedded broker lives only inside a running switchyard, so there is nothing to create",
+            path.display()
+        );
+    }
+    let cluster = Cluster::connect(&config)?;
+    let reports = topics::ensure(&cluster, &config).await?;
+    for r in &reports {
+        println!(
+            "{:<8} {:<40} partitions={:<4} cleanup.policy={:<8} {}",
+            match r.action {
+                topics::Action::Created => "created",
+                topics::Action::Existed => "exists",
+            },
+            r.spec.name,
+            r.partitions,
+            r.spec.cleanup.as_str(),
+            r.spec.purpose
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

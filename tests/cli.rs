@@ -1,0 +1,260 @@
+//! The command line's contract: exit codes and one clear error line per problem.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a command, failing the test (instead of hanging it) after `limit`.
+fn run_bounded(mut cmd: std::process::Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("command still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn error_lines(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(String::from)
+        .collect()
+}
+
+fn no_panic(o: &Output) {
+    assert!(!stderr(o).contains("panicked"), "panic:\n{}", stderr(o));
+}
+
+#[test]
+fn malformed_config_is_one_clear_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::write_config(dir.path(), "[kafka\nbrokers = \"x:1\"\n");
+    let mut cmd = common::switchyard();
+    cmd.args(["check", "--config"]).arg(&cfg);
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    let lines = error_lines(&o);
+    assert_eq!(lines.len(), 1, "{}", stderr(&o));
+    assert!(
+        lines[0].contains("switchyard.toml") && lines[0].contains("line 1"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn check_lists_every_problem_with_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::write_config(
+        dir.path(),
+        r#"
+[router]
+dedup_window = "forever"
+[destinations.meta]
+type = "meta_capi"
+pixel_id = "12345"
+access_token = "${SWITCHYARD_TEST_UNSET_TOKEN}"
+[destinations.ga]
+type = "ga4"
+measurement_id = "UA-1"
+api_secret = "s"
+"#,
+    );
+    let mut cmd = common::switchyard();
+    cmd.args(["check", "--config"])
+        .arg(&cfg)
+        .env_remove("SWITCHYARD_TEST_UNSET_TOKEN");
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    let lines = error_lines(&o);
+    assert_eq!(lines.len(), 3, "{}", stderr(&o));
+    for (key, words) in [
+        ("router.dedup_window", "forever"),
+        (
+            "destinations.meta.access_token",
+            "SWITCHYARD_TEST_UNSET_TOKEN is not set",
+        ),
+        ("destinations.ga.measurement_id", "G-"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("switchyard.toml") && l.contains(key) && l.contains(words)),
+            "no line names {key}: {lines:#?}"
+        );
+    }
+}
+
+#[test]
+fn check_rejects_unknown_librdkafka_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::write_config(
+        dir.path(),
+        "[kafka.properties]\n\"socket.timeout.msec\" = 1000\n",
+    );
+    let mut cmd = common::switchyard();
+    cmd.args(["check", "--config"]).arg(&cfg);
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    let lines = error_lines(&o);
+    assert_eq!(lines.len(), 1, "{}", stderr(&o));
+    assert!(lines[0].contains("socket.timeout.msec"), "{}", lines[0]);
+}
+
+#[test]
+fn check_prints_a_summary_for_a_good_config() {
+    let mut cmd = common::switchyard();
+    cmd.args(["check", "--config"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/switchyard.example.toml"
+        ))
+        .env("META_ACCESS_TOKEN", "t")
+        .env("TIKTOK_ACCESS_TOKEN", "t")
+        .env("GOOGLE_ADS_DEVELOPER_TOKEN", "t")
+        .env("GOOGLE_ADS_ACCESS_TOKEN", "t")
+        .env("GA4_API_SECRET", "t")
+        .env("WEBHOOK_SECRET", "0123456789abcdef0123");
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    no_panic(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    for word in ["switchyard.dedup", "compact", "meta_capi", "ga4", "webhook"] {
+        assert!(out.contains(word), "summary lacks {word}:\n{out}");
+    }
+    assert!(
+        !out.contains("0123456789abcdef0123"),
+        "summary prints a secret"
+    );
+}
+
+#[test]
+fn unreachable_broker_is_one_clear_line_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 9 on loopback: nothing listens there.
+    let cfg = common::write_config(dir.path(), "[kafka]\nbrokers = \"127.0.0.1:9\"\n");
+    let mut cmd = common::switchyard();
+    cmd.args(["topics", "create", "--config"]).arg(&cfg);
+    let o = run_bounded(cmd, Duration::from_secs(60));
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    let lines = error_lines(&o);
+    assert_eq!(lines.len(), 1, "{}", stderr(&o));
+    assert!(
+        lines[0].contains("cannot reach Kafka at 127.0.0.1:9"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn missing_config_file_is_one_line() {
+    let mut cmd = common::switchyard();
+    cmd.args(["check", "--config", "/nonexistent/switchyard.toml"]);
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(error_lines(&o).len(), 1, "{}", stderr(&o));
+}
+
+fn validate_stdin(input: &str) -> Output {
+    let mut child = common::switchyard()
+        .args(["validate", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn validate_exit_codes() {
+    let ok =
+        r#"{"event":"lead","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1"}"#;
+    let o = validate_stdin(&format!("{ok}\n\n{ok}\n"));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    let bad = r#"{"event":"purchase","event_id":"e2","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","value":5}"#;
+    let o = validate_stdin(&format!("{ok}\n{bad}\nnot json\n"));
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("line 2") && out.contains("line 3"), "{out}");
+    assert!(out.contains("1 valid, 2 invalid"), "{out}");
+
+    let mut cmd = common::switchyard();
+    cmd.args(["validate", "/nonexistent/events.ndjson"]);
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn validate_passes_the_shipped_sample_except_its_deliberately_invalid_lines() {
+    let mut cmd = common::switchyard();
+    cmd.args([
+        "validate",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/events.ndjson"),
+    ]);
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.trim_end().ends_with(", 3 invalid"), "{out}");
+}
+
+#[test]
+fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
+    let mut cmd = common::switchyard();
+    cmd.arg("demo").env("RUST_LOG", "info");
+    let o = run_bounded(cmd, Duration::from_secs(120));
+    no_panic(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    assert!(
+        stderr(&o).contains("EMBEDDED"),
+        "no embedded-broker warning:\n{}",
+        stderr(&o)
+    );
+    let sample_lines = switchyard::demo::SAMPLE_EVENTS
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    let reported = out.lines().filter(|l| l.starts_with("line ")).count();
+    assert_eq!(reported, sample_lines, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("INVALID")).count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains(&format!("{sample_lines} published")), "{out}");
+}

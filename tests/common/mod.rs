@@ -1,0 +1,61 @@
+//! Shared helpers for integration tests: the test broker and unique names.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Bootstrap address of the tansu broker the tests run against.
+///
+/// `scripts/test.sh` starts it and exports `SWITCHYARD_TEST_BROKERS`; a plain
+/// `cargo test` starts it through the same script, so no test silently skips.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| {
+            if let Ok(b) = std::env::var("SWITCHYARD_TEST_BROKERS") {
+                return b;
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-dev.sh");
+            let out = Command::new(&script)
+                .arg("start")
+                .output()
+                .expect("run scripts/kafka-dev.sh start");
+            assert!(
+                out.status.success(),
+                "scripts/kafka-dev.sh start failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .clone()
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes a config file into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("switchyard.toml");
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+/// The `switchyard` binary built for this test run.
+pub fn switchyard() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    c.env("RUST_LOG", "warn");
+    c
+}
