@@ -1,6 +1,8 @@
 //! switchyard: validate, dedup, enrich and deliver canonical business events from Kafka.
 
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod event;
 pub mod kafka;
+pub mod telemetry;
