@@ -5,4 +5,5 @@ pub mod delivery;
 pub mod demo;
 pub mod event;
 pub mod kafka;
+pub mod run;
 pub mod telemetry;

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use switchyard::config::{Config, ConfigError};
 use switchyard::kafka::{self, Cluster, topics};
+use switchyard::run::{Role, RunOptions, default_instance_id};
 use switchyard::{demo, event};
 
 #[derive(Parser)]
@@ -33,6 +34,20 @@ enum Command {
         /// NDJSON events to publish instead of the built-in sample.
         #[arg(long)]
         file: Option<PathBuf>,
+    },
+    /// Run the pipeline: router, sinks and/or the ingest gateway.
+    Run {
+        /// Config file; without one the embedded broker is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "all")]
+        role: Role,
+        /// Sink destination to run (repeatable); default: every enabled one.
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
+        /// Stable id for static group membership (default: $SWITCHYARD_INSTANCE_ID or the host name).
+        #[arg(long)]
+        instance_id: Option<String>,
     },
     /// Validate NDJSON canonical events (one per line; `-` reads stdin).
     /// Exit 0: all valid, 1: any invalid, 2: the file cannot be read.
@@ -64,6 +79,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { file } => return validate(&file),
         Command::Check { config } => return check(&config),
+        Command::Run {
+            config,
+            role,
+            destinations,
+            instance_id,
+        } => runtime().and_then(|rt| {
+            rt.block_on(run(
+                config,
+                RunOptions {
+                    role,
+                    destinations,
+                    instance_id: instance_id.unwrap_or_else(default_instance_id),
+                },
+            ))
+        }),
         Command::Demo { config, file } => {
             runtime().and_then(|rt| rt.block_on(run_demo(config, file)))
         }
@@ -150,6 +180,12 @@ fn check(path: &Path) -> ExitCode {
     }
     print!("{}", topics::summary(&config));
     ExitCode::SUCCESS
+}
+
+async fn run(config: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<ExitCode> {
+    let config = std::sync::Arc::new(load(config.as_deref())?);
+    switchyard::run::run(config, opts).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
