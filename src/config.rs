@@ -310,6 +310,9 @@ pub struct DestinationConfig {
     pub events: Vec<EventName>,
     /// Overrides of the canonical → vendor event-name presets.
     pub event_names: BTreeMap<String, String>,
+    /// May this destination receive raw email/phone (CRM, own webhooks)?
+    /// Never allowed for ad platforms or GA4, which get hashes only.
+    pub raw_contact: bool,
     pub kind: DestinationKind,
 }
 
@@ -344,6 +347,11 @@ impl DestinationKind {
                 | DestinationKind::TiktokEvents(_)
                 | DestinationKind::GoogleAds(_)
         )
+    }
+
+    /// Destinations that must never see raw contact data, only SHA-256 hashes.
+    pub fn hashes_only(&self) -> bool {
+        self.is_ad_platform() || matches!(self, DestinationKind::Ga4(_))
     }
 
     fn default_consent(&self) -> Option<&'static str> {
@@ -707,6 +715,7 @@ const COMMON_DESTINATION_KEYS: &[&str] = &[
     "consent_default",
     "events",
     "event_names",
+    "raw_contact",
 ];
 
 #[derive(Deserialize)]
@@ -722,6 +731,8 @@ struct CommonKeys {
     events: Vec<String>,
     #[serde(default)]
     event_names: BTreeMap<String, String>,
+    #[serde(default)]
+    raw_contact: bool,
 }
 
 fn yes() -> bool {
@@ -856,8 +867,18 @@ fn parse_destination(
             });
         }
     }
+    if common.raw_contact && kind.hashes_only() {
+        problems.push(Problem {
+            key: format!("{key}.raw_contact"),
+            message: format!(
+                "a {} destination only ever receives hashed email/phone",
+                kind.type_name()
+            ),
+        });
+    }
     Some(DestinationConfig {
         name: name.to_string(),
+        raw_contact: common.raw_contact,
         enabled: common.enabled,
         consent,
         consent_default,

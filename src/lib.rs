@@ -5,5 +5,6 @@ pub mod delivery;
 pub mod demo;
 pub mod event;
 pub mod kafka;
+pub mod router;
 pub mod run;
 pub mod telemetry;
