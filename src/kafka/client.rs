@@ -19,11 +19,16 @@ pub fn base(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
 }
 
 /// An idempotent producer's settings: no duplicates or reordering from its own retries.
+///
+/// murmur2 is the Java client's partitioner: a key re-published by switchyard
+/// must land on the partition a Java (or Go, or Python) publisher would have
+/// chosen, or duplicates of one event_id would miss each other in dedup.
 pub fn idempotent_producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     let mut c = base(kafka, bootstrap);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5");
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random");
     c
 }
 

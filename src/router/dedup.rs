@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(key_from_bytes(&key_bytes(&k)), Some(k));
         assert_ne!(key_of("evt_1"), key_of("evt_2"));
         assert_eq!(key_from_bytes(b"short"), None);
-        assert_eq!(value_from_bytes(&value_bytes(1_700_000_000)), Some(1_700_000_000));
+        assert_eq!(
+            value_from_bytes(&value_bytes(1_700_000_000)),
+            Some(1_700_000_000)
+        );
     }
 
     #[test]

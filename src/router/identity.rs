@@ -105,7 +105,8 @@ impl Profile {
         if newer.email_sha256.is_some() {
             // The google variant belongs to the email it came with.
             self.email_sha256.clone_from(&newer.email_sha256);
-            self.email_sha256_google.clone_from(&newer.email_sha256_google);
+            self.email_sha256_google
+                .clone_from(&newer.email_sha256_google);
         }
         take(&mut self.phone_sha256_e164, &newer.phone_sha256_e164);
         take(&mut self.phone_sha256_digits, &newer.phone_sha256_digits);
@@ -254,13 +255,28 @@ mod tests {
                 "email":"John.Smith@Gmail.com","phone":"(650) 253-0000","external_ids":{"crm":"C-9"}}"#,
         );
         let p = Profile::from_event(&e, us());
-        assert_eq!(p.email_sha256.as_deref(), Some(sha256_hex("john.smith@gmail.com").as_str()));
-        assert_eq!(p.email_hash(EmailRule::Google), Some(sha256_hex("johnsmith@gmail.com").as_str()));
-        assert_eq!(p.phone_hash(PhoneFormat::E164), Some(sha256_hex("+16502530000").as_str()));
-        assert_eq!(p.phone_hash(PhoneFormat::DigitsOnly), Some(sha256_hex("16502530000").as_str()));
+        assert_eq!(
+            p.email_sha256.as_deref(),
+            Some(sha256_hex("john.smith@gmail.com").as_str())
+        );
+        assert_eq!(
+            p.email_hash(EmailRule::Google),
+            Some(sha256_hex("johnsmith@gmail.com").as_str())
+        );
+        assert_eq!(
+            p.phone_hash(PhoneFormat::E164),
+            Some(sha256_hex("+16502530000").as_str())
+        );
+        assert_eq!(
+            p.phone_hash(PhoneFormat::DigitsOnly),
+            Some(sha256_hex("16502530000").as_str())
+        );
         assert_eq!(p.external_ids["crm"], sha256_hex("C-9"));
         let json = serde_json::to_string(&p).unwrap();
-        assert!(!json.contains("Gmail") && !json.contains("253"), "raw PII in {json}");
+        assert!(
+            !json.contains("Gmail") && !json.contains("253"),
+            "raw PII in {json}"
+        );
     }
 
     #[test]
@@ -289,7 +305,10 @@ mod tests {
         );
         let r = t.resolve(&later);
         assert_eq!(r.user_id.as_deref(), Some("u-1"));
-        assert_eq!(r.profile.email_sha256.as_deref(), Some(sha256_hex("jane@example.com").as_str()));
+        assert_eq!(
+            r.profile.email_sha256.as_deref(),
+            Some(sha256_hex("jane@example.com").as_str())
+        );
         assert_eq!(r.profile.click_ids.fbc.as_deref(), Some("fb.1.1.abc"));
     }
 
@@ -315,7 +334,9 @@ mod tests {
     #[test]
     fn unchanged_hints_write_nothing() {
         let mut t = IdentityTable::default();
-        let e = ev(r#"{"event":"lead","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"a@b.co"}"#);
+        let e = ev(
+            r#"{"event":"lead","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"a@b.co"}"#,
+        );
         let h = Profile::from_event(&e, us());
         assert_eq!(t.observe(&e, &h).len(), 1);
         assert!(t.observe(&e, &h).is_empty());

@@ -3,5 +3,9 @@
 
 pub mod dedup;
 pub mod identity;
+mod metrics;
 pub mod pipeline;
 pub mod route;
+mod runner;
+
+pub use runner::{RouterError, run};

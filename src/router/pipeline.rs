@@ -191,7 +191,10 @@ impl Pipeline {
         };
         let max = self.config.router.max_record_bytes;
         if payload.len() > max {
-            let reason = format!("record is {} bytes; the limit (router.max_record_bytes) is {max}", payload.len());
+            let reason = format!(
+                "record is {} bytes; the limit (router.max_record_bytes) is {max}",
+                payload.len()
+            );
             return self.dead_letter(rec, batch, "oversize", reason, Some(payload.len()));
         }
         let ev = match parse_event(payload) {
@@ -393,7 +396,12 @@ consent = "analytics"
         p.process(&rec(Some("e1"), PURCHASE, 7), 1000, &mut b);
         assert_eq!(
             topics(&b),
-            vec!["switchyard.dedup", "switchyard.identity", "switchyard.deliver.hook", "switchyard.deliver.meta"]
+            vec![
+                "switchyard.dedup",
+                "switchyard.identity",
+                "switchyard.deliver.hook",
+                "switchyard.deliver.meta"
+            ]
         );
         assert_eq!(b.out[0].partition, Some(0));
         let d: Delivery = serde_json::from_slice(b.out[3].payload.as_ref().unwrap()).unwrap();
@@ -428,7 +436,11 @@ consent = "analytics"
         p.process(&rec(Some("user-9"), PURCHASE, 1), 1000, &mut b);
         p.process(&rec(None, PURCHASE, 2), 1000, &mut b);
         assert_eq!(topics(&b), vec!["events.canonical", "events.canonical"]);
-        assert!(b.out.iter().all(|o| o.key.as_deref() == Some(b"e1".as_slice())));
+        assert!(
+            b.out
+                .iter()
+                .all(|o| o.key.as_deref() == Some(b"e1".as_slice()))
+        );
         assert_eq!(b.outcomes[0].label(), "rekeyed");
     }
 
@@ -439,12 +451,40 @@ consent = "analytics"
         let bad_utf8 = [0xff, 0xfe, b'{'];
         let big = "x".repeat(2 * 1024 * 1024);
         let cases: Vec<(InRecord<'_>, &str)> = vec![
-            (InRecord { partition: 0, offset: 1, key: None, payload: Some(&bad_utf8), timestamp_ms: Some(5) }, "bad_json"),
-            (rec(None, r#"{"event":"purchase","event_id":"#, 2), "bad_json"),
+            (
+                InRecord {
+                    partition: 0,
+                    offset: 1,
+                    key: None,
+                    payload: Some(&bad_utf8),
+                    timestamp_ms: Some(5),
+                },
+                "bad_json",
+            ),
+            (
+                rec(None, r#"{"event":"purchase","event_id":"#, 2),
+                "bad_json",
+            ),
             (rec(None, "[1,2]", 3), "not_object"),
-            (rec(Some("e"), r#"{"event":"lead","event_id":"e","occurred_at":"yesterday","user_id":7}"#, 4), "schema"),
+            (
+                rec(
+                    Some("e"),
+                    r#"{"event":"lead","event_id":"e","occurred_at":"yesterday","user_id":7}"#,
+                    4,
+                ),
+                "schema",
+            ),
             (rec(None, &big, 5), "oversize"),
-            (InRecord { partition: 0, offset: 6, key: None, payload: None, timestamp_ms: None }, "empty"),
+            (
+                InRecord {
+                    partition: 0,
+                    offset: 6,
+                    key: None,
+                    payload: None,
+                    timestamp_ms: None,
+                },
+                "empty",
+            ),
         ];
         for (r, _) in &cases {
             p.process(r, 1000, &mut b);
@@ -452,7 +492,8 @@ consent = "analytics"
         assert_eq!(b.out.len(), cases.len());
         for (out, (r, class)) in b.out.iter().zip(&cases) {
             assert_eq!(out.topic, "switchyard.dlq");
-            let h: HashMap<&str, &str> = out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let h: HashMap<&str, &str> =
+                out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             assert_eq!(h["error_class"], *class);
             assert_eq!(h["original_offset"], r.offset.to_string());
             assert!(!h["reason"].is_empty());
@@ -462,8 +503,16 @@ consent = "analytics"
                 assert_eq!(out.payload.as_deref(), r.payload);
             }
         }
-        let schema = b.out[3].headers.iter().find(|(k, _)| *k == "reason").unwrap();
-        assert!(schema.1.contains("/occurred_at") && schema.1.contains("/user_id"), "{}", schema.1);
+        let schema = b.out[3]
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "reason")
+            .unwrap();
+        assert!(
+            schema.1.contains("/occurred_at") && schema.1.contains("/user_id"),
+            "{}",
+            schema.1
+        );
     }
 
     #[test]

@@ -14,9 +14,13 @@ pub enum Skip {
     NotInAllowlist,
     /// The vendor has no name for this event (e.g. a refund for Meta).
     NotMapped,
-    ConsentDenied { category: String },
+    ConsentDenied {
+        category: String,
+    },
     /// The event says nothing about the category and the destination defaults to deny.
-    ConsentMissing { category: String },
+    ConsentMissing {
+        category: String,
+    },
 }
 
 impl Skip {
@@ -25,7 +29,9 @@ impl Skip {
             Skip::NotInAllowlist => "not in allowlist".into(),
             Skip::NotMapped => "no vendor event name".into(),
             Skip::ConsentDenied { category } => format!("consent {category} denied"),
-            Skip::ConsentMissing { category } => format!("consent {category} missing (default deny)"),
+            Skip::ConsentMissing { category } => {
+                format!("consent {category} missing (default deny)")
+            }
         }
     }
 }
@@ -280,7 +286,10 @@ raw_contact = true
         let custom = ev(
             r#"{"event":"custom.webinar_registered","event_id":"e","occurred_at":"2026-11-20T10:00:00Z","user_id":"u"}"#,
         );
-        assert_eq!(select(&c.destinations["hook"], &custom), Ok("custom.webinar_registered".into()));
+        assert_eq!(
+            select(&c.destinations["hook"], &custom),
+            Ok("custom.webinar_registered".into())
+        );
     }
 
     #[test]
@@ -306,13 +315,23 @@ raw_contact = true
         assert_eq!(gads.phone_sha256, Some(sha256_hex("+16502530000")));
         for d in ["meta", "gads", "ga4"] {
             let out = serde_json::to_string(&shape(&c.destinations[d], &e, &who)).unwrap();
-            for raw in ["John.Smith", "john.smith@", "650-253", "6502530000\"", "session", "C-1\""] {
+            for raw in [
+                "John.Smith",
+                "john.smith@",
+                "650-253",
+                "6502530000\"",
+                "session",
+                "C-1\"",
+            ] {
                 assert!(!out.contains(raw), "{d} got raw {raw}: {out}");
             }
         }
         let hook = shape(&c.destinations["hook"], &e, &who);
         assert!(hook.email.is_none() && hook.phone.is_none());
-        assert_eq!(hook.traits.as_ref().unwrap().get("plan"), Some(&Value::from("pro")));
+        assert_eq!(
+            hook.traits.as_ref().unwrap().get("plan"),
+            Some(&Value::from("pro"))
+        );
         assert!(hook.traits.as_ref().unwrap().get("email").is_none());
         let crm = shape(&c.destinations["crm"], &e, &who);
         assert_eq!(crm.email.as_deref(), Some("John.Smith@gmail.com"));

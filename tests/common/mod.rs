@@ -59,3 +59,5 @@ pub fn switchyard() -> Command {
     c.env("RUST_LOG", "warn");
     c
 }
+
+pub mod kafka;

@@ -1,0 +1,689 @@
+//! The router's Kafka loop: consume a batch, run the step chain, make the
+//! batch's writes durable together with its offsets, repeat.
+//!
+//! One loop per process, not one task per partition: a batch spans every
+//! assigned partition so that one Kafka transaction (exactly-once) or one
+//! ack-then-commit round (at-least-once) covers them all, and the per-record
+//! work is cheap enough that the broker, not this loop, is the ceiling.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use thiserror::Error;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::dedup::{self, PartitionDedup};
+use super::identity::Profile;
+use super::metrics as m;
+use super::pipeline::{Batch, InRecord, OutRecord, Outcome, Pipeline};
+use super::route::Skip;
+use crate::config::{Config, Guarantee, KafkaConfig};
+use crate::kafka::client;
+use crate::run::RoleContext;
+
+/// Records per batch and how long to wait for more once one has arrived.
+const MAX_BATCH: usize = 2000;
+const LINGER: Duration = Duration::from_millis(20);
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(60);
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum RouterError {
+    #[error("kafka client: {0}")]
+    Client(KafkaError),
+    #[error("restoring {topic} partition {partition}: {source}")]
+    Restore {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("this instance's transactional producer was fenced or failed fatally: {0}")]
+    Fatal(KafkaError),
+    #[error("background task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Partition changes seen by the consumer's rebalance callback, applied by
+/// the loop between batches.
+#[derive(Default)]
+struct RebalanceLog {
+    topic: String,
+    revoked: Mutex<Vec<i32>>,
+}
+
+impl ClientContext for RebalanceLog {
+    // Lag from librdkafka's own statistics: no extra broker round trips.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        if let Some(t) = stats.topics.get(&self.topic) {
+            for (p, s) in &t.partitions {
+                if *p >= 0 && s.consumer_lag >= 0 {
+                    m::LAG
+                        .with_label_values(&[&p.to_string()])
+                        .set(s.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RebalanceLog {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            for e in tpl.elements_for_topic(&self.topic) {
+                revoked.push(e.partition());
+            }
+            info!(partitions = ?*revoked, "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let ps: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                info!(partitions = ?ps, "partitions assigned");
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
+    let config = ctx.config.clone();
+    let topics = &config.topics;
+    let group = format!("{}-router", topics.prefix);
+    let log = RebalanceLog {
+        topic: topics.canonical.clone(),
+        revoked: Mutex::new(Vec::new()),
+    };
+    let consumer: Arc<StreamConsumer<RebalanceLog>> = Arc::new(
+        client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group)
+            .set("group.instance.id", ctx.group_instance_id("router"))
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(log)
+            .map_err(RouterError::Client)?,
+    );
+    consumer
+        .subscribe(&[&topics.canonical])
+        .map_err(RouterError::Client)?;
+
+    let exactly_once = config.kafka.guarantee == Guarantee::ExactlyOnce;
+    let mut pc = client::idempotent_producer(&config.kafka, &ctx.bootstrap);
+    if exactly_once {
+        // Stable per instance: a restarted instance fences its own zombie.
+        pc.set("transactional.id", format!("{group}-{}", ctx.instance_id));
+    }
+    let producer: FutureProducer = pc.create().map_err(RouterError::Client)?;
+    if exactly_once {
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(TXN_TIMEOUT))
+            .await?
+            .map_err(RouterError::Fatal)?;
+    }
+
+    let mut tail = IdentityTail::start(&config.kafka, &ctx.bootstrap, &topics.identity())?;
+    let mut pipeline = Pipeline::new(config.clone());
+    tail = load_identity(tail, &mut pipeline).await?;
+    info!(
+        group = %group,
+        guarantee = config.kafka.guarantee.as_str(),
+        identities = pipeline.identity().len(),
+        "router started"
+    );
+
+    let mut last_expiry = Instant::now();
+    let mut batch_no: u64 = 0;
+    loop {
+        let msgs = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            msgs = next_batch(&consumer) => msgs,
+        };
+        batch_no += 1;
+        apply_revocations(&consumer, &mut pipeline);
+        tail.drain(&mut pipeline);
+        let assigned = assigned_partitions(&consumer, &topics.canonical);
+        let msgs: Vec<OwnedMessage> = msgs
+            .into_iter()
+            .filter(|m| assigned.contains(&m.partition()))
+            .collect();
+        for p in msgs.iter().map(|m| m.partition()).collect::<HashSet<_>>() {
+            if !pipeline.is_restored(p) {
+                let state = restore_partition(&config, &ctx.bootstrap, p, &pipeline).await?;
+                info!(partition = p, keys = state.len(), "dedup state restored");
+                pipeline.install(p, state);
+            }
+        }
+
+        let now = unix_secs();
+        let mut batch = Batch::default();
+        for msg in &msgs {
+            pipeline.process(&in_record(msg), now, &mut batch);
+        }
+        if last_expiry.elapsed() >= EXPIRE_EVERY {
+            let n = pipeline.expire(now, &mut batch);
+            if n > 0 {
+                info!(keys = n, "dedup keys expired");
+            }
+            last_expiry = Instant::now();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let span =
+            info_span!("batch", n = batch_no, records = msgs.len(), offsets = ?batch.offsets);
+        let result = if exactly_once {
+            commit_transaction(&producer, &consumer, &config, &batch)
+                .instrument(span)
+                .await
+        } else {
+            commit_at_least_once(&producer, &consumer, &config, &batch)
+                .instrument(span)
+                .await
+        };
+        match result {
+            Ok(()) => {
+                pipeline.commit(&batch);
+                record_metrics(&batch, &pipeline);
+            }
+            Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
+            Err(BatchError::Retry(e)) => {
+                m::TRANSACTIONS.with_label_values(&["aborted"]).inc();
+                warn!(error = %e, "batch not committed; rewinding to its first offsets");
+                rewind(&consumer, &config.topics.canonical, &batch);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    info!("router stopping");
+    // Leaving the group promptly hands partitions to the other instances.
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn unix_secs() -> u32 {
+    u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
+}
+
+fn in_record(m: &OwnedMessage) -> InRecord<'_> {
+    InRecord {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
+/// Waits for one record, then takes what else arrives within the linger time.
+async fn next_batch(consumer: &StreamConsumer<RebalanceLog>) -> Vec<OwnedMessage> {
+    let mut msgs = Vec::new();
+    loop {
+        match consumer.recv().await {
+            Ok(m) => {
+                msgs.push(m.detach());
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while msgs.len() < MAX_BATCH {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => msgs.push(m.detach()),
+            Ok(Err(e)) => {
+                warn!(error = %e, "consumer error");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    msgs
+}
+
+fn apply_revocations(consumer: &StreamConsumer<RebalanceLog>, pipeline: &mut Pipeline) {
+    let revoked: Vec<i32> = std::mem::take(
+        &mut *consumer
+            .context()
+            .revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    for p in revoked {
+        pipeline.revoke(p);
+    }
+}
+
+fn assigned_partitions(consumer: &StreamConsumer<RebalanceLog>, topic: &str) -> HashSet<i32> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements_for_topic(topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Debug)]
+enum BatchError {
+    /// The batch did not become durable; rewind and process it again.
+    Retry(KafkaError),
+    /// This producer can no longer be used (fenced by a newer instance).
+    Fatal(KafkaError),
+}
+
+fn to_record(o: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
+    let mut r = FutureRecord::to(&o.topic);
+    if let Some(p) = o.partition {
+        r = r.partition(p);
+    }
+    if let Some(k) = &o.key {
+        r = r.key(k.as_slice());
+    }
+    if let Some(v) = &o.payload {
+        r = r.payload(v.as_slice());
+    }
+    if !o.headers.is_empty() {
+        let mut h = OwnedHeaders::new_with_capacity(o.headers.len());
+        for (k, v) in &o.headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        r = r.headers(h);
+    }
+    r
+}
+
+/// Enqueues every record now (so they travel together) and returns their acks.
+async fn enqueue<'a>(
+    producer: &FutureProducer,
+    records: impl Iterator<Item = &'a OutRecord>,
+) -> Result<Vec<DeliveryFuture>, KafkaError> {
+    let mut acks = Vec::new();
+    for o in records {
+        let mut record = to_record(o);
+        loop {
+            match producer.send_result(record) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    Ok(acks)
+}
+
+async fn await_acks(acks: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+    for ack in acks {
+        match tokio::time::timeout(PRODUCE_TIMEOUT, ack).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => return Err(e),
+            Ok(Err(_canceled)) => return Err(KafkaError::Canceled),
+            Err(_) => {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn offsets_tpl(topic: &str, batch: &Batch) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &(_, last)) in &batch.offsets {
+        tpl.add_partition_offset(topic, p, Offset::Offset(last + 1))?;
+    }
+    Ok(tpl)
+}
+
+/// At-least-once: deliveries, dead letters and identity first; only once
+/// they are acked the dedup marks (a mark must never be durable for an event
+/// whose deliveries might be lost); only then the offsets.
+async fn commit_at_least_once(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer<RebalanceLog>,
+    config: &Config,
+    batch: &Batch,
+) -> Result<(), BatchError> {
+    let dedup_topic = config.topics.dedup();
+    let (marks, rest): (Vec<&OutRecord>, Vec<&OutRecord>) =
+        batch.out.iter().partition(|o| o.topic == dedup_topic);
+    let acks = enqueue(producer, rest.into_iter())
+        .await
+        .map_err(BatchError::Retry)?;
+    await_acks(acks).await.map_err(BatchError::Retry)?;
+    let acks = enqueue(producer, marks.into_iter())
+        .await
+        .map_err(BatchError::Retry)?;
+    await_acks(acks).await.map_err(BatchError::Retry)?;
+    if batch.offsets.is_empty() {
+        return Ok(());
+    }
+    let tpl = offsets_tpl(&config.topics.canonical, batch).map_err(BatchError::Retry)?;
+    // A failed commit after durable writes only means the batch is seen
+    // again: its deliveries repeat (at-least-once) and its marks drop the rest.
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        warn!(error = %e, "offset commit failed; the batch may be processed again");
+    }
+    m::TRANSACTIONS.with_label_values(&["committed"]).inc();
+    Ok(())
+}
+
+/// Exactly-once: every write and the consumer offsets in one transaction.
+async fn commit_transaction(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer<RebalanceLog>,
+    config: &Config,
+    batch: &Batch,
+) -> Result<(), BatchError> {
+    let classify = |e: KafkaError| match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => BatchError::Fatal(e),
+        _ => BatchError::Retry(e),
+    };
+    let result = async {
+        producer.begin_transaction().map_err(classify)?;
+        let acks = enqueue(producer, batch.out.iter())
+            .await
+            .map_err(BatchError::Retry)?;
+        await_acks(acks).await.map_err(BatchError::Retry)?;
+        let tpl = offsets_tpl(&config.topics.canonical, batch).map_err(BatchError::Retry)?;
+        let cgm = consumer
+            .group_metadata()
+            .ok_or(BatchError::Retry(KafkaError::Canceled))?;
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            if tpl.count() > 0 {
+                p.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)?;
+            }
+            p.commit_transaction(TXN_TIMEOUT)
+        })
+        .await
+        .map_err(|_| BatchError::Retry(KafkaError::Canceled))?
+        .map_err(classify)
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            m::TRANSACTIONS.with_label_values(&["committed"]).inc();
+            Ok(())
+        }
+        Err(BatchError::Fatal(e)) => Err(BatchError::Fatal(e)),
+        Err(BatchError::Retry(e)) => {
+            let p = producer.clone();
+            let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT))
+                .await
+                .map_err(|_| BatchError::Retry(KafkaError::Canceled))?;
+            match aborted {
+                Ok(()) => Err(BatchError::Retry(e)),
+                Err(abort_err) => Err(classify(abort_err)),
+            }
+        }
+    }
+}
+
+/// Seeks every partition of a failed batch back to the batch's own first
+/// offsets (tracked here: the group's committed offsets may lag).
+fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, batch: &Batch) {
+    for (&p, &(first, _)) in &batch.offsets {
+        if let Err(e) = consumer.seek(topic, p, Offset::Offset(first), Duration::from_secs(10)) {
+            warn!(partition = p, error = %e, "seek failed; the partition may have been revoked");
+        }
+    }
+}
+
+fn record_metrics(batch: &Batch, pipeline: &Pipeline) {
+    m::CONSUMED.inc_by(batch.outcomes.len() as u64);
+    for o in &batch.outcomes {
+        match o {
+            Outcome::Invalid { class, .. } => m::INVALID.with_label_values(&[class]).inc(),
+            Outcome::Rekeyed { .. } => m::REKEYED.inc(),
+            Outcome::Duplicate { .. } => m::DUPLICATES.inc(),
+            Outcome::Routed {
+                delivered, skipped, ..
+            } => {
+                for d in delivered {
+                    m::ROUTED.with_label_values(&[d]).inc();
+                }
+                for (d, skip) in skipped {
+                    if let Skip::ConsentDenied { category } | Skip::ConsentMissing { category } =
+                        skip
+                    {
+                        m::CONSENT_DENIED.with_label_values(&[d, category]).inc();
+                    }
+                }
+            }
+        }
+    }
+    m::DEDUP_KEYS.set(pipeline.dedup_keys() as i64);
+    m::DEDUP_BYTES.set(pipeline.dedup_heap_bytes() as i64);
+}
+
+/// Reads dedup partition `p` from the beginning to its end.
+async fn restore_partition(
+    config: &Arc<Config>,
+    bootstrap: &str,
+    partition: i32,
+    pipeline: &Pipeline,
+) -> Result<PartitionDedup, RouterError> {
+    let topic = config.topics.dedup();
+    let kafka = config.kafka.clone();
+    let bootstrap = bootstrap.to_string();
+    let oldest_live = pipeline.oldest_live(unix_secs());
+    tokio::task::spawn_blocking(move || {
+        let err = |source| RouterError::Restore {
+            topic: topic.clone(),
+            partition,
+            source,
+        };
+        let consumer: BaseConsumer = reader(&kafka, &bootstrap).create().map_err(err)?;
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .map_err(err)?;
+        let mut state = PartitionDedup::default();
+        if high <= low {
+            return Ok(state);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(low))
+            .map_err(err)?;
+        consumer.assign(&tpl).map_err(err)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if Instant::now() > deadline {
+                return Err(err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                )));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(msg)) => {
+                    if let Some(k) = msg.key().and_then(dedup::key_from_bytes) {
+                        let t = msg.payload().and_then(dedup::value_from_bytes);
+                        state.restore(k, t, oldest_live);
+                    }
+                    if msg.offset() >= high - 1 {
+                        return Ok(state);
+                    }
+                }
+                Some(Err(e)) => return Err(err(e)),
+                None => {
+                    // Compaction may have removed the records up to `high`.
+                    let pos = consumer.position().ok().and_then(|t| {
+                        t.find_partition(&topic, partition)
+                            .and_then(|e| e.offset().to_raw())
+                    });
+                    if pos.is_some_and(|o| o >= high) {
+                        return Ok(state);
+                    }
+                }
+            }
+        }
+    })
+    .await?
+}
+
+/// A group-less consumer for reading state topics: never commits anything.
+fn reader(kafka: &KafkaConfig, bootstrap: &str) -> rdkafka::ClientConfig {
+    let mut c = client::base(kafka, bootstrap);
+    c.set("group.id", "switchyard-state-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    c
+}
+
+/// Tails the whole identity topic: every instance sees every update.
+struct IdentityTail {
+    consumer: BaseConsumer,
+    topic: String,
+    ends: HashMap<i32, i64>,
+}
+
+impl IdentityTail {
+    fn start(
+        kafka: &KafkaConfig,
+        bootstrap: &str,
+        topic: &str,
+    ) -> Result<IdentityTail, RouterError> {
+        let err = |source| RouterError::Restore {
+            topic: topic.to_string(),
+            partition: -1,
+            source,
+        };
+        let consumer: BaseConsumer = reader(kafka, bootstrap).create().map_err(err)?;
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(err)?;
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .map_err(err)?;
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .map_err(err)?;
+                ends.insert(p.id(), high);
+            }
+        }
+        consumer.assign(&tpl).map_err(err)?;
+        Ok(IdentityTail {
+            consumer,
+            topic: topic.to_string(),
+            ends,
+        })
+    }
+
+    fn apply(msg: &rdkafka::message::BorrowedMessage<'_>, pipeline: &mut Pipeline) {
+        let (Some(key), Some(payload)) = (msg.key(), msg.payload()) else {
+            return;
+        };
+        match (
+            std::str::from_utf8(key),
+            serde_json::from_slice::<Profile>(payload),
+        ) {
+            (Ok(k), Ok(p)) => pipeline.identity().apply(k, &p),
+            _ => warn!(
+                partition = msg.partition(),
+                offset = msg.offset(),
+                "unreadable identity record skipped"
+            ),
+        }
+    }
+
+    /// Applies whatever has arrived, without waiting.
+    fn drain(&mut self, pipeline: &mut Pipeline) {
+        while let Some(r) = self.consumer.poll(Duration::ZERO) {
+            match r {
+                Ok(msg) => Self::apply(&msg, pipeline),
+                Err(e) => {
+                    warn!(topic = %self.topic, error = %e, "identity tail error");
+                    break;
+                }
+            }
+        }
+        m::IDENTITIES.set(pipeline.identity().len() as i64);
+    }
+}
+
+/// Reads the identity topic up to where it ended at start-up, so the first
+/// events are enriched with everything known before this instance started.
+async fn load_identity(
+    tail: IdentityTail,
+    pipeline: &mut Pipeline,
+) -> Result<IdentityTail, RouterError> {
+    let mut profiles: Vec<(String, Profile)> = Vec::new();
+    let tail = tokio::task::spawn_blocking(move || {
+        let mut pending: HashMap<i32, i64> = tail
+            .ends
+            .iter()
+            .filter(|(_, end)| **end > 0)
+            .map(|(p, e)| (*p, *e))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !pending.is_empty() && Instant::now() < deadline {
+            match tail.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) => {
+                    if let (Some(k), Some(v)) = (msg.key(), msg.payload())
+                        && let (Ok(k), Ok(p)) =
+                            (std::str::from_utf8(k), serde_json::from_slice::<Profile>(v))
+                    {
+                        profiles.push((k.to_string(), p));
+                    }
+                    if pending
+                        .get(&msg.partition())
+                        .is_some_and(|end| msg.offset() >= end - 1)
+                    {
+                        pending.remove(&msg.partition());
+                    }
+                }
+                Some(Err(e)) => warn!(error = %e, "identity load error"),
+                None => {
+                    // Compaction can leave the last offsets empty.
+                    if let Ok(pos) = tail.consumer.position() {
+                        pending.retain(|p, end| {
+                            pos.find_partition(&tail.topic, *p)
+                                .and_then(|e| e.offset().to_raw())
+                                .is_none_or(|o| o < *end)
+                        });
+                    }
+                }
+            }
+        }
+        (tail, profiles)
+    })
+    .await?;
+    let (tail, profiles) = tail;
+    for (k, p) in &profiles {
+        pipeline.identity().apply(k, p);
+    }
+    Ok(tail)
+}
