@@ -111,14 +111,16 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         topic: topics.canonical.clone(),
         revoked: Mutex::new(Vec::new()),
     };
-    let consumer: Arc<StreamConsumer<RebalanceLog>> = Arc::new(
-        client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group)
-            .set("group.instance.id", ctx.group_instance_id("router"))
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("statistics.interval.ms", "5000")
-            .create_with_context(log)
-            .map_err(RouterError::Client)?,
-    );
+    let mut cc = client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group);
+    cc.set("group.instance.id", ctx.group_instance_id("router"))
+        .set("statistics.interval.ms", "5000");
+    // Cooperative rebalancing moves only the partitions that change owner;
+    // kafka.properties can choose another strategy for brokers that need it.
+    if cc.get("partition.assignment.strategy").is_none() {
+        cc.set("partition.assignment.strategy", "cooperative-sticky");
+    }
+    let consumer: Arc<StreamConsumer<RebalanceLog>> =
+        Arc::new(cc.create_with_context(log).map_err(RouterError::Client)?);
     consumer
         .subscribe(&[&topics.canonical])
         .map_err(RouterError::Client)?;
