@@ -359,26 +359,43 @@ async fn at_least_once_survives_sigkill_restarts() {
     produce(&s.brokers, &s.canonical, &records).await;
 
     let mut router = s.router("crash");
-    let mut kill_after = [4u64, 5, 6].into_iter();
-    // Kill at three points while it works, restarting each time (static
-    // membership: the restarted member reclaims its partitions).
-    for secs in kill_after.by_ref() {
-        tokio::time::sleep(Duration::from_secs(secs)).await;
+    // Kill it three times while it works (each time after more deliveries
+    // appeared), restarting each time: static membership lets the restarted
+    // member reclaim its partitions.
+    let mut progress = 0;
+    for kill in 1..=3 {
+        let target = progress + 4000;
+        let seen = read_until(
+            &s.brokers,
+            &s.deliver("hook"),
+            Duration::from_secs(120),
+            |r| r.len() >= target,
+        );
+        assert!(
+            seen.len() >= target,
+            "no progress before kill {kill}\n{}",
+            s.logs("crash")
+        );
+        progress = seen.len();
         sigkill(&mut router);
         router = s.router("crash");
     }
     let want = ids.len();
+    // Incremental: the closure runs after every poll.
+    let seen = std::cell::RefCell::new((0usize, BTreeSet::new()));
     let done = |rs: &[Record]| {
-        let mut seen = BTreeSet::new();
-        for r in rs {
+        let mut st = seen.borrow_mut();
+        for r in &rs[st.0..] {
             if let Some(id) = r.json()["event"]["event_id"].as_str() {
-                seen.insert(id.to_string());
+                st.1.insert(id.to_string());
             }
         }
-        seen.len() >= want
+        st.0 = rs.len();
+        st.1.len() >= want
     };
     for d in ["meta", "hook"] {
-        let got = read_until(&s.brokers, &s.deliver(d), Duration::from_secs(240), &done);
+        *seen.borrow_mut() = (0, BTreeSet::new());
+        let got = read_until(&s.brokers, &s.deliver(d), Duration::from_secs(600), &done);
         let delivered: Vec<String> = event_ids(&got);
         let unique: BTreeSet<String> = delivered.iter().cloned().collect();
         let missing: Vec<&String> = ids.difference(&unique).take(5).collect();

@@ -152,10 +152,13 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
     let mut last_expiry = Instant::now();
     let mut batch_no: u64 = 0;
     loop {
+        let waited = Instant::now();
         let msgs = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             msgs = next_batch(&consumer) => msgs,
         };
+        let waited = waited.elapsed();
+        let started = Instant::now();
         batch_no += 1;
         apply_revocations(&consumer, &mut pipeline);
         tail.drain(&mut pipeline);
@@ -187,6 +190,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         if batch.is_empty() {
             continue;
         }
+        let processed = started.elapsed();
         let span =
             info_span!("batch", n = batch_no, records = msgs.len(), offsets = ?batch.offsets);
         let result = if exactly_once {
@@ -198,6 +202,16 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
                 .instrument(span)
                 .await
         };
+        tracing::debug!(
+            batch = batch_no,
+            records = msgs.len(),
+            writes = batch.out.len(),
+            waited_ms = waited.as_millis() as u64,
+            processed_ms = processed.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "batch done"
+        );
         match result {
             Ok(()) => {
                 pipeline.commit(&batch);

@@ -161,7 +161,10 @@ pub fn spawn_switchyard(args: &[&str], config: &Path, log: &Path) -> Child {
         .args(args)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .stdin(Stdio::null())
