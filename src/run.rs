@@ -95,6 +95,15 @@ pub async fn run(config: Arc<Config>, opts: RunOptions) -> Result<(), RunError> 
     let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
     let wants = |r: Role| opts.role == r || opts.role == Role::All;
     // ROLE ARMS: each role spawns its task(s) here.
+    if wants(Role::Ingest) {
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            crate::ingest::run(ctx).await.map_err(|e| RunError::Role {
+                role: "ingest",
+                message: e.to_string(),
+            })
+        });
+    }
 
     // The first role to fail stops the others: a half-running pipeline looks
     // healthy to an orchestrator while it silently stops delivering.
