@@ -2,10 +2,11 @@
 //! awaited until the broker acked it, within a bounded time, plus a
 //! background probe of broker connectivity for `/readyz`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
@@ -17,7 +18,9 @@ use crate::config::KafkaConfig;
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Publisher {
-    producer: FutureProducer,
+    /// The producer in use and its generation (see [`Publisher::replace`]).
+    current: Arc<RwLock<(u64, FutureProducer)>>,
+    settings: ClientConfig,
     timeout: Duration,
     ready: Arc<AtomicBool>,
 }
@@ -37,7 +40,8 @@ impl Publisher {
         // waits longer than the configured produce timeout for its answer.
         c.set("message.timeout.ms", timeout.as_millis().to_string());
         Ok(Publisher {
-            producer: c.create()?,
+            current: Arc::new(RwLock::new((0, c.create()?))),
+            settings: c,
             timeout,
             ready: Arc::new(AtomicBool::new(false)),
         })
@@ -49,12 +53,13 @@ impl Publisher {
         topic: &str,
         records: &[(String, Vec<u8>)],
     ) -> Vec<Result<(), NotAcked>> {
+        let (generation, producer) = self.producer();
         let deadline = Instant::now() + self.timeout;
         let mut pending = Vec::with_capacity(records.len());
         for (key, payload) in records {
             let mut record = FutureRecord::to(topic).key(key).payload(payload);
             let sent = loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => break Ok(delivery),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
                         if Instant::now() < deadline =>
@@ -87,8 +92,40 @@ impl Publisher {
         }
         if out.iter().any(Result::is_err) {
             self.ready.store(false, Ordering::Relaxed);
+            self.replace(generation);
         }
         out
+    }
+
+    fn producer(&self) -> (u64, FutureProducer) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a fresh producer after records failed. A producer whose
+    /// records timed out must bump its idempotence epoch (or is left fatally
+    /// failed on a sequence gap) and tansu 0.6 panics on that bump; a new
+    /// producer id costs nothing, because nothing it replaces was acked to a
+    /// client. Requests still holding the old producer finish with it.
+    fn replace(&self, failed_generation: u64) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != failed_generation {
+            return; // another request replaced it already
+        }
+        match self.settings.create::<FutureProducer>() {
+            Ok(p) => {
+                *current = (failed_generation + 1, p);
+                tracing::info!(
+                    generation = failed_generation + 1,
+                    "ingest producer replaced after failed records"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a new ingest producer; keeping the old one")
+            }
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -97,11 +134,11 @@ impl Publisher {
 
     /// Probes the broker for `topic`'s metadata until `shutdown`.
     pub fn spawn_probe(&self, topic: String, shutdown: CancellationToken) {
-        let probe = self.producer.clone();
         let ready = Arc::clone(&self.ready);
+        let current = Arc::clone(&self.current);
         tokio::spawn(async move {
             loop {
-                let producer = probe.clone();
+                let producer = current.read().unwrap_or_else(|p| p.into_inner()).1.clone();
                 let t = topic.clone();
                 let ok = tokio::task::spawn_blocking(move || {
                     producer
@@ -128,7 +165,7 @@ impl Publisher {
 
     /// Waits for records still queued (after the server stopped taking requests).
     pub fn flush(&self) {
-        if let Err(e) = self.producer.flush(self.timeout) {
+        if let Err(e) = self.producer().1.flush(self.timeout) {
             tracing::warn!(error = %e, "ingest producer did not flush before shutdown");
         }
     }
