@@ -731,3 +731,38 @@ async fn health_and_metrics() {
     gateway.shutdown.cancel();
     gateway.task.await.unwrap().unwrap();
 }
+
+#[test]
+fn bench_prints_figures_and_ends_with_one_json_line() {
+    let out = common::switchyard()
+        .args([
+            "bench",
+            "ingest",
+            "--seconds",
+            "1",
+            "--warmup-seconds",
+            "0",
+            "--batch",
+            "10",
+            "--concurrency",
+            "2",
+        ])
+        .output()
+        .expect("run switchyard bench ingest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("output");
+    let summary: Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(summary["bench"], "ingest");
+    assert_eq!(summary["batch"], 10);
+    assert!(
+        summary["events_per_s_per_core"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert!(summary["p99_ms"].as_f64().unwrap() > 0.0, "{summary}");
+    assert_eq!(summary["runs"][0]["broker"], "embedded");
+}

@@ -14,6 +14,7 @@
 //! differs from its key's environment it is refused (403), so a staging
 //! credential cannot be used for production traffic or the other way round.
 
+pub mod bench;
 pub mod config;
 mod handlers;
 pub mod map;
