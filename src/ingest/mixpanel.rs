@@ -29,6 +29,10 @@ pub fn token(ev: &Value) -> Option<&str> {
 
 /// Maps one Mixpanel event `{event, properties:{token, distinct_id, time, $insert_id, ...}}`.
 pub fn map_event(ev: &Value) -> Mapped {
+    if !ev.is_object() {
+        // Passed on as is, so that validation refuses it with its reason.
+        return Mapped::Event(ev.clone());
+    }
     let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
     let identify = name == "$identify";
     let canonical = if identify {

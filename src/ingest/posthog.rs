@@ -30,6 +30,10 @@ pub fn api_key<'a>(ev: &'a Value, batch: Option<&'a Value>) -> Option<&'a str> {
 
 /// Maps one PostHog event `{event, distinct_id, uuid, timestamp, properties}`.
 pub fn map_event(ev: &Value) -> Mapped {
+    if !ev.is_object() {
+        // Passed on as is, so that validation refuses it with its reason.
+        return Mapped::Event(ev.clone());
+    }
     let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
     let identify = name == "$identify";
     let canonical = if identify {

@@ -47,6 +47,10 @@ pub fn canonical_name(name: &str) -> Option<EventName> {
 
 /// Maps one Segment message (`type` track, identify or page).
 pub fn map_message(msg: &Value) -> Mapped {
+    if !msg.is_object() {
+        // Passed on as is, so that validation refuses it with its reason.
+        return Mapped::Event(msg.clone());
+    }
     let empty = Map::new();
     let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
     let (name, body_key) = match kind {
@@ -234,6 +238,14 @@ mod tests {
             map_message(&json!({"type": "track", "event": "identify"})),
             Mapped::Unmapped("identify".into())
         );
+    }
+
+    #[test]
+    fn a_message_that_is_not_an_object_is_refused_by_validation() {
+        let Mapped::Event(v) = map_message(&json!("Order Completed")) else {
+            panic!()
+        };
+        assert_eq!(validate_value(&v).len(), 1);
     }
 
     #[test]
