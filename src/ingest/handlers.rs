@@ -99,6 +99,28 @@ pub(super) async fn readyz(State(g): G) -> Response {
     }
 }
 
+pub(super) async fn not_found() -> Response {
+    finish(
+        "unknown",
+        Err(Reject::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint; see the README's HTTP ingest section",
+        )),
+    )
+}
+
+pub(super) async fn method_not_allowed() -> Response {
+    finish(
+        "unknown",
+        Err(Reject::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint takes POST (health endpoints take GET)",
+        )),
+    )
+}
+
 // ---- native canonical events ------------------------------------------------
 
 pub(super) async fn canonical_events(State(g): G, headers: HeaderMap, body: Body) -> Response {

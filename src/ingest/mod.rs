@@ -32,6 +32,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -73,6 +76,11 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
+    if let Err(why) = ensure_staging_topic(config, bootstrap).await {
+        // Not fatal: the gateway still serves production keys, and staging
+        // requests answer 503 until the topic exists.
+        tracing::warn!(topic = ?config.ingest.staging_topic, error = %why, "cannot ensure the ingest staging topic");
+    }
     let gateway = Arc::new(Gateway::new(config, bootstrap)?);
     gateway
         .publisher
@@ -87,6 +95,50 @@ pub async fn serve(
         .map_err(IngestError::Serve);
     gateway.publisher.flush();
     result
+}
+
+/// Creates `ingest.staging_topic` when it is missing, partitioned like the
+/// canonical topic (`switchyard topics create` does not know about it).
+async fn ensure_staging_topic(config: &Config, bootstrap: &str) -> Result<(), String> {
+    let Some(topic) = &config.ingest.staging_topic else {
+        return Ok(());
+    };
+    if config.kafka.brokers.is_none() {
+        // The embedded mock cluster has no CreateTopics API; it creates
+        // topics on first use.
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        crate::kafka::client::base(&config.kafka, bootstrap)
+            .create()
+            .map_err(|e| e.to_string())?;
+    let existing =
+        crate::kafka::topics::existing_partitions(&admin, bootstrap).map_err(|e| e.to_string())?;
+    if existing.contains_key(topic) {
+        return Ok(());
+    }
+    let partitions = existing
+        .get(&config.topics.canonical)
+        .copied()
+        .unwrap_or(config.topics.partitions);
+    let new = NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(config.topics.replication_factor),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(crate::kafka::ADMIN_TIMEOUT));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(code.to_string()),
+        }
+    }
+    tracing::info!(topic = %topic, partitions, "created the ingest staging topic");
+    Ok(())
 }
 
 /// A gateway running in the background, for tests and the benchmark.
@@ -137,6 +189,8 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .route("/posthog/batch/", post(posthog_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)
 }
 
