@@ -780,3 +780,23 @@ fn bench_prints_figures_and_ends_with_one_json_line() {
     assert!(summary["p99_ms"].as_f64().unwrap() > 0.0, "{summary}");
     assert_eq!(summary["runs"][0]["broker"], "embedded");
 }
+
+#[tokio::test]
+async fn without_keys_the_role_idles_until_shutdown_without_binding() {
+    let mut config = Config::default();
+    // A port that is taken: binding it would fail the role.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.ingest.listen = taken.local_addr().unwrap();
+    let ctx = switchyard::run::RoleContext {
+        config: Arc::new(config),
+        bootstrap: "127.0.0.1:9".into(),
+        instance_id: "test".into(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let shutdown = ctx.shutdown.clone();
+    let role = tokio::spawn(ingest::run(ctx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!role.is_finished(), "the role ended before shutdown");
+    shutdown.cancel();
+    role.await.unwrap().expect("idle role ends cleanly");
+}

@@ -60,7 +60,16 @@ pub enum IngestError {
 }
 
 /// Serves the gateway on `ingest.listen` until `ctx.shutdown`.
+///
+/// Without any `[[ingest.keys]]` every request would be refused, so the
+/// gateway does not even bind its port: `--role all` with a config that has
+/// no ingest section must not fail because something else holds the port.
 pub async fn run(ctx: RoleContext) -> Result<(), IngestError> {
+    if ctx.config.ingest.keys.is_empty() {
+        tracing::info!("no [[ingest.keys]] configured; the HTTP ingest gateway is not started");
+        ctx.shutdown.cancelled().await;
+        return Ok(());
+    }
     let addr = ctx.config.ingest.listen;
     let listener = TcpListener::bind(addr)
         .await
