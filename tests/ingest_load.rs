@@ -38,6 +38,20 @@ impl Drop for Gateway {
     }
 }
 
+/// Restarts the killed broker however the test ends, so that the test
+/// binaries after this one find it running.
+struct KilledBroker;
+impl Drop for KilledBroker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Best effort: a second panic while unwinding would abort.
+            let _ = std::panic::catch_unwind(|| broker_script("restart"));
+        } else {
+            broker_script("restart");
+        }
+    }
+}
+
 fn broker_script(action: &str) {
     let brokers = common::brokers();
     let port = brokers.rsplit(':').next().expect("host:port");
@@ -182,13 +196,19 @@ environment = "production"
     }
 
     tokio::time::sleep(KILL_AT).await;
+    let broker = KilledBroker;
     broker_script("kill");
+    // SIGKILL is delivered asynchronously; give the kernel a moment.
+    let killed = Instant::now();
+    while port_open(&brokers) && killed.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !port_open(&brokers),
         "the broker still answers after kill: export SWITCHYARD_KAFKA_DIR as used to start it"
     );
     tokio::time::sleep(RESTART_AT - KILL_AT).await;
-    broker_script("restart");
+    drop(broker);
     for s in senders {
         s.await.unwrap();
     }
