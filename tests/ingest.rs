@@ -64,6 +64,8 @@ brokers = "{brokers}"
 guarantee = "at_least_once"
 [topics]
 canonical = "{canonical}"
+[router]
+max_record_bytes = 2048
 [ingest]
 body_limit_bytes = 8192
 produce_timeout = "3s"
@@ -527,6 +529,18 @@ async fn refusals_have_the_right_status_and_body_and_publish_nothing() {
                 .body("{\"event\": "),
             400,
             "malformed_json",
+        ),
+        (
+            "event larger than the router takes",
+            http.post(format!("{base}/v1/events"))
+                .bearer_auth(PROD_KEY)
+                .json(&{
+                    let mut e = valid.clone();
+                    e["properties"] = json!({"blob": "x".repeat(3000)});
+                    e
+                }),
+            400,
+            "invalid_event",
         ),
         (
             "another source's event",

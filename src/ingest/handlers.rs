@@ -481,11 +481,22 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
                 if let Value::Object(o) = &mut event {
                     bind_source(o, source, via, &mut violations);
                 }
+                // Serialising a Value cannot fail.
+                let payload = serde_json::to_vec(&event).unwrap_or_default();
+                if payload.len() > g.max_record_bytes {
+                    violations.push(crate::event::Violation {
+                        pointer: String::new(),
+                        message: format!(
+                            "the event is {} bytes; the router accepts at most {} (router.max_record_bytes)",
+                            payload.len(),
+                            g.max_record_bytes
+                        ),
+                    });
+                }
                 if violations.is_empty() {
                     let id = event["event_id"].as_str().unwrap_or_default().to_string();
                     results.push(json!({"index": index, "status": "accepted", "event_id": id}));
-                    // Serialising a Value cannot fail.
-                    records.push((id, serde_json::to_vec(&event).unwrap_or_default()));
+                    records.push((id, payload));
                 } else {
                     invalid += 1;
                     let v = serde_json::to_value(&violations).unwrap_or_default();

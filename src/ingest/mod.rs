@@ -212,6 +212,8 @@ struct Key {
 pub(crate) struct Gateway {
     settings: IngestConfig,
     canonical_topic: String,
+    /// The router dead-letters larger records, so they are refused here.
+    max_record_bytes: usize,
     keys: Vec<Key>,
     /// SHA-256 of each key → index: lookups by digest do not leak, through
     /// timing, how much of a guessed key was right.
@@ -244,6 +246,7 @@ impl Gateway {
         Ok(Gateway {
             settings,
             canonical_topic: config.topics.canonical.clone(),
+            max_record_bytes: config.router.max_record_bytes,
             keys,
             by_digest,
             publisher,
