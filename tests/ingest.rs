@@ -628,14 +628,28 @@ async fn refusals_have_the_right_status_and_body_and_publish_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_over_its_rate_gets_429_with_retry_after() {
+async fn a_key_over_its_rate_gets_429_and_timestamps_can_be_required() {
     let topics = create_topics().await;
     let (gateway, base) = start(config(
         &topics,
-        "rate_limit_per_second = 1\nrate_limit_burst = 3",
+        "rate_limit_per_second = 1\nrate_limit_burst = 3\nrequire_timestamp = true",
     ))
     .await;
     let http = reqwest::Client::new();
+    // require_timestamp: a correctly signed webhook call without a timestamp is refused.
+    let hook = b"{\"type\":\"track\",\"event\":\"Signed Up\",\"messageId\":\"m\",\"userId\":\"u\"}"
+        .to_vec();
+    let refused = expect(
+        http.post(format!("{base}/segment/events"))
+            .header("X-Signature", sign(&hook, ""))
+            .body(hook)
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+    assert_eq!(refused["error"], "missing_timestamp");
     let batch = |n: usize| json!({"batch": (0..n).map(|_| event(&common::unique("rl"), "lead")).collect::<Vec<_>>()});
     let too_big = http
         .post(format!("{base}/v1/events"))
