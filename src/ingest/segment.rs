@@ -100,6 +100,9 @@ pub fn map_message(msg: &Value) -> Mapped {
         map::take_contact(traits, &mut out);
     }
     out.extend(context(ctx, kind, &body));
+    if let Some(consent) = consent(ctx) {
+        out.insert("consent".into(), consent);
+    }
     if body_key == "properties" {
         map::take_commerce(&mut body, &mut out);
         if !body.is_empty() {
@@ -113,6 +116,41 @@ pub fn map_message(msg: &Value) -> Mapped {
         map::provenance("segment", MAPPING_VERSION, message_id.as_deref()),
     );
     Mapped::Event(Value::Object(out))
+}
+
+/// Segment Consent Management's `context.consent.categoryPreferences`
+/// (`{"Advertising": true}`) as canonical consent (`{"advertising":
+/// "granted"}`). Category names are the workspace's own, lower-cased with
+/// non-alphanumerics as `_`; a destination names the one it needs in its
+/// `consent` setting. Names that cannot be consent keys are left out, so
+/// the destination's default applies to them.
+fn consent(ctx: &Map<String, Value>) -> Option<Value> {
+    let prefs = ctx
+        .get("consent")?
+        .get("categoryPreferences")?
+        .as_object()?;
+    let mut out = Map::new();
+    for (name, granted) in prefs {
+        let Some(granted) = granted.as_bool() else {
+            continue;
+        };
+        let key: String = name
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if key.len() <= 32 && key.starts_with(|c: char| c.is_ascii_lowercase()) {
+            let state = if granted { "granted" } else { "denied" };
+            out.insert(key, Value::String(state.into()));
+        }
+    }
+    (!out.is_empty()).then_some(Value::Object(out))
 }
 
 fn context(ctx: &Map<String, Value>, kind: &str, body: &Map<String, Value>) -> Map<String, Value> {
@@ -189,6 +227,21 @@ mod tests {
                 "properties": {"coupon": "X"},
                 "metadata": {"ingest": {"via": "segment", "mapping_version": 1, "source_id": "ajs-msg-1"}}
             })
+        );
+    }
+
+    #[test]
+    fn consent_preferences_become_canonical_consent() {
+        let v = event(json!({
+            "type": "track", "event": "Signed Up", "messageId": "m", "userId": "u",
+            "timestamp": "2026-11-26T10:00:00Z",
+            "context": {"consent": {"categoryPreferences": {
+                "Advertising": true, "Product Analytics": false, "9lives": true, "Odd": "yes"
+            }}}
+        }));
+        assert_eq!(
+            v["consent"],
+            json!({"advertising": "granted", "product_analytics": "denied"})
         );
     }
 
