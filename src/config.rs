@@ -101,6 +101,7 @@ pub struct Config {
     pub router: RouterConfig,
     pub identity: IdentityConfig,
     pub metrics: MetricsConfig,
+    pub ingest: crate::ingest::config::IngestConfig,
     pub destinations: BTreeMap<String, DestinationConfig>,
 }
 
@@ -501,12 +502,13 @@ impl Config {
                 "router" => take(&mut config.router, value, "router", &mut problems),
                 "identity" => take(&mut config.identity, value, "identity", &mut problems),
                 "metrics" => take(&mut config.metrics, value, "metrics", &mut problems),
+                "ingest" => take(&mut config.ingest, value, "ingest", &mut problems),
                 "destinations" => {
                     config.destinations = parse_destinations(value, &mut problems);
                 }
                 other => problems.push(Problem {
                     key: other.to_string(),
-                    message: "unknown section; expected one of kafka, topics, router, identity, metrics, destinations".into(),
+                    message: "unknown section; expected one of kafka, topics, router, identity, metrics, ingest, destinations".into(),
                 }),
             }
         }
@@ -589,6 +591,7 @@ impl Config {
                 ),
             );
         }
+        self.ingest.check(problems);
     }
 
     /// The destinations that are switched on.
@@ -1057,7 +1060,7 @@ pub fn check_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(

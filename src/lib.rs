@@ -4,6 +4,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod event;
+pub mod ingest;
 pub mod kafka;
 pub mod router;
 pub mod run;

@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 use switchyard::config::{Config, ConfigError};
 use switchyard::kafka::{self, Cluster, topics};
 use switchyard::run::{Role, RunOptions, default_instance_id};
-use switchyard::{demo, event};
+use switchyard::{demo, event, ingest};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +63,34 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Measure switchyard's own throughput.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Accepted events/s per core and latency of `POST /v1/events` batches,
+    /// against the embedded mock cluster (and `--brokers` for reference).
+    /// The last line printed is one JSON object with every figure.
+    Ingest {
+        /// A real broker to measure against as well, e.g. a local tansu.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Measured seconds per broker (after the warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        warmup_seconds: u64,
+        /// Events per request.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +129,22 @@ fn main() -> ExitCode {
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
+        Command::Bench {
+            command:
+                BenchCommand::Ingest {
+                    brokers,
+                    seconds,
+                    warmup_seconds,
+                    batch,
+                    concurrency,
+                },
+        } => bench_ingest(&ingest::bench::BenchOptions {
+            brokers,
+            duration: Duration::from_secs(seconds),
+            warmup: Duration::from_secs(warmup_seconds),
+            batch: batch.max(1),
+            concurrency: concurrency.max(1),
+        }),
     };
     match result {
         Ok(code) => code,
@@ -224,5 +269,38 @@ async fn topics_create(path: &Path) -> anyhow::Result<ExitCode> {
             r.spec.purpose
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_ingest(opts: &ingest::bench::BenchOptions) -> anyhow::Result<ExitCode> {
+    let figures = ingest::bench::run(opts)?;
+    for f in &figures {
+        println!(
+            "ingest via {}: {:.0} events/s ({:.0} events/s per gateway core, {:.2} CPU-s for {} events), batch {} x {} in flight, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            f.broker,
+            f.events_per_s,
+            f.events_per_s_per_core,
+            f.gateway_cpu_s,
+            f.events,
+            f.batch,
+            f.concurrency,
+            f.p50_ms,
+            f.p99_ms,
+            f.max_ms
+        );
+    }
+    let embedded = &figures[0];
+    let summary = serde_json::json!({
+        "bench": "ingest",
+        "batch": opts.batch,
+        "concurrency": opts.concurrency,
+        "target_events_per_s_per_core": 50_000,
+        "events_per_s_per_core": embedded.events_per_s_per_core.round(),
+        "events_per_s": embedded.events_per_s.round(),
+        "p99_ms": embedded.p99_ms,
+        "meets_target": embedded.events_per_s_per_core >= 50_000.0,
+        "runs": figures,
+    });
+    println!("{summary}");
     Ok(ExitCode::SUCCESS)
 }

@@ -94,12 +94,20 @@ pub async fn run(config: Arc<Config>, opts: RunOptions) -> Result<(), RunError> 
 
     let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
     let wants = |r: Role| opts.role == r || opts.role == Role::All;
-    // ROLE ARMS: each role spawns its task(s) here.
     if wants(Role::Router) {
         let ctx = ctx.clone();
         tasks.spawn(async move {
             crate::router::run(ctx).await.map_err(|e| RunError::Role {
                 role: "router",
+                message: e.to_string(),
+            })
+        });
+    }
+    if wants(Role::Ingest) {
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            crate::ingest::run(ctx).await.map_err(|e| RunError::Role {
+                role: "ingest",
                 message: e.to_string(),
             })
         });

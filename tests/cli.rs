@@ -134,7 +134,10 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("GOOGLE_ADS_DEVELOPER_TOKEN", "t")
         .env("GOOGLE_ADS_ACCESS_TOKEN", "t")
         .env("GA4_API_SECRET", "t")
-        .env("WEBHOOK_SECRET", "0123456789abcdef0123");
+        .env("WEBHOOK_SECRET", "0123456789abcdef0123")
+        .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
+        .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
+        .env("SEGMENT_WEBHOOK_SECRET", "whsec_0123456789abcdef");
     let o = run_bounded(cmd, Duration::from_secs(30));
     no_panic(&o);
     let out = String::from_utf8_lossy(&o.stdout);

@@ -1,0 +1,257 @@
+//! `[ingest]`: where the gateway listens, its limits, and the keys that may
+//! publish through it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{Problem, Secret, check_topic_name};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub listen: SocketAddr,
+    /// Largest accepted request body, after gzip decompression too.
+    pub body_limit_bytes: usize,
+    /// Events per second one key may publish (sustained); 0 switches the limit off.
+    pub rate_limit_per_second: u32,
+    /// Events one key may publish at once above the sustained rate; also the
+    /// largest batch a rate-limited key can send.
+    pub rate_limit_burst: u32,
+    /// How far `X-Switchyard-Timestamp` on `/segment/events` may be from now.
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub timestamp_skew: Duration,
+    /// Refuse `/segment/events` calls without `X-Switchyard-Timestamp`
+    /// (replay protection for senders that can set it).
+    pub require_timestamp: bool,
+    /// Longest wait for the broker's ack before answering 503.
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub produce_timeout: Duration,
+    /// Topic that staging keys publish to. Without it staging keys are
+    /// refused: staging traffic never reaches the canonical topic, whose
+    /// consumers deliver to live destinations.
+    pub staging_topic: Option<String>,
+    pub keys: Vec<IngestKey>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 1024 * 1024,
+            rate_limit_per_second: 10_000,
+            rate_limit_burst: 20_000,
+            timestamp_skew: Duration::from_secs(300),
+            require_timestamp: false,
+            produce_timeout: Duration::from_secs(5),
+            staging_topic: None,
+            keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    Production,
+    Staging,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Staging => "staging",
+        }
+    }
+}
+
+/// The endpoint families a key can be allowed to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// `POST /v1/events`
+    Canonical,
+    /// `POST /segment/events` (webhook) and the Segment HTTP Tracking API.
+    Segment,
+    /// `POST /mixpanel/track`
+    Mixpanel,
+    /// `POST /posthog/capture`, `/posthog/batch`
+    Posthog,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Canonical => "canonical",
+            Route::Segment => "segment",
+            Route::Mixpanel => "mixpanel",
+            Route::Posthog => "posthog",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestKey {
+    /// Bearer key (`/v1/events`), Segment write key (Basic-auth user),
+    /// Mixpanel project token or PostHog api_key, depending on the route.
+    pub key: Secret,
+    /// Becomes the events' `source` and the `source` label of metrics.
+    pub source: String,
+    pub environment: Environment,
+    /// Routes this key may use; empty = all of them.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Shared secret of a Segment webhook destination (`X-Signature`).
+    pub segment_shared_secret: Option<Secret>,
+}
+
+impl IngestKey {
+    pub fn allows(&self, route: Route) -> bool {
+        self.routes.is_empty() || self.routes.contains(&route)
+    }
+}
+
+impl IngestConfig {
+    pub(crate) fn check(&self, problems: &mut Vec<Problem>) {
+        let mut bad = |key: String, message: String| problems.push(Problem { key, message });
+        if self.body_limit_bytes < 1024 {
+            bad(
+                "ingest.body_limit_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        if self.rate_limit_per_second > 0 && self.rate_limit_burst == 0 {
+            bad(
+                "ingest.rate_limit_burst".into(),
+                "must be at least 1 when rate_limit_per_second is set".into(),
+            );
+        }
+        if self.produce_timeout < Duration::from_millis(100) {
+            bad(
+                "ingest.produce_timeout".into(),
+                "must be at least 100ms".into(),
+            );
+        }
+        if let Some(t) = &self.staging_topic
+            && let Err(why) = check_topic_name(t)
+        {
+            bad("ingest.staging_topic".into(), why);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let key = |field: &str| format!("ingest.keys[{i}].{field}");
+            if k.key.expose().len() < 16 {
+                bad(key("key"), "must be at least 16 characters".into());
+            } else if !seen.insert(k.key.expose()) {
+                bad(key("key"), "the same key is configured twice".into());
+            }
+            if k.source.is_empty() || k.source.len() > 64 {
+                bad(key("source"), "must be 1-64 characters".into());
+            }
+            if k.environment == Environment::Staging && self.staging_topic.is_none() {
+                bad(
+                    key("environment"),
+                    "a staging key needs ingest.staging_topic (staging events never go to the canonical topic)".into(),
+                );
+            }
+            if let Some(s) = &k.segment_shared_secret
+                && s.expose().len() < 16
+            {
+                bad(
+                    key("segment_shared_secret"),
+                    "must be at least 16 characters".into(),
+                );
+            }
+        }
+    }
+
+    /// The topic a key's events go to.
+    pub fn topic_for<'a>(&'a self, canonical: &'a str, env: Environment) -> Option<&'a str> {
+        match env {
+            Environment::Production => Some(canonical),
+            Environment::Staging => self.staging_topic.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let env = |name: &str| (name == "CHECKOUT_KEY").then(|| "ck_0123456789abcdef".to_string());
+        Config::parse(text, Path::new("test.toml"), &env)
+    }
+
+    #[test]
+    fn keys_parse_with_env_secrets() {
+        let c = parse(
+            r#"
+            [ingest]
+            listen = "0.0.0.0:8080"
+            timestamp_skew = "2m"
+            staging_topic = "events.staging"
+            [[ingest.keys]]
+            key = "${CHECKOUT_KEY}"
+            source = "checkout-api"
+            environment = "production"
+            routes = ["canonical", "segment"]
+            [[ingest.keys]]
+            key = "st_0123456789abcdef"
+            source = "checkout-staging"
+            environment = "staging"
+            "#,
+        )
+        .unwrap();
+        let i = &c.ingest;
+        assert_eq!(i.timestamp_skew, Duration::from_secs(120));
+        assert_eq!(i.keys[0].key.expose(), "ck_0123456789abcdef");
+        assert!(i.keys[0].allows(Route::Segment) && !i.keys[0].allows(Route::Posthog));
+        assert!(i.keys[1].allows(Route::Posthog));
+        assert_eq!(
+            i.topic_for("events.canonical", Environment::Staging),
+            Some("events.staging")
+        );
+        assert!(!format!("{c:?}").contains("ck_0123456789abcdef"));
+    }
+
+    #[test]
+    fn problems_are_named_by_key() {
+        let Err(ConfigError::Invalid { problems, .. }) = parse(
+            r#"
+            [ingest]
+            body_limit_bytes = 10
+            [[ingest.keys]]
+            key = "short"
+            source = "x"
+            environment = "staging"
+            segment_shared_secret = "tiny"
+            "#,
+        ) else {
+            panic!("accepted")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "ingest.body_limit_bytes",
+                "ingest.keys[0].key",
+                "ingest.keys[0].environment",
+                "ingest.keys[0].segment_shared_secret"
+            ]
+        );
+        let Err(ConfigError::Invalid { problems, .. }) =
+            parse("[[ingest.keys]]\nkey = \"k\"\nsource = \"s\"\nenvironment = \"prod\"\n")
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(problems[0].key, "ingest.keys[0].environment");
+    }
+}
