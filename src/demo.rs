@@ -1,5 +1,7 @@
-//! `switchyard demo`: publishes a sample stream to the canonical topic, reads
-//! it back through Kafka and prints what happened to every event.
+//! `switchyard demo`: publishes a sample stream to the canonical topic, runs
+//! the router on it, reads every output topic back and prints what happened
+//! to each event: which destinations got it, which did not and why, and
+//! which records were dead-lettered.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -12,12 +14,32 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka::{self, Cluster, client};
+use crate::router::route;
+use crate::run::RoleContext;
 
 /// The sample stream shipped with switchyard (`examples/events.ndjson`).
 pub const SAMPLE_EVENTS: &str = include_str!("../examples/events.ndjson");
+
+/// The destinations the demo routes to without `--config` (`examples/demo.toml`).
+pub const DEMO_CONFIG: &str = include_str!("../examples/demo.toml");
+
+/// The built-in demo configuration.
+pub fn demo_config() -> Config {
+    Config::parse(
+        DEMO_CONFIG,
+        std::path::Path::new("examples/demo.toml"),
+        &|_| None,
+    )
+    .expect("the shipped demo config is valid (tested)")
+}
 
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -34,6 +56,10 @@ pub enum DemoError {
     Consume(rdkafka::error::KafkaError),
     #[error("only {seen} of {expected} published records came back within {}s", READ_BACK_TIMEOUT.as_secs())]
     Incomplete { seen: usize, expected: usize },
+    #[error("the router did not finish the sample within {}s", READ_BACK_TIMEOUT.as_secs())]
+    RouterTimeout,
+    #[error("the router failed: {0}")]
+    Router(#[from] crate::router::RouterError),
     #[error("writing the report failed: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -43,6 +69,9 @@ pub struct DemoSummary {
     pub published: usize,
     pub valid: usize,
     pub invalid: usize,
+    pub duplicates: usize,
+    /// Deliveries written, over all destinations.
+    pub routed: usize,
 }
 
 /// One published line: where it is in the input and where it landed in Kafka.
@@ -53,14 +82,14 @@ struct Published {
 }
 
 pub async fn run(
-    config: &Config,
+    config: Arc<Config>,
     cluster: &Cluster,
     input: &str,
     out: &mut dyn Write,
 ) -> Result<DemoSummary, DemoError> {
-    kafka::topics::ensure(cluster, config).await?;
+    kafka::topics::ensure(cluster, &config).await?;
     let topic = &config.topics.canonical;
-    let published = publish(config, cluster, topic, input).await?;
+    let published = publish(&config, cluster, topic, input).await?;
     writeln!(
         out,
         "published {} records to {topic} on {}{}",
@@ -72,41 +101,168 @@ pub async fn run(
             ""
         }
     )?;
+    let records = read_back(&config, cluster, topic, &published).await?;
+    route_all(&config, cluster, &published).await?;
 
-    let records = read_back(config, cluster, topic, &published).await?;
+    let outputs = collect_outputs(&config, cluster.bootstrap()).await?;
+    let names: Vec<&str> = config
+        .enabled_destinations()
+        .map(|d| d.name.as_str())
+        .collect();
+    writeln!(
+        out,
+        "routed by the router to {} destinations: {}",
+        names.len(),
+        names.join(", ")
+    )?;
     let mut summary = DemoSummary {
         published: published.len(),
         ..DemoSummary::default()
     };
+    let mut first_line: HashMap<String, usize> = HashMap::new();
     for p in &published {
-        let payload = &records[&(p.partition, p.offset)];
+        let at = (p.partition, p.offset);
+        let payload = &records[&at];
         let place = format!("p{}@{}", p.partition, p.offset);
-        match parse_event(payload) {
-            Ok(ev) => {
-                summary.valid += 1;
-                writeln!(
-                    out,
-                    "line {:>3}  {place:<8} {:<16} {:<24} valid",
-                    p.line,
-                    ev.event.as_str(),
-                    ev.event_id
-                )?;
-            }
+        let ev = match parse_event(payload) {
+            Ok(ev) => ev,
             Err(err) => {
                 summary.invalid += 1;
                 report_invalid(out, p.line, &place, payload, &err)?;
+                if let Some(class) = outputs.dead_letters.get(&at) {
+                    writeln!(out, "            → {} ({class})", config.topics.dlq())?;
+                }
+                continue;
             }
+        };
+        summary.valid += 1;
+        let head = format!(
+            "line {:>3}  {place:<8} {:<16} {:<16}",
+            p.line,
+            ev.event.as_str(),
+            ev.event_id
+        );
+        if let Some(first) = first_line.get(&ev.event_id) {
+            summary.duplicates += 1;
+            writeln!(out, "{head} duplicate of line {first}: dropped")?;
+            continue;
+        }
+        first_line.insert(ev.event_id.clone(), p.line);
+        let got = outputs.delivered.get(&at).cloned().unwrap_or_default();
+        summary.routed += got.len();
+        let skipped: Vec<String> = config
+            .enabled_destinations()
+            .filter(|d| !got.contains(&d.name))
+            .map(|d| match route::select(d, &ev) {
+                Err(skip) => format!("{} ({})", d.name, skip.reason()),
+                Ok(_) => format!("{} (not delivered)", d.name),
+            })
+            .collect();
+        let sent = if got.is_empty() {
+            "-".to_string()
+        } else {
+            got.join(", ")
+        };
+        writeln!(out, "{head} → {sent}")?;
+        if !skipped.is_empty() {
+            writeln!(out, "            skipped: {}", skipped.join("; "))?;
         }
     }
     writeln!(
         out,
-        "{} published, {} valid, {} invalid (invalid records go to {} once the router runs)",
+        "{} published: {} valid ({} duplicates dropped), {} invalid dead-lettered to {}; {} deliveries routed",
         summary.published,
         summary.valid,
+        summary.duplicates,
         summary.invalid,
-        config.topics.dlq()
+        config.topics.dlq(),
+        summary.routed
     )?;
     Ok(summary)
+}
+
+/// Runs the real router until it has committed every published record.
+async fn route_all(
+    config: &Arc<Config>,
+    cluster: &Cluster,
+    published: &[Published],
+) -> Result<(), DemoError> {
+    let shutdown = CancellationToken::new();
+    let ctx = RoleContext {
+        config: config.clone(),
+        bootstrap: cluster.bootstrap().to_string(),
+        instance_id: format!("demo-{}", std::process::id()),
+        shutdown: shutdown.clone(),
+    };
+    let mut router = tokio::spawn(crate::router::run(ctx));
+    // The router runs in this process, so its own count of records in
+    // committed batches says when the sample has been routed. (The embedded
+    // mock cluster does not report transactionally committed group offsets.)
+    let start = crate::router::records_committed();
+    let want = published.len() as u64;
+    let deadline = tokio::time::Instant::now() + READ_BACK_TIMEOUT;
+    while crate::router::records_committed() - start < want {
+        tokio::select! {
+            done = &mut router => {
+                // The router never stops on its own; finishing early is a failure.
+                done.map_err(crate::router::RouterError::from)??;
+                return Err(DemoError::RouterTimeout);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
+            return Err(DemoError::RouterTimeout);
+        }
+    }
+    shutdown.cancel();
+    router.await.map_err(crate::router::RouterError::from)??;
+    Ok(())
+}
+
+/// What the router wrote, by the canonical record it came from.
+struct Outputs {
+    delivered: HashMap<(i32, i64), Vec<String>>,
+    dead_letters: HashMap<(i32, i64), String>,
+}
+
+async fn collect_outputs(config: &Config, bootstrap: &str) -> Result<Outputs, DemoError> {
+    let mut outputs = Outputs {
+        delivered: HashMap::new(),
+        dead_letters: HashMap::new(),
+    };
+    for d in config.enabled_destinations() {
+        let records =
+            kafka::reader::read_to_end(&config.kafka, bootstrap, &config.topics.deliver(&d.name))
+                .await
+                .map_err(DemoError::Consume)?;
+        for r in records {
+            if let Some(delivery) = r
+                .payload()
+                .and_then(|p| serde_json::from_slice::<Delivery>(p).ok())
+            {
+                outputs
+                    .delivered
+                    .entry((delivery.origin.partition, delivery.origin.offset))
+                    .or_default()
+                    .push(d.name.clone());
+            }
+        }
+    }
+    let dlq = kafka::reader::read_to_end(&config.kafka, bootstrap, &config.topics.dlq())
+        .await
+        .map_err(DemoError::Consume)?;
+    for r in dlq {
+        let h = kafka::reader::headers(&r);
+        if let (Some(p), Some(o)) = (
+            h.get("original_partition").and_then(|v| v.parse().ok()),
+            h.get("original_offset").and_then(|v| v.parse().ok()),
+        ) {
+            let class = h.get("error_class").cloned().unwrap_or_default();
+            outputs.dead_letters.insert((p, o), class);
+        }
+    }
+    Ok(outputs)
 }
 
 fn report_invalid(

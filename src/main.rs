@@ -234,7 +234,10 @@ async fn run(config: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<ExitCo
 }
 
 async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let config = load(config.as_deref())?;
+    let config = match config {
+        Some(p) => Config::load(&p)?,
+        None => demo::demo_config(),
+    };
     let input = match &file {
         Some(f) => {
             std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
@@ -242,7 +245,8 @@ async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Res
         None => demo::SAMPLE_EVENTS.to_string(),
     };
     let cluster = Cluster::connect(&config)?;
-    demo::run(&config, &cluster, &input, &mut std::io::stdout().lock()).await?;
+    let config = std::sync::Arc::new(config);
+    demo::run(config, &cluster, &input, &mut std::io::stdout().lock()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

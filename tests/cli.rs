@@ -260,4 +260,12 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         "{out}"
     );
     assert!(out.contains(&format!("{sample_lines} published")), "{out}");
+    // The router ran: routes, duplicates, consent skips and dead letters.
+    assert!(out.contains("duplicate of line 7: dropped"), "{out}");
+    assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
+    assert!(out.contains("meta (consent ads denied)"), "{out}");
+    assert!(
+        out.contains("→ crm, ga4, google_ads, meta, tiktok"),
+        "{out}"
+    );
 }

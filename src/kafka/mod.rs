@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod reader;
 pub mod topics;
 
 use std::time::Duration;

@@ -9,3 +9,9 @@ pub mod route;
 mod runner;
 
 pub use runner::{RouterError, run};
+
+/// Records in batches this process's router has committed (all roles in one
+/// process share it): lets an in-process caller wait for the router.
+pub fn records_committed() -> u64 {
+    metrics::CONSUMED.get()
+}
