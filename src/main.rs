@@ -72,6 +72,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The router: step-chain events/s per core, end-to-end vs a raw copy
+    /// through `--brokers`, dedup bytes/key and restore time.
+    /// The last line printed is one JSON object with every figure.
+    Router {
+        /// The broker for the end-to-end, copy and restore figures (e.g. a local tansu).
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 200_000)]
+        chain_events: usize,
+        #[arg(long, default_value_t = 50_000)]
+        broker_events: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        dedup_keys: usize,
+    },
     /// Accepted events/s per core and latency of `POST /v1/events` batches,
     /// against the embedded mock cluster (and `--brokers` for reference).
     /// The last line printed is one JSON object with every figure.
@@ -129,6 +143,22 @@ fn main() -> ExitCode {
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
+        Command::Bench {
+            command:
+                BenchCommand::Router {
+                    brokers,
+                    chain_events,
+                    broker_events,
+                    dedup_keys,
+                },
+        } => runtime().and_then(|rt| {
+            rt.block_on(bench_router(switchyard::router::bench::BenchOptions {
+                brokers,
+                chain_events: chain_events.max(1),
+                broker_events: broker_events.max(1),
+                dedup_keys: dedup_keys.max(1),
+            }))
+        }),
         Command::Bench {
             command:
                 BenchCommand::Ingest {
@@ -230,6 +260,12 @@ fn check(path: &Path) -> ExitCode {
 async fn run(config: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<ExitCode> {
     let config = std::sync::Arc::new(load(config.as_deref())?);
     switchyard::run::run(config, opts).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_router(opts: switchyard::router::bench::BenchOptions) -> anyhow::Result<ExitCode> {
+    let figures = switchyard::router::bench::run(&opts).await?;
+    println!("{}", serde_json::to_string(&figures)?);
     Ok(ExitCode::SUCCESS)
 }
 

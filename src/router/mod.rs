@@ -1,6 +1,7 @@
 //! The router: validate → dedup → identity → consent → per-destination
 //! delivery topics.
 
+pub mod bench;
 pub mod dedup;
 pub mod identity;
 mod metrics;

@@ -504,7 +504,7 @@ fn record_metrics(batch: &Batch, pipeline: &Pipeline) {
 }
 
 /// Reads dedup partition `p` from the beginning to its end.
-async fn restore_partition(
+pub(super) async fn restore_partition(
     config: &Arc<Config>,
     bootstrap: &str,
     partition: i32,

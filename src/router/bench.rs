@@ -1,0 +1,419 @@
+//! `switchyard bench router`: (a) the in-process step chain's events/s per
+//! core with three destinations; (b) end-to-end events/s through a broker;
+//! (c) a raw consume → produce copy with the same fan-out on the same broker,
+//! and (b)/(c); (d) dedup memory per key and restore time.
+//!
+//! (a) is measured on one thread and charged by that thread's own CPU time
+//! (/proc/thread-self/schedstat), so other load on the machine does not
+//! count. (b) and (c) run one after the other on the same broker and input,
+//! so their ratio is what to compare across machines.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use super::dedup::{self, PartitionDedup};
+use super::pipeline::{Batch, InRecord, Pipeline};
+use super::runner::restore_partition;
+use crate::config::Config;
+use crate::kafka::{self, Cluster, client};
+use crate::run::RoleContext;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The broker for (b), (c) and the restore half of (d), e.g. a local tansu.
+    pub brokers: Option<String>,
+    /// Events through the in-process step chain.
+    pub chain_events: usize,
+    /// Events through the broker for (b) and (c).
+    pub broker_events: usize,
+    /// Keys for the dedup memory and restore figures.
+    pub dedup_keys: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Kafka(#[from] kafka::Error),
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Router(#[from] super::RouterError),
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(&'static str, Duration),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    pub bench: &'static str,
+    pub destinations: usize,
+    pub chain_events: usize,
+    pub chain_events_per_s_per_core: f64,
+    pub broker: Option<String>,
+    pub broker_events: usize,
+    pub e2e_events_per_s: Option<f64>,
+    pub copy_events_per_s: Option<f64>,
+    pub e2e_to_copy_ratio: Option<f64>,
+    pub dedup_keys: usize,
+    pub dedup_bytes_per_key: f64,
+    pub dedup_restore_s: Option<f64>,
+}
+
+const DESTINATIONS: &str = r#"
+[destinations.meta]
+type = "meta_capi"
+pixel_id = "1"
+access_token = "bench"
+[destinations.ga4]
+type = "ga4"
+measurement_id = "G-BENCH1"
+api_secret = "bench"
+[destinations.hook]
+type = "webhook"
+url = "http://127.0.0.1:9/"
+secret = "0123456789abcdef"
+consent = "analytics"
+"#;
+
+fn config(brokers: Option<&str>, prefix: &str) -> Config {
+    let kafka = match brokers {
+        Some(b) => format!(
+            "[kafka]\nbrokers = \"{b}\"\nguarantee = \"at_least_once\"\nproperties = {{ \"partition.assignment.strategy\" = \"roundrobin\" }}\n"
+        ),
+        None => String::new(),
+    };
+    let text = format!(
+        "{kafka}[topics]\ncanonical = \"{prefix}.canonical\"\nprefix = \"{prefix}\"\npartitions = 4\n[metrics]\nlisten = \"127.0.0.1:0\"\n{DESTINATIONS}"
+    );
+    Config::parse(&text, std::path::Path::new("bench.toml"), &|_| None)
+        .expect("the bench config is valid")
+}
+
+/// A realistic mix: a third of events carry an email, a tenth a phone,
+/// every fifth is anonymous, a few are duplicates.
+fn events(n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("bench-{i:09}");
+            let dup_of = if i % 50 == 49 { i - 1 } else { i };
+            let id = if dup_of == i { id } else { format!("bench-{dup_of:09}") };
+            let who = if i % 5 == 0 {
+                format!(r#""anonymous_id":"anon-{}""#, i % 10_000)
+            } else {
+                format!(r#""user_id":"u-{}","anonymous_id":"anon-{}""#, i % 50_000, i % 10_000)
+            };
+            let email = if i % 3 == 0 {
+                format!(r#","email":"Person.{}@Example.com""#, i % 50_000)
+            } else {
+                String::new()
+            };
+            let phone = if i % 10 == 0 {
+                format!(r#","phone":"+1 650 253 {:04}""#, i % 10_000)
+            } else {
+                String::new()
+            };
+            let body = format!(
+                r#"{{"event":"purchase","event_id":"{id}","occurred_at":"2026-11-20T10:00:00Z",{who}{email}{phone},"value":{}.5,"currency":"USD","order_id":"o-{i}","items":[{{"id":"sku-{}","quantity":1,"price":{}.5}}],"click_ids":{{"fbc":"fb.1.1700000000.{i}"}},"context":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0"}},"consent":{{"ads":"granted","analytics":"granted"}}}}"#,
+                i % 500,
+                i % 300,
+                i % 500
+            );
+            (id, body.into_bytes())
+        })
+        .collect()
+}
+
+/// CPU time this thread has run, from the scheduler's own accounting.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
+    let mut f = Figures {
+        bench: "router",
+        destinations: 3,
+        chain_events: opts.chain_events,
+        broker: opts.brokers.clone(),
+        broker_events: opts.broker_events,
+        dedup_keys: opts.dedup_keys,
+        ..Figures::default()
+    };
+    let chain = tokio::task::spawn_blocking({
+        let n = opts.chain_events;
+        move || step_chain(n)
+    })
+    .await
+    .map_err(super::RouterError::from)?;
+    f.chain_events_per_s_per_core = chain;
+    println!(
+        "(a) step chain, 3 destinations: {:.0} events/s per core ({} events)",
+        chain, opts.chain_events
+    );
+
+    let mut state = PartitionDedup::default();
+    for i in 0..opts.dedup_keys {
+        state.insert(dedup::key_of(&format!("evt-{i:012}")), 1_700_000_000);
+    }
+    f.dedup_bytes_per_key = state.heap_bytes() as f64 / state.len().max(1) as f64;
+    println!(
+        "(d) dedup memory: {:.1} bytes/key at {} keys",
+        f.dedup_bytes_per_key, opts.dedup_keys
+    );
+
+    let Some(brokers) = opts.brokers.clone() else {
+        println!(
+            "(b), (c) and the restore time need --brokers (e.g. a tansu from scripts/kafka-dev.sh start)"
+        );
+        return Ok(f);
+    };
+    let prefix = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp()
+    );
+    let cfg = Arc::new(config(Some(&brokers), &prefix));
+    let cluster = Cluster::connect(&cfg)?;
+    kafka::topics::ensure(&cluster, &cfg).await?;
+    let input = events(opts.broker_events);
+    produce(&cfg, &brokers, &cfg.topics.canonical, &input).await?;
+
+    let e2e = end_to_end(&cfg, &brokers, input.len()).await?;
+    let copy = raw_copy(&cfg, &brokers, input.len()).await?;
+    f.e2e_events_per_s = Some(e2e);
+    f.copy_events_per_s = Some(copy);
+    f.e2e_to_copy_ratio = Some(e2e / copy);
+    println!("(b) end to end through {brokers}: {e2e:.0} events/s");
+    println!(
+        "(c) raw consume→produce copy, same fan-out: {copy:.0} events/s; (b)/(c) = {:.2}",
+        e2e / copy
+    );
+
+    let restore = restore_time(&cfg, &brokers, opts.dedup_keys).await?;
+    f.dedup_restore_s = Some(restore);
+    println!(
+        "(d) restore of {} dedup keys from {brokers}: {restore:.1} s",
+        opts.dedup_keys
+    );
+    Ok(f)
+}
+
+fn step_chain(n: usize) -> f64 {
+    let cfg = Arc::new(config(None, "bench"));
+    let input = events(n);
+    let mut pipeline = Pipeline::new(cfg);
+    for p in 0..4 {
+        pipeline.install(p, PartitionDedup::default());
+    }
+    let cpu = thread_cpu();
+    let wall = Instant::now();
+    for (chunk_no, chunk) in input.chunks(2000).enumerate() {
+        let mut batch = Batch::default();
+        for (i, (id, payload)) in chunk.iter().enumerate() {
+            let rec = InRecord {
+                partition: (i % 4) as i32,
+                offset: (chunk_no * 2000 + i) as i64,
+                key: Some(id.as_bytes()),
+                payload: Some(payload),
+                timestamp_ms: None,
+            };
+            pipeline.process(&rec, 1_700_000_000, &mut batch);
+        }
+        pipeline.commit(&batch);
+    }
+    let spent = match thread_cpu().saturating_sub(cpu) {
+        d if d.is_zero() => wall.elapsed(),
+        d => d,
+    };
+    n as f64 / spent.as_secs_f64()
+}
+
+async fn produce(
+    cfg: &Config,
+    brokers: &str,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> Result<(), BenchError> {
+    let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
+    let mut acks = Vec::with_capacity(records.len());
+    for (k, v) in records {
+        let mut r = FutureRecord::to(topic)
+            .key(k.as_bytes())
+            .payload(v.as_slice());
+        loop {
+            match producer.send_result(r) {
+                Ok(a) => {
+                    acks.push(a);
+                    break;
+                }
+                Err((_, back)) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    for a in acks {
+        a.await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Router rate between 5% and 100% of the input committed, so group join
+/// and restore do not count.
+async fn end_to_end(cfg: &Arc<Config>, brokers: &str, n: usize) -> Result<f64, BenchError> {
+    let shutdown = CancellationToken::new();
+    let ctx = RoleContext {
+        config: cfg.clone(),
+        bootstrap: brokers.to_string(),
+        instance_id: format!("bench-{}", std::process::id()),
+        shutdown: shutdown.clone(),
+    };
+    let start = super::records_committed();
+    let task = tokio::spawn(super::run(ctx));
+    let limit = Duration::from_secs(600);
+    let first = (n / 20) as u64;
+    let t0 = wait_until(|| super::records_committed() - start >= first, limit).await;
+    let t1 = wait_until(|| super::records_committed() - start >= n as u64, limit).await;
+    shutdown.cancel();
+    task.await.map_err(super::RouterError::from)??;
+    let (Some(t0), Some(t1)) = (t0, t1) else {
+        return Err(BenchError::Timeout("the router", limit));
+    };
+    Ok((n as u64 - first) as f64 / (t1 - t0).as_secs_f64())
+}
+
+async fn wait_until(done: impl Fn() -> bool, limit: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(Instant::now())
+}
+
+/// The same input copied to three topics with no processing, committing
+/// offsets after the acks: what the broker allows a router to do at best.
+async fn raw_copy(cfg: &Config, brokers: &str, n: usize) -> Result<f64, BenchError> {
+    let topics: Vec<String> = ["meta", "ga4", "hook"]
+        .iter()
+        .map(|d| format!("{}.copy", cfg.topics.deliver(d)))
+        .collect();
+    let consumer: StreamConsumer =
+        client::manual_commit_consumer(&cfg.kafka, brokers, &format!("{}-copy", cfg.topics.prefix))
+            .create()?;
+    consumer.subscribe(&[&cfg.topics.canonical])?;
+    let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
+    let mut seen = 0usize;
+    let mut t0 = None;
+    let first = n / 20;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while seen < n {
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout(
+                "the raw copy",
+                Duration::from_secs(600),
+            ));
+        }
+        let mut msgs = vec![consumer.recv().await?.detach()];
+        let linger = tokio::time::Instant::now() + Duration::from_millis(20);
+        while msgs.len() < 2000 {
+            match tokio::time::timeout_at(linger, consumer.recv()).await {
+                Ok(Ok(m)) => msgs.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::with_capacity(msgs.len() * topics.len());
+        for m in &msgs {
+            for t in &topics {
+                let mut r = FutureRecord::to(t)
+                    .key(m.key().unwrap_or_default())
+                    .payload(m.payload().unwrap_or_default());
+                loop {
+                    match producer.send_result(r) {
+                        Ok(a) => {
+                            acks.push(a);
+                            break;
+                        }
+                        Err((_, back)) => {
+                            r = back;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                }
+            }
+        }
+        for a in acks {
+            a.await
+                .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+                .map_err(|(e, _)| e)?;
+        }
+        consumer.commit_consumer_state(CommitMode::Async)?;
+        seen += msgs.len();
+        if t0.is_none() && seen >= first {
+            t0 = Some((Instant::now(), seen));
+        }
+    }
+    let (t0, at) = t0.unwrap_or((Instant::now(), seen));
+    Ok((seen - at) as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+}
+
+async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f64, BenchError> {
+    let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
+    let topic = cfg.topics.dedup();
+    let now = u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX);
+    let mut acks = Vec::with_capacity(keys.min(100_000));
+    for i in 0..keys {
+        let k = dedup::key_bytes(&dedup::key_of(&format!("evt-{i:012}")));
+        let v = dedup::value_bytes(now);
+        let mut r = FutureRecord::to(&topic)
+            .partition(0)
+            .key(&k[..])
+            .payload(&v[..]);
+        loop {
+            match producer.send_result(r) {
+                Ok(a) => {
+                    acks.push(a);
+                    break;
+                }
+                Err((_, back)) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        if acks.len() >= 100_000 {
+            for a in acks.drain(..) {
+                a.await
+                    .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+                    .map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for a in acks {
+        a.await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
+    }
+    let pipeline = Pipeline::new(cfg.clone());
+    let t = Instant::now();
+    let state = restore_partition(cfg, brokers, 0, &pipeline).await?;
+    let secs = t.elapsed().as_secs_f64();
+    if state.len() < keys {
+        println!("warning: restored {} of {keys} keys", state.len());
+    }
+    Ok(secs)
+}
