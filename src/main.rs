@@ -9,6 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+// The router allocates per record (JSON trees, per-destination copies);
+// mimalloc's thread-local free lists cut that cost several-fold against glibc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use switchyard::config::{Config, ConfigError};
 use switchyard::kafka::{self, Cluster, topics};
 use switchyard::run::{Role, RunOptions, default_instance_id};

@@ -29,7 +29,8 @@ pub struct InRecord<'a> {
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutRecord {
-    pub topic: String,
+    /// Shared: one allocation per topic, not per record.
+    pub topic: Arc<str>,
     /// Set for state that must be co-partitioned with the input.
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
@@ -95,8 +96,19 @@ impl Batch {
     }
 }
 
+/// Topic names, built once.
+struct Topics {
+    canonical: Arc<str>,
+    dedup: Arc<str>,
+    identity: Arc<str>,
+    dlq: Arc<str>,
+    /// Per enabled destination, in config order.
+    deliver: Vec<Arc<str>>,
+}
+
 pub struct Pipeline {
     config: Arc<Config>,
+    topics: Topics,
     country: PhoneCountry,
     window_secs: u32,
     dedup: HashMap<i32, PartitionDedup>,
@@ -111,7 +123,19 @@ const REASON_MAX: usize = 4096;
 
 impl Pipeline {
     pub fn new(config: Arc<Config>) -> Pipeline {
+        let t = &config.topics;
+        let topics = Topics {
+            canonical: t.canonical.as_str().into(),
+            dedup: t.dedup().into(),
+            identity: t.identity().into(),
+            dlq: t.dlq().into(),
+            deliver: config
+                .enabled_destinations()
+                .map(|d| t.deliver(&d.name).into())
+                .collect(),
+        };
         Pipeline {
+            topics,
             country: config.identity.phone_country(),
             window_secs: u32::try_from(config.router.dedup_window.as_secs()).unwrap_or(u32::MAX),
             config,
@@ -162,7 +186,7 @@ impl Pipeline {
     /// Removes keys older than the window and adds their tombstones to `batch`.
     pub fn expire(&mut self, now_secs: u32, batch: &mut Batch) -> usize {
         let oldest = self.oldest_live(now_secs);
-        let topic = self.config.topics.dedup();
+        let topic = &self.topics.dedup;
         let mut n = 0;
         for (p, state) in &mut self.dedup {
             for k in state.expire(oldest) {
@@ -205,7 +229,7 @@ impl Pipeline {
             // Only a record keyed by its event_id meets its duplicates in one
             // partition; re-publish it so that it does, and route that copy.
             batch.out.push(OutRecord {
-                topic: self.config.topics.canonical.clone(),
+                topic: self.topics.canonical.clone(),
                 partition: None,
                 key: Some(ev.event_id.clone().into_bytes()),
                 payload: Some(payload.to_vec()),
@@ -230,7 +254,7 @@ impl Pipeline {
         batch.staged.insert((rec.partition, k));
         batch.staged_order.push((rec.partition, k, now_secs));
         batch.out.push(OutRecord {
-            topic: self.config.topics.dedup(),
+            topic: self.topics.dedup.clone(),
             partition: Some(rec.partition),
             key: Some(dedup::key_bytes(&k).to_vec()),
             payload: Some(dedup::value_bytes(now_secs).to_vec()),
@@ -238,7 +262,7 @@ impl Pipeline {
         });
 
         let hints = Profile::from_event(&ev, self.country);
-        let identity_topic = self.config.topics.identity();
+        let identity_topic = &self.topics.identity;
         for (key, profile) in self.identity.observe(&ev, &hints) {
             batch.out.push(OutRecord {
                 topic: identity_topic.clone(),
@@ -262,7 +286,7 @@ impl Pipeline {
         let mut delivered = Vec::new();
         let mut skipped = Vec::new();
         let routed_at = Utc::now();
-        for dest in self.config.enabled_destinations() {
+        for (dest, topic) in self.config.enabled_destinations().zip(&self.topics.deliver) {
             match route::select(dest, ev) {
                 Ok(name) => {
                     let d = Delivery {
@@ -278,7 +302,7 @@ impl Pipeline {
                         routed_at,
                     };
                     batch.out.push(OutRecord {
-                        topic: self.config.topics.deliver(&dest.name),
+                        topic: topic.clone(),
                         partition: None,
                         key: Some(d.key().as_bytes().to_vec()),
                         payload: Some(serde_json::to_vec(&d).unwrap_or_default()),
@@ -337,7 +361,7 @@ impl Pipeline {
             None => p.to_vec(),
         });
         batch.out.push(OutRecord {
-            topic: self.config.topics.dlq(),
+            topic: self.topics.dlq.clone(),
             partition: None,
             key: rec.key.map(<[u8]>::to_vec),
             payload,
@@ -386,7 +410,7 @@ consent = "analytics"
     const PURCHASE: &str = r#"{"event":"purchase","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"a@example.com","value":5,"currency":"USD","consent":{"ads":"granted"}}"#;
 
     fn topics(b: &Batch) -> Vec<&str> {
-        b.out.iter().map(|o| o.topic.as_str()).collect()
+        b.out.iter().map(|o| &*o.topic).collect()
     }
 
     #[test]
@@ -491,7 +515,7 @@ consent = "analytics"
         }
         assert_eq!(b.out.len(), cases.len());
         for (out, (r, class)) in b.out.iter().zip(&cases) {
-            assert_eq!(out.topic, "switchyard.dlq");
+            assert_eq!(&*out.topic, "switchyard.dlq");
             let h: HashMap<&str, &str> =
                 out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             assert_eq!(h["error_class"], *class);

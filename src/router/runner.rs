@@ -392,7 +392,7 @@ async fn commit_at_least_once(
 ) -> Result<(), BatchError> {
     let dedup_topic = config.topics.dedup();
     let (marks, rest): (Vec<&OutRecord>, Vec<&OutRecord>) =
-        batch.out.iter().partition(|o| o.topic == dedup_topic);
+        batch.out.iter().partition(|o| *o.topic == *dedup_topic);
     let acks = enqueue(producer, rest.into_iter())
         .await
         .map_err(BatchError::Retry)?;
