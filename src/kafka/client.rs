@@ -52,3 +52,39 @@ pub fn check_properties(kafka: &KafkaConfig) -> Result<(), Error> {
         .set_log_level(RDKafkaLogLevel::Emerg);
     c.create::<BaseProducer>().map(drop).map_err(Error::Client)
 }
+
+/// Enqueues a record now (so a batch travels together) and returns its ack;
+/// a full local queue is waited out, any other error is returned.
+pub async fn enqueue<K, P>(
+    producer: &rdkafka::producer::FutureProducer,
+    mut record: rdkafka::producer::FutureRecord<'_, K, P>,
+) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    loop {
+        match producer.send_result(record) {
+            Ok(ack) => return Ok(ack),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Waits for acks; the first failure is returned.
+pub async fn acked(
+    acks: Vec<rdkafka::producer::DeliveryFuture>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    for ack in acks {
+        ack.await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}

@@ -246,27 +246,12 @@ async fn produce(
     let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
     let mut acks = Vec::with_capacity(records.len());
     for (k, v) in records {
-        let mut r = FutureRecord::to(topic)
+        let r = FutureRecord::to(topic)
             .key(k.as_bytes())
             .payload(v.as_slice());
-        loop {
-            match producer.send_result(r) {
-                Ok(a) => {
-                    acks.push(a);
-                    break;
-                }
-                Err((_, back)) => {
-                    r = back;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        acks.push(client::enqueue(&producer, r).await?);
     }
-    for a in acks {
-        a.await
-            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
-            .map_err(|(e, _)| e)?;
-    }
+    client::acked(acks).await?;
     Ok(())
 }
 
@@ -339,28 +324,13 @@ async fn raw_copy(cfg: &Config, brokers: &str, n: usize) -> Result<f64, BenchErr
         let mut acks = Vec::with_capacity(msgs.len() * topics.len());
         for m in &msgs {
             for t in &topics {
-                let mut r = FutureRecord::to(t)
+                let r = FutureRecord::to(t)
                     .key(m.key().unwrap_or_default())
                     .payload(m.payload().unwrap_or_default());
-                loop {
-                    match producer.send_result(r) {
-                        Ok(a) => {
-                            acks.push(a);
-                            break;
-                        }
-                        Err((_, back)) => {
-                            r = back;
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                    }
-                }
+                acks.push(client::enqueue(&producer, r).await?);
             }
         }
-        for a in acks {
-            a.await
-                .map_err(|_| rdkafka::error::KafkaError::Canceled)?
-                .map_err(|(e, _)| e)?;
-        }
+        client::acked(acks).await?;
         consumer.commit_consumer_state(CommitMode::Async)?;
         seen += msgs.len();
         if t0.is_none() && seen >= first {
@@ -379,35 +349,16 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
     for i in 0..keys {
         let k = dedup::key_bytes(&dedup::key_of(&format!("evt-{i:012}")));
         let v = dedup::value_bytes(now);
-        let mut r = FutureRecord::to(&topic)
+        let r = FutureRecord::to(&topic)
             .partition(0)
             .key(&k[..])
             .payload(&v[..]);
-        loop {
-            match producer.send_result(r) {
-                Ok(a) => {
-                    acks.push(a);
-                    break;
-                }
-                Err((_, back)) => {
-                    r = back;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        acks.push(client::enqueue(&producer, r).await?);
         if acks.len() >= 100_000 {
-            for a in acks.drain(..) {
-                a.await
-                    .map_err(|_| rdkafka::error::KafkaError::Canceled)?
-                    .map_err(|(e, _)| e)?;
-            }
+            client::acked(std::mem::take(&mut acks)).await?;
         }
     }
-    for a in acks {
-        a.await
-            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
-            .map_err(|(e, _)| e)?;
-    }
+    client::acked(acks).await?;
     let pipeline = Pipeline::new(cfg.clone());
     let t = Instant::now();
     let state = restore_partition(cfg, brokers, 0, &pipeline).await?;

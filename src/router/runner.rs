@@ -339,38 +339,19 @@ async fn enqueue<'a>(
 ) -> Result<Vec<DeliveryFuture>, KafkaError> {
     let mut acks = Vec::new();
     for o in records {
-        let mut record = to_record(o);
-        loop {
-            match producer.send_result(record) {
-                Ok(ack) => {
-                    acks.push(ack);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        acks.push(client::enqueue(producer, to_record(o)).await?);
     }
     Ok(acks)
 }
 
 async fn await_acks(acks: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
-    for ack in acks {
-        match tokio::time::timeout(PRODUCE_TIMEOUT, ack).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err((e, _)))) => return Err(e),
-            Ok(Err(_canceled)) => return Err(KafkaError::Canceled),
-            Err(_) => {
-                return Err(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::MessageTimedOut,
-                ));
-            }
-        }
+    // A broker that never answers must not hold the batch forever.
+    match tokio::time::timeout(PRODUCE_TIMEOUT, client::acked(acks)).await {
+        Ok(r) => r,
+        Err(_) => Err(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        )),
     }
-    Ok(())
 }
 
 fn offsets_tpl(topic: &str, batch: &Batch) -> Result<TopicPartitionList, KafkaError> {
