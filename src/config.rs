@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::event::EventName;
 use crate::event::normalize::{PhoneCountry, parse_country};
+use crate::sink::config::DeliverySettings;
 
 /// One problem with a configuration value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +311,8 @@ pub struct DestinationConfig {
     pub events: Vec<EventName>,
     /// Overrides of the canonical → vendor event-name presets.
     pub event_names: BTreeMap<String, String>,
+    /// `[destinations.NAME.delivery]`: batching, retries, rate limit, ordering.
+    pub delivery: DeliverySettings,
     pub kind: DestinationKind,
 }
 
@@ -707,6 +710,7 @@ const COMMON_DESTINATION_KEYS: &[&str] = &[
     "consent_default",
     "events",
     "event_names",
+    "delivery",
 ];
 
 #[derive(Deserialize)]
@@ -722,6 +726,8 @@ struct CommonKeys {
     events: Vec<String>,
     #[serde(default)]
     event_names: BTreeMap<String, String>,
+    #[serde(default)]
+    delivery: DeliverySettings,
 }
 
 fn yes() -> bool {
@@ -807,6 +813,7 @@ fn parse_destination(
         }
     };
     check_settings(&kind, key, problems);
+    common.delivery.check(&format!("{key}.delivery"), problems);
 
     let consent = match common.consent.or(kind.default_consent().map(String::from)) {
         Some(c) if is_consent_category(&c) => c,
@@ -863,6 +870,7 @@ fn parse_destination(
         consent_default,
         events,
         event_names: common.event_names,
+        delivery: common.delivery,
         kind,
     })
 }
@@ -1036,7 +1044,7 @@ pub fn check_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(

@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 use switchyard::config::{Config, ConfigError};
 use switchyard::kafka::{self, Cluster, topics};
 use switchyard::run::{Role, RunOptions, default_instance_id};
+use switchyard::sink::dlq;
 use switchyard::{demo, event};
 
 #[derive(Parser)]
@@ -62,6 +63,36 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Inspect and redrive dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Count dead letters by day, destination, stage and error class.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Re-publish a destination's sink dead letters to its deliver topic
+    /// (unchanged, so each keeps its event_id and idempotency key).
+    Redrive {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        destination: String,
+        /// Only letters written at or after this time: RFC 3339 or an age like "2h".
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        error_class: Option<String>,
+        /// Show what would be redriven without publishing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +131,7 @@ fn main() -> ExitCode {
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
+        Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
     };
     match result {
         Ok(code) => code,
@@ -223,6 +255,71 @@ async fn topics_create(path: &Path) -> anyhow::Result<ExitCode> {
             r.spec.cleanup.as_str(),
             r.spec.purpose
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let age = humantime::parse_duration(s)
+        .with_context(|| format!("--since `{s}` is neither RFC 3339 nor an age like \"2h\""))?;
+    Ok(chrono::Utc::now() - chrono::Duration::from_std(age)?)
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List { config } => {
+            let config = Config::load(&config)?;
+            let cluster = Cluster::connect(&config)?;
+            let letters = dlq::read_all(&config, cluster.bootstrap()).await?;
+            println!(
+                "{:<10} {:<24} {:<7} {:<24} {:>8}",
+                "day", "destination", "stage", "error_class", "count"
+            );
+            for ((day, destination, stage, class), n) in dlq::counts(&letters) {
+                println!("{day:<10} {destination:<24} {stage:<7} {class:<24} {n:>8}");
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DlqCommand::Redrive {
+            config: path,
+            destination,
+            since,
+            error_class,
+            dry_run,
+        } => {
+            let config = Config::load(&path)?;
+            if !config.destinations.contains_key(&destination) {
+                anyhow::bail!(
+                    "{}: no destination `{destination}` in [destinations]",
+                    path.display()
+                );
+            }
+            let filter = dlq::RedriveFilter {
+                destination,
+                since: since.as_deref().map(parse_since).transpose()?,
+                error_class,
+            };
+            let cluster = Cluster::connect(&config)?;
+            let matched = dlq::redrive(&config, cluster.bootstrap(), &filter, dry_run).await?;
+            let verb = if dry_run { "would redrive" } else { "redriven" };
+            for l in &matched {
+                println!(
+                    "{verb} {}/{}/{} {}",
+                    config.topics.dlq(),
+                    l.partition,
+                    l.offset,
+                    l.error_class
+                );
+            }
+            println!(
+                "{} dead letter(s) {verb} to {}",
+                matched.len(),
+                config.topics.deliver(&filter.destination)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
