@@ -29,8 +29,11 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
+/// The destination's name is unique per test because it names the consumer
+/// group (`switchyard-sink-<NAME>`), which tests must not share.
 fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
     let prefix = common::unique("sink");
+    let name = common::unique("hook");
     let text = format!(
         r#"
 [kafka]
@@ -45,15 +48,16 @@ partitions = 2
 [metrics]
 listen = "127.0.0.1:0"
 
-[destinations.hook]
+[destinations.{name}]
 type = "webhook"
 url = "{url}"
 secret = "{SECRET}"
 consent = "analytics"
 
-[destinations.hook.delivery]
+[destinations.{name}.delivery]
 {delivery}
 "#,
+        delivery = delivery.replace("destinations.hook", &format!("destinations.{name}")),
         brokers = common::brokers(),
         url = fake.url(),
     );
@@ -66,15 +70,19 @@ consent = "analytics"
     }
 }
 
+fn dest(config: &Config) -> String {
+    config.destinations.keys().next().unwrap().clone()
+}
+
 async fn ensure_topics(config: &Config) {
     let cluster = Cluster::connect(config).unwrap();
     topics::ensure(&cluster, config).await.unwrap();
 }
 
-fn delivery(id: &str, user: &str) -> Delivery {
+fn delivery(dest: &str, id: &str, user: &str) -> Delivery {
     serde_json::from_value(serde_json::json!({
         "v": 1,
-        "destination": "hook",
+        "destination": dest,
         "name": "purchase",
         "event": {
             "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
@@ -93,9 +101,10 @@ async fn produce(config: &Config, events: &[(String, String)]) {
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
-    let topic = config.topics.deliver("hook");
+    let name = dest(config);
+    let topic = config.topics.deliver(&name);
     for (id, user) in events {
-        let payload = serde_json::to_vec(&delivery(id, user)).unwrap();
+        let payload = serde_json::to_vec(&delivery(&name, id, user)).unwrap();
         producer
             .send(
                 FutureRecord::to(&topic).key(user).payload(&payload),
@@ -126,7 +135,8 @@ async fn start(config: &Arc<Config>) -> InProcess {
         instance_id: common::unique("inproc"),
         shutdown: shutdown.clone(),
     };
-    let handle = tokio::spawn(async move { sink::run(ctx, "hook").await });
+    let name = dest(config);
+    let handle = tokio::spawn(async move { sink::run(ctx, &name).await });
     InProcess { shutdown, handle }
 }
 
@@ -234,7 +244,7 @@ async fn retries_through_failures_and_waits_out_retry_after() {
     let entries = ledger(&s.config).await;
     let delivered: HashSet<String> = entries
         .iter()
-        .filter(|e| e["status"] == "delivered" && e["destination"] == "hook")
+        .filter(|e| e["status"] == "delivered" && e["destination"] == dest(&s.config).as_str())
         .map(|e| e["event_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(delivered, want);
@@ -285,7 +295,7 @@ async fn refused_events_are_dead_lettered_and_redrive_delivers_them() {
     for l in &letters {
         let d: Delivery = serde_json::from_slice(&l.payload).expect("whole payload kept");
         dead.push(d.event.event_id.clone());
-        assert_eq!(l.destination, "hook");
+        assert_eq!(l.destination, dest(&s.config));
         assert_eq!(l.stage, "sink");
         assert_eq!(l.error_class, "webhook_refused");
         assert!(hdr(l, header::REASON).contains("value must be positive"));
@@ -294,7 +304,7 @@ async fn refused_events_are_dead_lettered_and_redrive_delivers_them() {
         assert_eq!(hdr(l, header::ATTEMPTS), "1");
         assert_eq!(
             hdr(l, header::ORIGIN_TOPIC),
-            s.config.topics.deliver("hook")
+            s.config.topics.deliver(&dest(&s.config))
         );
         hdr(l, header::FIRST_ATTEMPT);
         hdr(l, header::LAST_ATTEMPT);
@@ -309,8 +319,20 @@ async fn refused_events_are_dead_lettered_and_redrive_delivers_them() {
 
     // "Fix" the receiver, then redrive.
     fake.refuse(&[]);
-    let cli = |args: &'static [&'static str], path: &Path| {
+    let name = dest(&s.config);
+    let cli = |args: &[&str], path: &Path| {
         let path = path.to_path_buf();
+        // "hook" stands for this test's destination name.
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "hook" {
+                    name.clone()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
         tokio::task::spawn_blocking(move || {
             let out = common::switchyard()
                 .arg("dlq")
@@ -421,9 +443,23 @@ async fn a_retrying_event_holds_back_the_same_persons_later_events() {
         .filter(|r| r.events.iter().any(|(e, _)| *e == first))
         .count();
     assert_eq!(attempts_first, 4, "three refusals, then accepted");
+    let t0 = received[0].arrived;
+    let log: Vec<String> = received
+        .iter()
+        .map(|r| {
+            format!(
+                "{}ms {} accepted={:?} sent={:?}",
+                (r.arrived - t0).as_millis(),
+                r.status,
+                r.accepted,
+                r.events.iter().map(|(e, _)| e).collect::<Vec<_>>()
+            )
+        })
+        .collect();
     assert!(
         first_sent_at(&second) > accepted_at(&first),
-        "the person's second event was sent before the first was delivered"
+        "the person's second event was sent before the first was delivered:\n{}",
+        log.join("\n")
     );
     for i in 0..4 {
         assert!(
@@ -434,14 +470,14 @@ async fn a_retrying_event_holds_back_the_same_persons_later_events() {
     sink.stop().await;
 }
 
-fn spawn_sink(path: &Path, instance: &str) -> Child {
+fn spawn_sink(path: &Path, name: &str, instance: &str) -> Child {
     common::switchyard()
         .args([
             "run",
             "--role",
             "sink",
             "--destination",
-            "hook",
+            name,
             "--instance-id",
             instance,
             "--config",
@@ -464,7 +500,7 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
     let evs = events(&common::unique("kill"), 200, 17);
     produce(&s.config, &evs).await;
     let instance = common::unique("killed");
-    let mut child = spawn_sink(&s.path, &instance);
+    let mut child = spawn_sink(&s.path, &dest(&s.config), &instance);
     wait_until(
         "a batch in flight after a few were delivered",
         Duration::from_secs(60),
@@ -481,7 +517,7 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
         .collect();
     assert!(!in_flight.is_empty());
 
-    let mut child = spawn_sink(&s.path, &instance);
+    let mut child = spawn_sink(&s.path, &dest(&s.config), &instance);
     let all = ids(&evs);
     wait_until(
         "every event delivered after the restart",

@@ -19,7 +19,7 @@ pub mod retry;
 pub mod scan;
 pub mod send;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -178,8 +178,8 @@ struct Engine {
     /// later events waiting behind it.
     active: HashMap<String, VecDeque<Item>>,
     held: usize,
-    /// With ordering: people with events on the retry topic (count, latest due).
-    parked: HashMap<String, (u32, DateTime<Utc>)>,
+    /// With ordering: people with events on the retry topic.
+    parked: HashMap<String, ParkedPerson>,
     /// Retry-topic records read before they are due, per partition (paused).
     delayed: BTreeMap<i32, VecDeque<Item>>,
     inflight: JoinSet<Result<Vec<Done>, SinkError>>,
@@ -264,10 +264,12 @@ impl Engine {
 
     /// Routes a record just read.
     fn accept(&mut self, item: Item, consumer: &StreamConsumer) {
-        if let Some(due) = item.due
-            && due > Utc::now()
-        {
-            let p = item.source.partition;
+        let p = item.source.partition;
+        let waiting = item.source.topic == self.shared.retry_topic
+            && self.delayed.get(&p).is_some_and(|q| !q.is_empty());
+        // A record behind one that is not due yet waits too, even if it is
+        // due itself: the retry partition keeps each person's order.
+        if waiting || item.due.is_some_and(|due| due > Utc::now()) {
             let queue = self.delayed.entry(p).or_default();
             if queue.is_empty() {
                 // Reading on would only pile up records that are not due either.
@@ -310,7 +312,6 @@ impl Engine {
 
     /// An item that may be sent now (subject to ordering and the ledger).
     fn admit(&mut self, item: Item) {
-        let from_retry = item.source.topic == self.shared.retry_topic;
         if let (Some(ledger), Some(id)) = (&self.shared.ledger, item.event_id())
             && ledger.lock().expect("ledger lock").is_delivered(id)
         {
@@ -320,8 +321,8 @@ impl Engine {
                 .inc();
             self.on_done(Done {
                 anchor: item.anchor().to_string(),
+                origin_offset: item.origin.offset,
                 source: item.source,
-                from_retry,
                 kind: DoneKind::Resolved,
             });
             return;
@@ -331,15 +332,27 @@ impl Engine {
             self.push_ready(item);
             return;
         }
-        if !from_retry && let Some((_, due)) = self.parked.get(&anchor).copied() {
-            self.follow(item, due);
-        } else if let Some(queue) = self.active.get_mut(&anchor) {
+        if let Some(queue) = self.active.get_mut(&anchor) {
             queue.push_back(item);
             self.held += 1;
+        } else if let Some(due) = self.must_follow(&item) {
+            self.follow(item, due);
         } else {
             self.active.insert(anchor, VecDeque::new());
             self.push_ready(item);
         }
+    }
+
+    /// With ordering, an item may go out only when none of its person's
+    /// older events is parked; otherwise it returns the due time to park
+    /// behind them. Deliver-topic offsets order one person's events (one
+    /// key, one partition).
+    fn must_follow(&self, item: &Item) -> Option<DateTime<Utc>> {
+        let parked = self.parked.get(item.anchor())?;
+        let oldest = *parked.origins.first()?;
+        let is_oldest =
+            item.source.topic == self.shared.retry_topic && item.origin.offset == oldest;
+        (!is_oldest).then_some(parked.due)
     }
 
     /// Parks `item` behind its person's earlier parked event (same key, so
@@ -348,9 +361,12 @@ impl Engine {
         let entry = self
             .parked
             .entry(item.anchor().to_string())
-            .or_insert((0, due));
-        entry.0 += 1;
-        entry.1 = entry.1.max(due);
+            .or_insert_with(|| ParkedPerson {
+                origins: BTreeSet::new(),
+                due,
+            });
+        entry.origins.insert(item.origin.offset);
+        entry.due = entry.due.max(due);
         let shared = self.shared.clone();
         let reason = "waiting behind an earlier event of the same person".to_string();
         self.inflight.spawn(async move {
@@ -371,19 +387,17 @@ impl Engine {
         if !self.shared.settings.ordering || d.anchor.is_empty() {
             return;
         }
-        if d.from_retry
-            && let Some(entry) = self.parked.get_mut(&d.anchor)
-        {
-            entry.0 = entry.0.saturating_sub(1);
-            if entry.0 == 0 {
-                self.parked.remove(&d.anchor);
-            }
-        }
         match d.kind {
             DoneKind::Parked(due) => {
-                let entry = self.parked.entry(d.anchor.clone()).or_insert((0, due));
-                entry.0 += 1;
-                entry.1 = entry.1.max(due);
+                let entry = self
+                    .parked
+                    .entry(d.anchor.clone())
+                    .or_insert_with(|| ParkedPerson {
+                        origins: BTreeSet::new(),
+                        due,
+                    });
+                entry.origins.insert(d.origin_offset);
+                entry.due = entry.due.max(due);
                 let waiting = self.active.remove(&d.anchor).unwrap_or_default();
                 self.held -= waiting.len();
                 for item in waiting {
@@ -391,18 +405,34 @@ impl Engine {
                 }
             }
             DoneKind::Resolved => {
-                let next = self.active.get_mut(&d.anchor).and_then(VecDeque::pop_front);
-                match next {
-                    Some(item) => {
-                        self.held -= 1;
-                        self.push_ready(item);
-                    }
-                    None => {
-                        self.active.remove(&d.anchor);
+                if let Some(p) = self.parked.get_mut(&d.anchor) {
+                    p.origins.remove(&d.origin_offset);
+                    if p.origins.is_empty() {
+                        self.parked.remove(&d.anchor);
                     }
                 }
+                self.release_next(&d.anchor);
             }
             DoneKind::Followed => {}
+        }
+    }
+
+    /// The person's event in flight is resolved: the next one waiting goes
+    /// out, unless an older one of theirs is still parked.
+    fn release_next(&mut self, anchor: &str) {
+        loop {
+            let Some(next) = self.active.get_mut(anchor).and_then(VecDeque::pop_front) else {
+                self.active.remove(anchor);
+                return;
+            };
+            self.held -= 1;
+            match self.must_follow(&next) {
+                Some(due) => self.follow(next, due),
+                None => {
+                    self.push_ready(next);
+                    return;
+                }
+            }
         }
     }
 
@@ -464,6 +494,13 @@ impl Engine {
             tracing::warn!(destination = %self.shared.destination, error = %e, "offset commit failed");
         }
     }
+}
+
+struct ParkedPerson {
+    /// Deliver-topic offsets of their parked events (oldest first).
+    origins: BTreeSet<i64>,
+    /// The latest due time among them.
+    due: DateTime<Utc>,
 }
 
 fn instant_at(at: DateTime<Utc>) -> Instant {

@@ -46,7 +46,8 @@ pub struct Shared {
 pub struct Done {
     pub source: Position,
     pub anchor: String,
-    pub from_retry: bool,
+    /// The deliver-topic offset, which orders one person's events.
+    pub origin_offset: i64,
     pub kind: DoneKind,
 }
 
@@ -370,8 +371,8 @@ pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<
             ledger.lock().expect("ledger lock").insert(id);
         }
         done.push(Done {
-            from_retry: item.source.topic == shared.retry_topic,
             anchor: item.anchor().to_string(),
+            origin_offset: item.origin.offset,
             source: item.source,
             kind: match fin {
                 Final::Parked { due, .. } => DoneKind::Parked(due),
