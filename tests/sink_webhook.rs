@@ -556,3 +556,111 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
     );
     assert_keys_are_event_ids(&fake);
 }
+
+/// Committed offsets of the sink's group on its deliver topic, summed over partitions.
+fn committed_on_deliver(config: &Config) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let name = dest(config);
+    let topic = config.topics.deliver(&name);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("switchyard-sink-{name}"))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..config.topics.partitions {
+        tpl.add_partition(&topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw())
+        .filter(|o| *o >= 0)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
+    let fake = FakeVendor::start(SECRET).await;
+    fake.script([Reply::TooMany { retry_after_s: 6 }]);
+    let tag = common::unique("park");
+    let hopeless = format!("{tag}-hopeless");
+    fake.fail_times(&hopeless, 1000);
+    let s = setup(
+        &fake,
+        "batch_max_events = 50\nlinger = \"500ms\"\nmax_in_flight = 1\n\
+         [destinations.hook.delivery.retry]\nmax_attempts = 3\ninitial_backoff = \"50ms\"\nmax_backoff = \"100ms\"\npark_after = \"1s\"\n",
+    );
+    let mut evs = events(&tag, 20, 4);
+    evs.push((hopeless.clone(), "user-x".into()));
+    ensure_topics(&s.config).await;
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+
+    wait_until("the first request", Duration::from_secs(30), || {
+        !fake.received().is_empty()
+    })
+    .await;
+    // While the vendor asks for 6 s, the events wait on the retry topic and
+    // the deliver topic's offsets commit.
+    wait_until("deliver offsets committed", Duration::from_secs(5), || {
+        committed_on_deliver(&s.config) == evs.len() as i64
+    })
+    .await;
+    assert!(fake.delivered().is_empty(), "nothing is due yet");
+    let retry_topic = s.config.topics.retry(&dest(&s.config));
+    let kafka = s.config.kafka.clone();
+    let parked = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        sink::scan::scan_topic(&kafka, &common::brokers(), &retry_topic, |m| {
+            use rdkafka::message::Headers;
+            let hs = m.headers().unwrap();
+            let get = |k: &str| {
+                hs.iter()
+                    .find(|h| h.key == k)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap()).into_owned())
+            };
+            out.push((get(header::DUE), get(header::ATTEMPTS)));
+        })
+        .unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(parked.len(), evs.len(), "the whole batch was parked");
+    for (due, attempts) in parked {
+        assert!(due.is_some());
+        assert_eq!(attempts.as_deref(), Some("1"));
+    }
+
+    let good: HashSet<String> = ids(&evs).into_iter().filter(|i| *i != hopeless).collect();
+    wait_until("due events delivered", Duration::from_secs(30), || {
+        fake.delivered().is_superset(&good)
+    })
+    .await;
+    let first_ok = fake
+        .received()
+        .iter()
+        .find(|r| r.status == 200)
+        .map(|r| r.arrived)
+        .unwrap();
+    let throttled_at = fake.received()[0].answered.unwrap();
+    assert!(first_ok - throttled_at >= Duration::from_secs(6));
+
+    let bootstrap = common::brokers();
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = dlq::read_all(&s.config, &bootstrap).await.unwrap();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error_class, "retries_exhausted");
+    let d: Delivery = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(d.event.event_id, hopeless);
+    sink.stop().await;
+}
