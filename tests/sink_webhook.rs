@@ -662,5 +662,50 @@ async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() 
     assert_eq!(letters[0].error_class, "retries_exhausted");
     let d: Delivery = serde_json::from_slice(&letters[0].payload).unwrap();
     assert_eq!(d.event.event_id, hopeless);
+
+    // The sink runs in this process, so its metrics are in this registry.
+    let name = dest(&s.config);
+    let metric = |family: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        prometheus::gather()
+            .iter()
+            .find(|f| f.name() == family)?
+            .get_metric()
+            .iter()
+            .find(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            // A counter's gauge part is empty and vice versa.
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+    };
+    let by_dest = [("destination", name.as_str())];
+    assert_eq!(
+        metric(
+            "switchyard_sink_requests_total",
+            &[("destination", name.as_str()), ("status_class", "4xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            "switchyard_sink_events_total",
+            &[("destination", name.as_str()), ("outcome", "delivered")]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        metric(
+            "switchyard_dlq_writes_total",
+            &[
+                ("destination", name.as_str()),
+                ("error_class", "retries_exhausted")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(metric("switchyard_sink_consumer_lag_records", &by_dest).is_some());
     sink.stop().await;
 }

@@ -63,6 +63,15 @@ pub static DLQ_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "switchyard_sink_consumer_lag_records",
+        "Records on the deliver and retry topics not yet read by this sink (librdkafka statistics)",
+        &["destination", "topic"]
+    )
+    .expect("metric registers once")
+});
+
 pub fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",

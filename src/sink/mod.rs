@@ -24,9 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -114,13 +115,17 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     });
 
     let group = format!("switchyard-sink-{destination}");
-    let consumer: StreamConsumer =
+    let consumer: SinkConsumer =
         client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group)
             .set(
                 "group.instance.id",
                 ctx.group_instance_id(&format!("sink-{destination}")),
             )
-            .create()?;
+            // Statistics carry the per-partition lag behind the lag gauge.
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(LagReporter {
+                destination: destination.to_string(),
+            })?;
     let deliver_topic = topics.deliver(destination);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
@@ -147,6 +152,31 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     tracing::info!(destination, "sink stopped");
     result
 }
+
+/// Publishes consumer lag from librdkafka's statistics.
+struct LagReporter {
+    destination: String,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            let lag: i64 = topic
+                .partitions
+                .values()
+                .map(|p| p.consumer_lag)
+                .filter(|l| *l > 0)
+                .sum();
+            metrics::CONSUMER_LAG
+                .with_label_values(&[&self.destination, name])
+                .set(lag);
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
+type SinkConsumer = StreamConsumer<LagReporter>;
 
 async fn load_ledger(ctx: &RoleContext, destination: &str) -> Result<LedgerIndex, SinkError> {
     let kafka = ctx.config.kafka.clone();
@@ -191,7 +221,7 @@ struct Engine {
 impl Engine {
     async fn run(
         &mut self,
-        consumer: &StreamConsumer,
+        consumer: &SinkConsumer,
         shutdown: &CancellationToken,
     ) -> Result<(), SinkError> {
         let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
@@ -263,7 +293,7 @@ impl Engine {
     }
 
     /// Routes a record just read.
-    fn accept(&mut self, item: Item, consumer: &StreamConsumer) {
+    fn accept(&mut self, item: Item, consumer: &SinkConsumer) {
         let p = item.source.partition;
         let waiting = item.source.topic == self.shared.retry_topic
             && self.delayed.get(&p).is_some_and(|q| !q.is_empty());
@@ -285,7 +315,7 @@ impl Engine {
         self.admit(item);
     }
 
-    fn release_due(&mut self, consumer: &StreamConsumer) {
+    fn release_due(&mut self, consumer: &SinkConsumer) {
         let now = Utc::now();
         let mut released = Vec::new();
         let mut emptied = Vec::new();
@@ -477,7 +507,7 @@ impl Engine {
             .spawn(async move { send::deliver(shared, batch, cancel).await });
     }
 
-    fn commit(&mut self, consumer: &StreamConsumer, mode: CommitMode) {
+    fn commit(&mut self, consumer: &SinkConsumer, mode: CommitMode) {
         let commits = self.tracker.take_commits();
         if commits.is_empty() {
             return;
