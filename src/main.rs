@@ -63,10 +63,29 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Measure a component and print its figures (the last line is one JSON object).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Inspect and redrive dead letters.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// (a) the sink's own cost per core fed from memory, and with
+    /// `kafka.brokers` set (b) the end-to-end rate from a deliver topic and
+    /// (c) the added latency at 2k events/s. Creates `switchyard-bench-*` topics.
+    Sink {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Events for (a); (b) uses at most 50k of them.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
     },
 }
 
@@ -132,6 +151,9 @@ fn main() -> ExitCode {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
         Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
+        Command::Bench {
+            command: BenchCommand::Sink { config, events },
+        } => runtime().and_then(|rt| rt.block_on(bench_sink(config, events))),
     };
     match result {
         Ok(code) => code,
@@ -321,5 +343,14 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_sink(config: Option<PathBuf>, events: usize) -> anyhow::Result<ExitCode> {
+    let config = load(config.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    let figures = switchyard::sink::bench::run(&config, events, &mut out).await?;
+    use std::io::Write;
+    writeln!(out, "{}", serde_json::to_string(&figures)?)?;
     Ok(ExitCode::SUCCESS)
 }

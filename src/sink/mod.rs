@@ -8,6 +8,7 @@
 //! made durable. Bounded: at most `max_in_flight` batches and a fixed number
 //! of buffered records, after which the engine stops reading.
 
+pub mod bench;
 pub mod config;
 pub mod destination;
 pub mod dlq;
@@ -62,6 +63,8 @@ pub enum SinkError {
     Scan { topic: String, message: String },
     #[error("batch task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::kafka::Error),
 }
 
 pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
@@ -115,17 +118,22 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     });
 
     let group = format!("switchyard-sink-{destination}");
-    let consumer: SinkConsumer =
-        client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group)
-            .set(
-                "group.instance.id",
-                ctx.group_instance_id(&format!("sink-{destination}")),
-            )
-            // Statistics carry the per-partition lag behind the lag gauge.
-            .set("statistics.interval.ms", "5000")
-            .create_with_context(LagReporter {
-                destination: destination.to_string(),
-            })?;
+    let mut consumer_config = client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group);
+    consumer_config
+        .set(
+            "group.instance.id",
+            ctx.group_instance_id(&format!("sink-{destination}")),
+        )
+        // Statistics carry the per-partition lag behind the lag gauge.
+        .set("statistics.interval.ms", "5000");
+    // Brokers may hold a fetch for the whole wait even when records are
+    // there (tansu does), which would add up to 500 ms to every delivery.
+    if !config.kafka.properties.contains_key("fetch.wait.max.ms") {
+        consumer_config.set("fetch.wait.max.ms", "50");
+    }
+    let consumer: SinkConsumer = consumer_config.create_with_context(LagReporter {
+        destination: destination.to_string(),
+    })?;
     let deliver_topic = topics.deliver(destination);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
