@@ -305,6 +305,8 @@ pub async fn run(
     }
 
     receiver.events.store(0, Ordering::Relaxed);
+    *receiver.first.lock().expect("bench lock") = None;
+    *receiver.last.lock().expect("bench lock") = None;
     let (config, name) = bench_config(base, &url);
     let config = Arc::new(config);
     let cluster = Cluster::connect(&config)?;
