@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::event::EventName;
 use crate::event::normalize::{PhoneCountry, parse_country};
+use crate::sink::config::DeliverySettings;
 
 /// One problem with a configuration value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,6 +315,8 @@ pub struct DestinationConfig {
     /// May this destination receive raw email/phone (CRM, own webhooks)?
     /// Never allowed for ad platforms or GA4, which get hashes only.
     pub raw_contact: bool,
+    /// `[destinations.NAME.delivery]`: batching, retries, rate limit, ordering.
+    pub delivery: DeliverySettings,
     pub kind: DestinationKind,
 }
 
@@ -719,6 +722,7 @@ const COMMON_DESTINATION_KEYS: &[&str] = &[
     "events",
     "event_names",
     "raw_contact",
+    "delivery",
 ];
 
 #[derive(Deserialize)]
@@ -736,6 +740,7 @@ struct CommonKeys {
     event_names: BTreeMap<String, String>,
     #[serde(default)]
     raw_contact: bool,
+    delivery: DeliverySettings,
 }
 
 fn yes() -> bool {
@@ -821,6 +826,7 @@ fn parse_destination(
         }
     };
     check_settings(&kind, key, problems);
+    common.delivery.check(&format!("{key}.delivery"), problems);
 
     let consent = match common.consent.or(kind.default_consent().map(String::from)) {
         Some(c) if is_consent_category(&c) => c,
@@ -887,6 +893,7 @@ fn parse_destination(
         consent_default,
         events,
         event_names: common.event_names,
+        delivery: common.delivery,
         kind,
     })
 }

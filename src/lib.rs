@@ -3,9 +3,11 @@
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod destinations;
 pub mod event;
 pub mod ingest;
 pub mod kafka;
 pub mod router;
 pub mod run;
+pub mod sink;
 pub mod telemetry;

@@ -17,6 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use switchyard::config::{Config, ConfigError};
 use switchyard::kafka::{self, Cluster, topics};
 use switchyard::run::{Role, RunOptions, default_instance_id};
+use switchyard::sink::dlq;
 use switchyard::{demo, event, ingest};
 
 #[derive(Parser)]
@@ -68,7 +69,12 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
-    /// Measure switchyard's own throughput.
+    /// Inspect and redrive dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Measure a component and print its figures (the last line is one JSON object).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
@@ -110,6 +116,41 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// (a) the sink's own cost per core fed from memory, and with
+    /// `kafka.brokers` set (b) the end-to-end rate from a deliver topic and
+    /// (c) the added latency at 2k events/s. Creates `switchyard-bench-*` topics.
+    Sink {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Events for (a); (b) uses at most 50k of them.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Count dead letters by day, destination, stage and error class.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Re-publish a destination's sink dead letters to its deliver topic
+    /// (unchanged, so each keeps its event_id and idempotency key).
+    Redrive {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        destination: String,
+        /// Only letters written at or after this time: RFC 3339 or an age like "2h".
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        error_class: Option<String>,
+        /// Show what would be redriven without publishing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +189,10 @@ fn main() -> ExitCode {
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
+        Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
+        Command::Bench {
+            command: BenchCommand::Sink { config, events },
+        } => runtime().and_then(|rt| rt.block_on(bench_sink(config, events))),
         Command::Bench {
             command:
                 BenchCommand::Router {
@@ -347,5 +392,79 @@ fn bench_ingest(opts: &ingest::bench::BenchOptions) -> anyhow::Result<ExitCode> 
         "runs": figures,
     });
     println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let age = humantime::parse_duration(s)
+        .with_context(|| format!("--since `{s}` is neither RFC 3339 nor an age like \"2h\""))?;
+    Ok(chrono::Utc::now() - chrono::Duration::from_std(age)?)
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List { config } => {
+            let config = Config::load(&config)?;
+            let cluster = Cluster::connect(&config)?;
+            let letters = dlq::read_all(&config, cluster.bootstrap()).await?;
+            println!(
+                "{:<10} {:<24} {:<7} {:<24} {:>8}",
+                "day", "destination", "stage", "error_class", "count"
+            );
+            for ((day, destination, stage, class), n) in dlq::counts(&letters) {
+                println!("{day:<10} {destination:<24} {stage:<7} {class:<24} {n:>8}");
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DlqCommand::Redrive {
+            config: path,
+            destination,
+            since,
+            error_class,
+            dry_run,
+        } => {
+            let config = Config::load(&path)?;
+            if !config.destinations.contains_key(&destination) {
+                anyhow::bail!(
+                    "{}: no destination `{destination}` in [destinations]",
+                    path.display()
+                );
+            }
+            let filter = dlq::RedriveFilter {
+                destination,
+                since: since.as_deref().map(parse_since).transpose()?,
+                error_class,
+            };
+            let cluster = Cluster::connect(&config)?;
+            let matched = dlq::redrive(&config, cluster.bootstrap(), &filter, dry_run).await?;
+            let verb = if dry_run { "would redrive" } else { "redriven" };
+            for l in &matched {
+                println!(
+                    "{verb} {}/{}/{} {}",
+                    config.topics.dlq(),
+                    l.partition,
+                    l.offset,
+                    l.error_class
+                );
+            }
+            println!(
+                "{} dead letter(s) {verb} to {}",
+                matched.len(),
+                config.topics.deliver(&filter.destination)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_sink(config: Option<PathBuf>, events: usize) -> anyhow::Result<ExitCode> {
+    let config = load(config.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    let figures = switchyard::sink::bench::run(&config, events, &mut out).await?;
+    use std::io::Write;
+    writeln!(out, "{}", serde_json::to_string(&figures)?)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,19 @@ pub async fn run(config: Arc<Config>, opts: RunOptions) -> Result<(), RunError> 
             })
         });
     }
+    if wants(Role::Sink) {
+        for name in sink_destinations(&config, &opts.destinations)? {
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                crate::sink::run(ctx, &name)
+                    .await
+                    .map_err(|e| RunError::Role {
+                        role: "sink",
+                        message: format!("{name}: {e}"),
+                    })
+            });
+        }
+    }
 
     // The first role to fail stops the others: a half-running pipeline looks
     // healthy to an orchestrator while it silently stops delivering.

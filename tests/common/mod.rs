@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: the test broker and unique names.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod fake_vendor;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

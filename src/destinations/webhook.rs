@@ -1,0 +1,300 @@
+//! Signed webhook (`type = "webhook"`).
+//!
+//! One request carries a batch: `{"events":[{"idempotency_key", "destination",
+//! "name", "event", "routed_at"}, …]}`. Every event carries its own
+//! `idempotency_key` (= event_id) in the body, because one header cannot name
+//! several events; the `Idempotency-Key` header is the event_id when the
+//! request holds one event, and for a batch a digest of its events' keys, so
+//! a resent request carries the same header as the first send.
+//!
+//! `X-Switchyard-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
+//! lets the receiver check origin and freshness (see README).
+//!
+//! Receivers answer 2xx when they took the batch. To refuse some events they
+//! list them: `{"errors":[{"idempotency_key":"…","reason":"…","retryable":false}]}`.
+//! With a 2xx the unlisted events count as delivered; with a 400/422 the
+//! unlisted ones were not taken and are resent without the refused ones.
+//! Receivers have no dedup of their own obligation, so the sink checks the
+//! delivery ledger before sending.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::WebhookSettings;
+use crate::delivery::Delivery;
+use crate::event::CanonicalEvent;
+use crate::sink::destination::{Destination, Limits, Outcome, Request, Response};
+use crate::sink::retry;
+
+pub const SIGNATURE_HEADER: &str = "X-Switchyard-Signature";
+
+pub struct Webhook {
+    settings: WebhookSettings,
+}
+
+impl Webhook {
+    pub fn new(settings: WebhookSettings) -> Self {
+        Webhook { settings }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    events: Vec<BodyEvent<'a>>,
+}
+
+#[derive(Serialize)]
+struct BodyEvent<'a> {
+    idempotency_key: &'a str,
+    destination: &'a str,
+    name: &'a str,
+    event: &'a CanonicalEvent,
+    routed_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Deserialize)]
+struct Refusals {
+    #[serde(default)]
+    errors: Vec<Refusal>,
+}
+
+#[derive(Deserialize)]
+struct Refusal {
+    idempotency_key: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    retryable: bool,
+}
+
+/// `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The `Idempotency-Key` header for a request holding `batch`.
+pub fn idempotency_header(batch: &[Delivery]) -> String {
+    match batch {
+        [one] => one.idempotency_key().to_string(),
+        many => {
+            let mut h = Sha256::new();
+            for d in many {
+                h.update(d.idempotency_key().as_bytes());
+                h.update(b"\n");
+            }
+            format!("batch-{}", hex::encode(h.finalize()))
+        }
+    }
+}
+
+impl Webhook {
+    fn request(&self, batch: &[Delivery], t: u64) -> Request {
+        let body = Body {
+            events: batch
+                .iter()
+                .map(|d| BodyEvent {
+                    idempotency_key: d.idempotency_key(),
+                    destination: &d.destination,
+                    name: &d.name,
+                    event: &d.event,
+                    routed_at: d.routed_at,
+                })
+                .collect(),
+        };
+        let body = serde_json::to_vec(&body).expect("events serialise to JSON");
+        let sig = signature(self.settings.secret.expose().as_bytes(), t, &body);
+        Request {
+            url: self.settings.url.clone(),
+            headers: vec![
+                ("Content-Type".into(), "application/json".into()),
+                (SIGNATURE_HEADER.into(), sig),
+                ("Idempotency-Key".into(), idempotency_header(batch)),
+            ],
+            body,
+            events: 0..batch.len(),
+        }
+    }
+}
+
+impl Destination for Webhook {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_events: 1000,
+            max_bytes: 5 * 1024 * 1024,
+            max_event_age: None,
+        }
+    }
+
+    fn vendor_dedup(&self) -> bool {
+        false
+    }
+
+    fn map(&self, batch: &[Delivery]) -> Vec<Request> {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        vec![self.request(batch, t)]
+    }
+
+    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+        let refused = serde_json::from_slice::<Refusals>(&response.body)
+            .map(|r| r.errors)
+            .unwrap_or_default();
+        let partial = !refused.is_empty() && matches!(response.status, 200..=299 | 400 | 422);
+        if !partial {
+            let all = retry::by_status(response, SystemTime::now()).unwrap_or(Outcome::Delivered);
+            return vec![all; batch.len()];
+        }
+        batch
+            .iter()
+            .map(|d| {
+                match refused
+                    .iter()
+                    .find(|r| r.idempotency_key == d.idempotency_key())
+                {
+                    Some(r) if r.retryable => Outcome::Retry {
+                        after: None,
+                        reason: format!("receiver: {}", r.reason),
+                    },
+                    Some(r) => Outcome::Rejected {
+                        class: "webhook_refused".into(),
+                        reason: format!("receiver (HTTP {}): {}", response.status, r.reason),
+                    },
+                    None if response.status < 300 => Outcome::Delivered,
+                    // The receiver took nothing; resend the rest at once.
+                    None => Outcome::Retry {
+                        after: Some(std::time::Duration::ZERO),
+                        reason: "resent without the refused events".into(),
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::delivery::{DELIVERY_VERSION, Origin};
+
+    fn hook() -> Webhook {
+        Webhook::new(WebhookSettings {
+            url: "https://example.com/hook".into(),
+            secret: Secret::new("0123456789abcdef"),
+        })
+    }
+
+    fn delivery(id: &str) -> Delivery {
+        let event: CanonicalEvent = serde_json::from_value(serde_json::json!({
+            "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
+            "user_id": "u_1", "value": 10.0, "currency": "EUR"
+        }))
+        .unwrap();
+        Delivery {
+            v: DELIVERY_VERSION,
+            destination: "hook".into(),
+            name: "purchase".into(),
+            event,
+            origin: Origin {
+                topic: "events.canonical".into(),
+                partition: 0,
+                offset: 1,
+            },
+            routed_at: "2026-11-26T14:03:12Z".parse().unwrap(),
+        }
+    }
+
+    fn response(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            headers: vec![],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn signature_matches_a_known_vector() {
+        // echo -n '1700000000.{}' | openssl dgst -sha256 -hmac 0123456789abcdef
+        assert_eq!(
+            signature(b"0123456789abcdef", 1_700_000_000, b"{}"),
+            "t=1700000000,v1=e4f8e2ecae2295b2ddb2f0b5584c8275e226c0ebe9b3b819e70156bb67122e3e"
+        );
+    }
+
+    #[test]
+    fn request_carries_keys_signature_and_body() {
+        let batch = [delivery("e1"), delivery("e2")];
+        let r = hook().request(&batch, 1_700_000_000);
+        assert_eq!(r.events, 0..2);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["events"][0]["idempotency_key"], "e1");
+        assert_eq!(body["events"][1]["event"]["event_id"], "e2");
+        let header = |n: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            header(SIGNATURE_HEADER),
+            signature(b"0123456789abcdef", 1_700_000_000, &r.body)
+        );
+        assert!(header("Idempotency-Key").starts_with("batch-"));
+        let single = hook().request(&batch[..1], 1);
+        assert!(
+            single
+                .headers
+                .contains(&("Idempotency-Key".into(), "e1".into()))
+        );
+        // The same events always carry the same header.
+        assert_eq!(
+            idempotency_header(&batch),
+            idempotency_header(&[delivery("e1"), delivery("e2")])
+        );
+    }
+
+    #[test]
+    fn whole_batch_outcomes_follow_the_status() {
+        let batch = [delivery("e1"), delivery("e2")];
+        assert_eq!(
+            hook().classify(&response(204, ""), &batch),
+            vec![Outcome::Delivered; 2]
+        );
+        assert!(
+            hook()
+                .classify(&response(503, "busy"), &batch)
+                .iter()
+                .all(|o| matches!(o, Outcome::Retry { .. }))
+        );
+        assert!(
+            hook()
+                .classify(&response(401, "who"), &batch)
+                .iter()
+                .all(|o| matches!(o, Outcome::Rejected { class, .. } if class == "http_401"))
+        );
+    }
+
+    #[test]
+    fn partial_refusals_touch_only_the_listed_events() {
+        let batch = [delivery("e1"), delivery("e2"), delivery("e3")];
+        let body = r#"{"errors":[{"idempotency_key":"e2","reason":"bad value"},{"idempotency_key":"e3","reason":"later","retryable":true}]}"#;
+        let o = hook().classify(&response(400, body), &batch);
+        assert!(matches!(&o[0], Outcome::Retry { after: Some(d), .. } if d.is_zero()));
+        assert!(
+            matches!(&o[1], Outcome::Rejected { class, reason } if class == "webhook_refused" && reason.contains("bad value"))
+        );
+        assert!(matches!(&o[2], Outcome::Retry { after: None, .. }));
+        let o = hook().classify(&response(200, body), &batch);
+        assert_eq!(o[0], Outcome::Delivered);
+        assert!(matches!(&o[1], Outcome::Rejected { .. }));
+    }
+}

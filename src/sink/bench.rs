@@ -1,0 +1,393 @@
+//! `switchyard bench sink`: (a) the sink's own cost per core, fed from memory
+//! (decode → batch → map + sign → HTTP to a loopback receiver → classify →
+//! ledger record encoding), because the broker caps anything read from it;
+//! (b) the end-to-end rate from a deliver topic; (c) the added latency
+//! (deliver-topic append → request received) at a steady 2k events/s.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use futures::StreamExt;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::SinkError;
+use super::config::DeliverySettings;
+use super::destination::{Destination, Response};
+use super::records::LedgerEntry;
+use crate::config::{
+    Config, ConsentDefault, DestinationConfig, DestinationKind, Secret, WebhookSettings,
+};
+use crate::delivery::Delivery;
+use crate::destinations::webhook::Webhook;
+use crate::kafka::{Cluster, client, topics};
+use crate::run::RoleContext;
+
+const BATCH: usize = 1000;
+const STEADY_RATE: u64 = 2000;
+const STEADY_SECONDS: u64 = 10;
+
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    pub bench: &'static str,
+    pub a_events: usize,
+    pub a_events_per_s: f64,
+    pub a_cpu_s: f64,
+    pub a_events_per_core_s: f64,
+    pub b_events: Option<usize>,
+    pub b_events_per_s: Option<f64>,
+    pub c_rate: Option<u64>,
+    pub c_p50_ms: Option<f64>,
+    pub c_p99_ms: Option<f64>,
+}
+
+/// A loopback receiver that takes every batch and counts its events.
+#[derive(Default)]
+struct Receiver {
+    events: AtomicU64,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+    measure: AtomicBool,
+    latencies_us: Mutex<Vec<u64>>,
+}
+
+async fn take(State(r): State<Arc<Receiver>>, body: Bytes) -> &'static str {
+    let now = Instant::now();
+    let n = memchr::memmem::find_iter(&body, b"\"idempotency_key\"").count() as u64;
+    r.events.fetch_add(n, Ordering::Relaxed);
+    r.first.lock().expect("bench lock").get_or_insert(now);
+    *r.last.lock().expect("bench lock") = Some(now);
+    if r.measure.load(Ordering::Relaxed)
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+    {
+        let at = unix_us();
+        let mut l = r.latencies_us.lock().expect("bench lock");
+        for e in v["events"].as_array().into_iter().flatten() {
+            if let Some(sent) = e["event"]["properties"]["bench_sent_us"].as_u64() {
+                l.push(at.saturating_sub(sent));
+            }
+        }
+    }
+    "{}"
+}
+
+async fn start_receiver() -> std::io::Result<(SocketAddr, Arc<Receiver>)> {
+    let r = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/hook", post(take))
+        .with_state(r.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, r))
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// This process's CPU time (user + system), from /proc (Linux; 100 ticks/s).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn delivery(destination: &str, i: u64, sent_us: Option<u64>) -> Vec<u8> {
+    let mut props = serde_json::Map::new();
+    props.insert("sku".into(), format!("sku-{}", i % 97).into());
+    if let Some(s) = sent_us {
+        props.insert("bench_sent_us".into(), s.into());
+    }
+    let d = serde_json::json!({
+        "v": 1, "destination": destination, "name": "purchase",
+        "event": {
+            "event": "purchase", "event_id": format!("bench-{i}"),
+            "occurred_at": "2026-11-26T14:03:11Z", "user_id": format!("u-{}", i % 5000),
+            "value": 19.99, "currency": "EUR", "properties": props
+        },
+        "origin": {"topic": "events.canonical", "partition": 0, "offset": i},
+        "routed_at": "2026-11-26T14:03:12Z"
+    });
+    serde_json::to_vec(&d).expect("bench deliveries serialise")
+}
+
+const SECRET: &str = "bench-secret-0123456789";
+
+/// (a): the per-event work of a sink, fed from memory.
+async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
+    let hook = Arc::new(Webhook::new(WebhookSettings {
+        url: url.to_string(),
+        secret: Secret::new(SECRET),
+    }));
+    let raw: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..BATCH as u64)
+            .map(|i| delivery("bench", i, None))
+            .collect(),
+    );
+    let http = reqwest::Client::builder().build()?;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let batches = events.div_ceil(BATCH);
+    let results: Vec<Result<(), SinkError>> = futures::stream::iter(0..batches)
+        .map(|_| {
+            let (hook, raw, http) = (hook.clone(), raw.clone(), http.clone());
+            async move {
+                let batch: Vec<Delivery> = raw
+                    .iter()
+                    .filter_map(|r| serde_json::from_slice(r).ok())
+                    .collect();
+                for req in hook.map(&batch) {
+                    let mut rb = http.post(&req.url).body(req.body);
+                    for (k, v) in &req.headers {
+                        rb = rb.header(k, v);
+                    }
+                    let resp = rb.send().await?;
+                    let status = resp.status().as_u16();
+                    let body = resp.bytes().await?.to_vec();
+                    let resp = Response {
+                        status,
+                        headers: Vec::new(),
+                        body,
+                    };
+                    let slice = &batch[req.events.clone()];
+                    for (d, _) in slice.iter().zip(hook.classify(&resp, slice)) {
+                        let entry = LedgerEntry {
+                            event_id: d.event.event_id.clone(),
+                            destination: d.destination.clone(),
+                            status: "delivered".into(),
+                            attempts: 1,
+                            http_status: Some(status),
+                            latency_ms: Some(1),
+                            error_class: None,
+                            first_attempt_at: Some(chrono::Utc::now()),
+                            last_attempt_at: Some(chrono::Utc::now()),
+                            recorded_at: chrono::Utc::now(),
+                        };
+                        std::hint::black_box(serde_json::to_vec(&entry).expect("ledger entry"));
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    Ok(((batches * BATCH) as f64 / wall, cpu))
+}
+
+/// A config with one webhook destination on fresh topics; the destination
+/// name is fresh too, since it names the consumer group and a stale static
+/// member of an earlier run would hold up the group's rebalance.
+fn bench_config(base: &Config, url: &str) -> (Config, String) {
+    let mut config = base.clone();
+    let stamp = unix_us();
+    let name = format!("bench-{stamp}");
+    config.topics.prefix = format!("switchyard-bench-{stamp}");
+    config.topics.canonical = format!("switchyard-bench-{stamp}.canonical");
+    let delivery = DeliverySettings {
+        batch_max_events: BATCH,
+        linger: Duration::from_millis(5),
+        ..DeliverySettings::default()
+    };
+    config.destinations = BTreeMap::from([(
+        name.clone(),
+        DestinationConfig {
+            name: name.clone(),
+            enabled: true,
+            consent: "analytics".into(),
+            consent_default: ConsentDefault::Grant,
+            events: Vec::new(),
+            event_names: BTreeMap::new(),
+            raw_contact: false,
+            delivery,
+            kind: DestinationKind::Webhook(WebhookSettings {
+                url: url.to_string(),
+                secret: Secret::new(SECRET),
+            }),
+        },
+    )]);
+    (config, name)
+}
+
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    payloads: Vec<Vec<u8>>,
+) -> Result<(), SinkError> {
+    let sends = payloads.iter().enumerate().map(|(i, p)| {
+        let key = format!("u-{}", i % 5000);
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(&key).payload(p),
+                    Timeout::After(Duration::from_secs(30)),
+                )
+                .await
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| SinkError::Produce(e))?;
+    }
+    Ok(())
+}
+
+async fn wait_for(r: &Receiver, events: u64, limit: Duration) -> bool {
+    let t = Instant::now();
+    while r.events.load(Ordering::Relaxed) < events {
+        if t.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Runs (a) and, when `base` names brokers, (b) and (c); prints one line per
+/// figure and returns them.
+pub async fn run(
+    base: &Config,
+    events: usize,
+    out: &mut impl std::io::Write,
+) -> Result<Figures, SinkError> {
+    let (addr, receiver) = start_receiver()
+        .await
+        .map_err(|e| SinkError::Task(format!("bench receiver: {e}")))?;
+    let url = format!("http://{addr}/hook");
+    let (a_rate, a_cpu) = in_memory(&url, events).await?;
+    let a_events = events.div_ceil(BATCH) * BATCH;
+    let per_core = if a_cpu > 0.0 {
+        a_events as f64 / a_cpu
+    } else {
+        0.0
+    };
+    let _ = writeln!(
+        out,
+        "(a) in memory: {a_events} events, {a_rate:.0} events/s wall, {a_cpu:.2} CPU-s (sink + loopback receiver) → {per_core:.0} events/s/core (target ≥ 50000)"
+    );
+    let mut figures = Figures {
+        bench: "sink",
+        a_events,
+        a_events_per_s: a_rate.round(),
+        a_cpu_s: a_cpu,
+        a_events_per_core_s: per_core.round(),
+        b_events: None,
+        b_events_per_s: None,
+        c_rate: None,
+        c_p50_ms: None,
+        c_p99_ms: None,
+    };
+    if base.kafka.brokers.is_none() {
+        let _ = writeln!(
+            out,
+            "(b), (c) skipped: set kafka.brokers (the embedded broker is not for benchmarks)"
+        );
+        return Ok(figures);
+    }
+
+    receiver.events.store(0, Ordering::Relaxed);
+    *receiver.first.lock().expect("bench lock") = None;
+    *receiver.last.lock().expect("bench lock") = None;
+    let (config, name) = bench_config(base, &url);
+    let config = Arc::new(config);
+    let cluster = Cluster::connect(&config)?;
+    topics::ensure(&cluster, &config).await?;
+    let producer: FutureProducer =
+        client::idempotent_producer(&config.kafka, cluster.bootstrap()).create()?;
+    let topic = config.topics.deliver(&name);
+    let e2e = events.min(50_000);
+    produce(
+        &producer,
+        &topic,
+        (0..e2e as u64).map(|i| delivery(&name, i, None)).collect(),
+    )
+    .await?;
+    let shutdown = CancellationToken::new();
+    let ctx = RoleContext {
+        config: config.clone(),
+        bootstrap: cluster.bootstrap().to_string(),
+        instance_id: format!("bench-{}", std::process::id()),
+        shutdown: shutdown.clone(),
+    };
+    let sink_name = name.clone();
+    let sink = tokio::spawn(async move { super::run(ctx, &sink_name).await });
+    if !wait_for(&receiver, e2e as u64, Duration::from_secs(300)).await {
+        return Err(SinkError::Task(
+            "(b) did not deliver every event within 300 s".into(),
+        ));
+    }
+    let first = receiver
+        .first
+        .lock()
+        .expect("bench lock")
+        .unwrap_or_else(Instant::now);
+    let last = receiver
+        .last
+        .lock()
+        .expect("bench lock")
+        .unwrap_or_else(Instant::now);
+    let b_rate = e2e as f64 / (last - first).as_secs_f64().max(1e-3);
+    let _ = writeln!(
+        out,
+        "(b) end to end from {topic}: {e2e} events at {b_rate:.0} events/s (first to last request)"
+    );
+    figures.b_events = Some(e2e);
+    figures.b_events_per_s = Some(b_rate.round());
+
+    receiver.measure.store(true, Ordering::Relaxed);
+    let steady = STEADY_RATE * STEADY_SECONDS;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let per_tick = STEADY_RATE / 100;
+    for t in 0..STEADY_SECONDS * 100 {
+        tick.tick().await;
+        let now = unix_us();
+        let batch = (0..per_tick)
+            .map(|i| delivery(&name, 1_000_000 + t * per_tick + i, Some(now)))
+            .collect();
+        produce(&producer, &topic, batch).await?;
+    }
+    let all = (e2e as u64) + steady;
+    let complete = wait_for(&receiver, all, Duration::from_secs(60)).await;
+    shutdown.cancel();
+    sink.await.map_err(|e| SinkError::Task(e.to_string()))??;
+    if !complete {
+        return Err(SinkError::Task(
+            "(c) did not deliver every event within 60 s".into(),
+        ));
+    }
+    let mut l = std::mem::take(&mut *receiver.latencies_us.lock().expect("bench lock"));
+    l.sort_unstable();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    let (p50, p99) = (pct(0.50), pct(0.99));
+    let _ = writeln!(
+        out,
+        "(c) added latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s: p50 {p50:.1} ms, p99 {p99:.1} ms (target p99 ≤ 100 ms)"
+    );
+    figures.c_rate = Some(STEADY_RATE);
+    figures.c_p50_ms = Some(p50);
+    figures.c_p99_ms = Some(p99);
+    Ok(figures)
+}

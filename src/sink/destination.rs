@@ -1,0 +1,76 @@
+//! What the sink runtime needs from a vendor: limits as data and two pure
+//! functions, `map` (events → HTTP requests) and `classify` (response →
+//! per-event outcome). The runtime knows nothing vendor-specific.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::delivery::Delivery;
+
+/// A vendor's hard limits; the sink never builds a request above them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    /// Events older than this are refused by the vendor, so they are
+    /// dead-lettered instead of sent.
+    pub max_event_age: Option<Duration>,
+}
+
+/// One HTTP request for a contiguous slice of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Which of the mapped batch's events this request carries.
+    pub events: Range<usize>,
+}
+
+/// A vendor's answer, as `classify` sees it (header names lower-case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What became of one event after one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Try again; `after` is the vendor's own wait (Retry-After), if it gave one.
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Never retried: the event goes to the dead-letter topic.
+    Rejected {
+        class: String,
+        reason: String,
+    },
+}
+
+pub trait Destination: Send + Sync {
+    fn limits(&self) -> Limits;
+    /// Whether the vendor itself drops a resent event with the same key; when
+    /// not, the sink consults the delivery ledger before sending.
+    fn vendor_dedup(&self) -> bool;
+    /// Requests for `batch`, whose events together respect `limits()`.
+    fn map(&self, batch: &[Delivery]) -> Vec<Request>;
+    /// One outcome per event of `batch` (the events of the request answered).
+    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome>;
+    /// Whether the response asks the sink to slow down (429 and vendor codes).
+    fn is_throttle(&self, response: &Response) -> bool {
+        response.status == 429
+    }
+}

@@ -1,0 +1,92 @@
+//! Reads a whole topic, up to the end it had when the scan started, without
+//! joining a consumer group (ledger index, dead-letter listing).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::SinkError;
+use crate::config::KafkaConfig;
+use crate::kafka::{ADMIN_TIMEOUT, client};
+
+/// How long a scan may take before it is reported as stuck.
+const SCAN_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Calls `each` for every record of `topic` below the high watermarks read at
+/// the start. Blocking: call it from `spawn_blocking` in async code.
+pub fn scan_topic(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+    topic: &str,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), SinkError> {
+    let fail = |message: String| SinkError::Scan {
+        topic: topic.to_string(),
+        message,
+    };
+    let mut cfg = client::base(kafka, bootstrap);
+    // A group id is required by librdkafka even though nothing is committed.
+    cfg.set("group.id", "switchyard-scan")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cfg.create()?;
+    let md = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(fail(
+            "topic does not exist (run `switchyard topics create`)".into(),
+        ));
+    }
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?;
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    while !ends.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let reached = ends.get(&p).is_some_and(|end| m.offset() + 1 >= *end);
+                if ends.contains_key(&p) {
+                    each(&m);
+                }
+                if reached {
+                    ends.remove(&p);
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                // Compaction can remove the last records below the watermark.
+                let pos = consumer.position()?;
+                ends.retain(|p, end| {
+                    pos.find_partition(topic, *p)
+                        .and_then(|e| e.offset().to_raw())
+                        .is_none_or(|at| at < *end)
+                });
+                if started.elapsed() > SCAN_DEADLINE {
+                    return Err(fail(format!(
+                        "not read to the end within {}s",
+                        SCAN_DEADLINE.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}

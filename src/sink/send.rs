@@ -1,0 +1,384 @@
+//! One batch's life: map, send, classify, retry the failed part in memory
+//! while the waits are short, then make every outcome durable (ledger, dead
+//! letter or retry topic) before the engine may commit its offsets.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::SinkError;
+use super::config::DeliverySettings;
+use super::destination::{Destination, Limits, Outcome, Response};
+use super::metrics::{BATCH_EVENTS, DLQ_WRITES, EVENTS, REQUEST_SECONDS, REQUESTS, status_class};
+use super::pace::Pace;
+use super::records::{Final, Item, LedgerEntry, LedgerIndex, Position, Rejection, ledger_key};
+use super::retry::{Next, excerpt, next_step, retry_after};
+use crate::delivery::Delivery;
+
+/// How long a produce may wait in the producer's queue before it counts as failed.
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything one destination's batches share.
+pub struct Shared {
+    pub destination: String,
+    pub vendor: Arc<dyn Destination>,
+    pub settings: DeliverySettings,
+    /// The tighter of the config and the vendor's limits.
+    pub limits: Limits,
+    pub http: reqwest::Client,
+    pub pace: Pace,
+    pub producer: FutureProducer,
+    pub dlq_topic: String,
+    pub outcomes_topic: String,
+    pub retry_topic: String,
+    /// Present when the vendor does not dedup: event ids already delivered.
+    pub ledger: Option<Mutex<LedgerIndex>>,
+}
+
+/// What the engine learns when an item's outcome is durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    pub source: Position,
+    pub anchor: String,
+    /// The deliver-topic offset, which orders one person's events.
+    pub origin_offset: i64,
+    pub kind: DoneKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DoneKind {
+    /// Delivered, dead-lettered or skipped as already delivered.
+    Resolved,
+    /// Moved to the retry topic, due then.
+    Parked(DateTime<Utc>),
+    /// Moved to the retry topic to stay behind an earlier parked event.
+    Followed,
+}
+
+/// Delivers `items`, retrying failures in memory; returns once every item
+/// that reached an outcome has it durably written. Items still waiting to
+/// retry when `cancel` fires are left out: their offsets stay uncommitted, so
+/// the partition's next owner sends them again.
+pub async fn deliver(
+    shared: Arc<Shared>,
+    items: Vec<Item>,
+    cancel: CancellationToken,
+) -> Result<Vec<Done>, SinkError> {
+    let mut finals = Vec::with_capacity(items.len());
+    let mut pending: Vec<(Item, Delivery)> = Vec::with_capacity(items.len());
+    let now = Utc::now();
+    for mut item in items {
+        let Some(d) = item.delivery.take() else {
+            finals.push((item, reject("decode", "not a delivery record".into())));
+            continue;
+        };
+        let too_old = shared
+            .limits
+            .max_event_age
+            .is_some_and(|age| (now - d.event.occurred_at).to_std().is_ok_and(|a| a > age));
+        if too_old {
+            item.delivery = Some(d);
+            finals.push((
+                item,
+                reject("expired", "older than the vendor accepts".into()),
+            ));
+        } else if item.raw.len() > shared.limits.max_bytes {
+            item.delivery = Some(d);
+            finals.push((
+                item,
+                reject("oversize", "larger than one request may be".into()),
+            ));
+        } else {
+            pending.push((item, d));
+        }
+    }
+    let name = shared.destination.as_str();
+    BATCH_EVENTS
+        .with_label_values(&[name])
+        .observe(pending.len() as f64);
+
+    while !pending.is_empty() {
+        let batch: Vec<Delivery> = pending.iter().map(|(_, d)| d.clone()).collect();
+        let mut outcomes: Vec<Option<Answer>> = vec![None; batch.len()];
+        for req in shared.vendor.map(&batch) {
+            shared.pace.acquire(req.events.len()).await;
+            let at = Utc::now();
+            for (item, _) in &mut pending[req.events.clone()] {
+                item.attempts += 1;
+                item.first_attempt.get_or_insert(at);
+                item.last_attempt = Some(at);
+            }
+            let started = Instant::now();
+            let result = send(&shared.http, &req.url, &req.headers, req.body).await;
+            let latency = started.elapsed();
+            REQUEST_SECONDS
+                .with_label_values(&[name])
+                .observe(latency.as_secs_f64());
+            let slice = &batch[req.events.clone()];
+            let per_event: Vec<(Outcome, Option<u16>, String)> = match result {
+                Ok(resp) => {
+                    REQUESTS
+                        .with_label_values(&[name, status_class(resp.status)])
+                        .inc();
+                    if shared.vendor.is_throttle(&resp) {
+                        let after = resp
+                            .header("retry-after")
+                            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+                        shared.pace.throttled(after);
+                    } else if (200..300).contains(&resp.status) {
+                        shared.pace.succeeded();
+                    }
+                    let body = excerpt(&resp.body, super::records::RESPONSE_EXCERPT_BYTES);
+                    shared
+                        .vendor
+                        .classify(&resp, slice)
+                        .into_iter()
+                        .map(|o| (o, Some(resp.status), body.clone()))
+                        .collect()
+                }
+                Err(e) => {
+                    REQUESTS.with_label_values(&[name, "network"]).inc();
+                    let reason = format!("network: {e}");
+                    slice
+                        .iter()
+                        .map(|_| {
+                            (
+                                Outcome::Retry {
+                                    after: None,
+                                    reason: reason.clone(),
+                                },
+                                None,
+                                String::new(),
+                            )
+                        })
+                        .collect()
+                }
+            };
+            for (slot, (o, status, body)) in outcomes[req.events.clone()].iter_mut().zip(per_event)
+            {
+                *slot = Some(Answer {
+                    outcome: o,
+                    status,
+                    body,
+                    latency,
+                });
+            }
+        }
+
+        let now = Utc::now();
+        let mut wait = Duration::ZERO;
+        let mut again = Vec::new();
+        for ((mut item, d), outcome) in pending.drain(..).zip(outcomes) {
+            let Answer {
+                outcome,
+                status,
+                body,
+                latency,
+            } = outcome.unwrap_or_else(|| Answer {
+                outcome: Outcome::Retry {
+                    after: None,
+                    reason: "the destination built no request for this event".into(),
+                },
+                status: None,
+                body: String::new(),
+                latency: Duration::ZERO,
+            });
+            let fin = match outcome {
+                Outcome::Delivered => Final::Delivered {
+                    status: status.unwrap_or(0),
+                    latency,
+                },
+                Outcome::Rejected { class, reason } => Final::Rejected(Rejection {
+                    class,
+                    reason,
+                    status,
+                    response: body,
+                }),
+                Outcome::Retry { after, reason } => {
+                    let elapsed = item
+                        .first_attempt
+                        .and_then(|f| (now - f).to_std().ok())
+                        .unwrap_or_default();
+                    match next_step(
+                        &shared.settings.retry,
+                        item.attempts,
+                        elapsed,
+                        after,
+                        fastrand::f64(),
+                    ) {
+                        Next::Wait(w) => {
+                            wait = wait.max(w);
+                            EVENTS.with_label_values(&[name, "retried"]).inc();
+                            again.push((item, d));
+                            continue;
+                        }
+                        Next::Park(w) => Final::Parked {
+                            due: now + chrono::Duration::from_std(w).unwrap_or_default(),
+                            reason,
+                        },
+                        Next::GiveUp => Final::Rejected(Rejection {
+                            class: "retries_exhausted".into(),
+                            reason: format!("gave up after {} attempts: {reason}", item.attempts),
+                            status,
+                            response: body,
+                        }),
+                    }
+                }
+            };
+            item.delivery = Some(d);
+            finals.push((item, fin));
+        }
+        pending = again;
+        if !pending.is_empty() {
+            tracing::debug!(
+                destination = name,
+                events = pending.len(),
+                wait_ms = wait.as_millis() as u64,
+                "retrying"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+    }
+    persist(&shared, finals).await
+}
+
+/// One event's answer from its request.
+#[derive(Clone)]
+struct Answer {
+    outcome: Outcome,
+    status: Option<u16>,
+    /// The response body, cut to the dead-letter excerpt size.
+    body: String,
+    latency: Duration,
+}
+
+fn reject(class: &str, reason: String) -> Final {
+    Final::Rejected(Rejection {
+        class: class.into(),
+        reason,
+        status: None,
+        response: String::new(),
+    })
+}
+
+async fn send(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> Result<Response, reqwest::Error> {
+    let mut rb = http.post(url).body(body);
+    for (k, v) in headers {
+        rb = rb.header(k, v);
+    }
+    let resp = rb.send().await?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp.bytes().await?.to_vec();
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Writes every outcome (ledger, dead letter, retry record) and waits for the
+/// broker's acks.
+pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<Done>, SinkError> {
+    let name = shared.destination.as_str();
+    struct Out {
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Option<rdkafka::message::OwnedHeaders>,
+    }
+    let mut outs = Vec::new();
+    for (item, fin) in &finals {
+        if let Some(entry) = LedgerEntry::new(item, name, fin) {
+            outs.push(Out {
+                topic: shared.outcomes_topic.clone(),
+                key: Some(ledger_key(&entry.event_id, name).into_bytes()),
+                payload: serde_json::to_vec(&entry).expect("ledger entries serialise"),
+                headers: None,
+            });
+        }
+        match fin {
+            Final::Rejected(r) => {
+                tracing::warn!(destination = name, event_id = item.event_id().unwrap_or(""), partition = item.source.partition, error_class = %r.class, reason = %r.reason, "dead-lettered");
+                DLQ_WRITES.with_label_values(&[name, &r.class]).inc();
+                outs.push(Out {
+                    topic: shared.dlq_topic.clone(),
+                    key: item.key.clone(),
+                    payload: item.raw.clone(),
+                    headers: Some(item.dlq_headers(name, r)),
+                });
+            }
+            Final::Parked { due, reason } => {
+                outs.push(Out {
+                    topic: shared.retry_topic.clone(),
+                    key: item.key.clone(),
+                    payload: item.raw.clone(),
+                    headers: Some(item.retry_headers(name, *due, reason)),
+                });
+            }
+            Final::Delivered { .. } | Final::Duplicate => {}
+        }
+    }
+    let sends = outs.iter().map(|o| {
+        let mut r = FutureRecord::<[u8], [u8]>::to(&o.topic).payload(&o.payload);
+        if let Some(k) = &o.key {
+            r = r.key(k);
+        }
+        if let Some(h) = &o.headers {
+            r = r.headers(h.clone());
+        }
+        shared.producer.send(r, Timeout::After(PRODUCE_TIMEOUT))
+    });
+    for result in join_all(sends).await {
+        result.map_err(|(e, _)| SinkError::Produce(e))?;
+    }
+
+    let mut done = Vec::with_capacity(finals.len());
+    for (item, fin) in finals {
+        let outcome = match &fin {
+            Final::Delivered { .. } => "delivered",
+            Final::Rejected(_) => "rejected",
+            Final::Parked { .. } => "parked",
+            Final::Duplicate => "skipped_duplicate",
+        };
+        EVENTS.with_label_values(&[name, outcome]).inc();
+        if let (Final::Delivered { .. }, Some(ledger), Some(id)) =
+            (&fin, &shared.ledger, item.event_id())
+        {
+            ledger.lock().expect("ledger lock").insert(id);
+        }
+        done.push(Done {
+            anchor: item.anchor().to_string(),
+            origin_offset: item.origin.offset,
+            source: item.source,
+            kind: match fin {
+                Final::Parked { due, .. } => DoneKind::Parked(due),
+                _ => DoneKind::Resolved,
+            },
+        });
+    }
+    Ok(done)
+}

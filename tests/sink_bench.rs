@@ -1,0 +1,25 @@
+//! `switchyard bench sink` prints its figures and ends with one JSON object.
+
+mod common;
+
+#[test]
+fn bench_sink_ends_with_one_json_object() {
+    let out = common::switchyard()
+        .args(["bench", "sink", "--events", "3000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap();
+    let figures: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(figures["bench"], "sink");
+    assert_eq!(figures["a_events"], 3000);
+    assert!(figures["a_events_per_core_s"].as_f64().unwrap() > 0.0);
+    // Without kafka.brokers only the in-memory figure is measured.
+    assert!(figures["b_events_per_s"].is_null());
+    assert!(stdout.contains("(a) in memory"), "{stdout}");
+}

@@ -1,0 +1,711 @@
+//! The sink against a real broker and a scripted fake webhook receiver.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message};
+use switchyard::config::Config;
+use switchyard::delivery::Delivery;
+use switchyard::kafka::{Cluster, topics};
+use switchyard::run::RoleContext;
+use switchyard::sink::{self, SinkError, dlq, records::header};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use common::fake_vendor::{FakeVendor, Reply};
+
+const SECRET: &str = "0123456789abcdef-test";
+
+struct Setup {
+    config: Arc<Config>,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The destination's name is unique per test because it names the consumer
+/// group (`switchyard-sink-<NAME>`), which tests must not share.
+fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
+    let prefix = common::unique("sink");
+    let name = common::unique("hook");
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "at_least_once"
+
+[topics]
+prefix = "{prefix}"
+canonical = "{prefix}.canonical"
+partitions = 2
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[destinations.{name}]
+type = "webhook"
+url = "{url}"
+secret = "{SECRET}"
+consent = "analytics"
+
+[destinations.{name}.delivery]
+{delivery}
+"#,
+        delivery = delivery.replace("destinations.hook", &format!("destinations.{name}")),
+        brokers = common::brokers(),
+        url = fake.url(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_config(dir.path(), &text);
+    Setup {
+        config: Arc::new(Config::load(&path).unwrap()),
+        path,
+        _dir: dir,
+    }
+}
+
+fn dest(config: &Config) -> String {
+    config.destinations.keys().next().unwrap().clone()
+}
+
+async fn ensure_topics(config: &Config) {
+    let cluster = Cluster::connect(config).unwrap();
+    topics::ensure(&cluster, config).await.unwrap();
+}
+
+fn delivery(dest: &str, id: &str, user: &str) -> Delivery {
+    serde_json::from_value(serde_json::json!({
+        "v": 1,
+        "destination": dest,
+        "name": "purchase",
+        "event": {
+            "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
+            "user_id": user, "value": 10.0, "currency": "EUR"
+        },
+        "origin": {"topic": "events.canonical", "partition": 0, "offset": 1},
+        "routed_at": "2026-11-26T14:03:12Z"
+    }))
+    .unwrap()
+}
+
+/// Publishes (event_id, user) deliveries in order, keyed by user like the router.
+async fn produce(config: &Config, events: &[(String, String)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let name = dest(config);
+    let topic = config.topics.deliver(&name);
+    for (id, user) in events {
+        let payload = serde_json::to_vec(&delivery(&name, id, user)).unwrap();
+        producer
+            .send(
+                FutureRecord::to(&topic).key(user).payload(&payload),
+                Timeout::After(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn events(tag: &str, n: usize, users: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("{tag}-{i}"), format!("user-{}", i % users)))
+        .collect()
+}
+
+struct InProcess {
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), SinkError>>,
+}
+
+async fn start(config: &Arc<Config>) -> InProcess {
+    ensure_topics(config).await;
+    let shutdown = CancellationToken::new();
+    let ctx = RoleContext {
+        config: config.clone(),
+        bootstrap: common::brokers(),
+        instance_id: common::unique("inproc"),
+        shutdown: shutdown.clone(),
+    };
+    let name = dest(config);
+    let handle = tokio::spawn(async move { sink::run(ctx, &name).await });
+    InProcess { shutdown, handle }
+}
+
+impl InProcess {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("sink stops within its deadline")
+            .unwrap()
+            .expect("sink ends cleanly");
+    }
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ids(events: &[(String, String)]) -> HashSet<String> {
+    events.iter().map(|(id, _)| id.clone()).collect()
+}
+
+fn assert_keys_are_event_ids(fake: &FakeVendor) {
+    for r in fake.received() {
+        for (id, key) in &r.events {
+            assert_eq!(
+                id, key,
+                "every event carries its event_id as idempotency key"
+            );
+        }
+        if let [(id, _)] = r.events.as_slice() {
+            assert_eq!(&r.idempotency_header, id);
+        }
+    }
+}
+
+async fn ledger(config: &Config) -> Vec<serde_json::Value> {
+    let kafka = config.kafka.clone();
+    let topic = config.topics.outcomes();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        sink::scan::scan_topic(&kafka, &common::brokers(), &topic, |m| {
+            out.push(serde_json::from_slice(m.payload().unwrap()).unwrap());
+        })
+        .unwrap();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_through_failures_and_waits_out_retry_after() {
+    let fake = FakeVendor::start(SECRET).await;
+    fake.script([
+        Reply::Status(500),
+        Reply::TooMany { retry_after_s: 2 },
+        Reply::Hang(Duration::from_secs(3)),
+        Reply::Drop,
+        Reply::Status(503),
+        Reply::TooMany { retry_after_s: 2 },
+    ]);
+    // One batch in flight, so every request after a 429 was sent after it.
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"20ms\"\nmax_in_flight = 1\nrequest_timeout = \"1s\"\n\
+         [destinations.hook.delivery.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"400ms\"\n",
+    );
+    let sink = start(&s.config).await;
+    let evs = events(&common::unique("flaky"), 40, 5);
+    produce(&s.config, &evs).await;
+    let want = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(90), || {
+        fake.delivered().is_superset(&want)
+    })
+    .await;
+
+    let received = fake.received();
+    let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
+    for s in [500, 429, 0, 503] {
+        assert!(statuses.contains(&s), "script ran: {statuses:?}");
+    }
+    let mut throttles = 0;
+    for (i, r) in received.iter().enumerate().filter(|(_, r)| r.status == 429) {
+        let next = received[i + 1..]
+            .iter()
+            .map(|n| n.arrived)
+            .min()
+            .expect("a request follows every 429");
+        let gap = next - r.answered.unwrap();
+        assert!(gap >= Duration::from_secs(2), "gap after 429 was {gap:?}");
+        throttles += 1;
+    }
+    assert_eq!(throttles, 2);
+    assert_keys_are_event_ids(&fake);
+
+    // Each outcome is in the ledger once the sink reports it delivered.
+    let entries = ledger(&s.config).await;
+    let delivered: HashSet<String> = entries
+        .iter()
+        .filter(|e| e["status"] == "delivered" && e["destination"] == dest(&s.config).as_str())
+        .map(|e| e["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, want);
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_events_are_dead_lettered_and_redrive_delivers_them() {
+    let fake = FakeVendor::start(SECRET).await;
+    let tag = common::unique("refuse");
+    let evs = events(&tag, 12, 3);
+    let refused = [format!("{tag}-3"), format!("{tag}-7")];
+    fake.refuse(&[&refused[0], &refused[1]]);
+    let s = setup(&fake, "batch_max_events = 6\nlinger = \"20ms\"\n");
+    let sink = start(&s.config).await;
+    produce(&s.config, &evs).await;
+    let rest: HashSet<String> = ids(&evs)
+        .into_iter()
+        .filter(|id| !refused.contains(id))
+        .collect();
+    wait_until("the others delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&rest)
+    })
+    .await;
+
+    let bootstrap = common::brokers();
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = dlq::read_all(&s.config, &bootstrap).await.unwrap();
+        if letters.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        letters.len(),
+        2,
+        "exactly the refused events are dead-lettered"
+    );
+    let hdr = |l: &dlq::DeadLetter, k: &str| {
+        l.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_else(|| panic!("dead letter has header {k}"))
+    };
+    let mut dead: Vec<String> = Vec::new();
+    for l in &letters {
+        let d: Delivery = serde_json::from_slice(&l.payload).expect("whole payload kept");
+        dead.push(d.event.event_id.clone());
+        assert_eq!(l.destination, dest(&s.config));
+        assert_eq!(l.stage, "sink");
+        assert_eq!(l.error_class, "webhook_refused");
+        assert!(hdr(l, header::REASON).contains("value must be positive"));
+        assert!(hdr(l, header::RESPONSE).contains("value must be positive"));
+        assert_eq!(hdr(l, header::HTTP_STATUS), "400");
+        assert_eq!(hdr(l, header::ATTEMPTS), "1");
+        assert_eq!(
+            hdr(l, header::ORIGIN_TOPIC),
+            s.config.topics.deliver(&dest(&s.config))
+        );
+        hdr(l, header::FIRST_ATTEMPT);
+        hdr(l, header::LAST_ATTEMPT);
+        hdr(l, header::ORIGIN_OFFSET);
+    }
+    dead.sort();
+    assert_eq!(dead, refused.to_vec());
+    assert!(
+        fake.delivered()
+            .is_disjoint(&refused.iter().cloned().collect())
+    );
+
+    // "Fix" the receiver, then redrive.
+    fake.refuse(&[]);
+    let name = dest(&s.config);
+    let cli = |args: &[&str], path: &Path| {
+        let path = path.to_path_buf();
+        // "hook" stands for this test's destination name.
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "hook" {
+                    name.clone()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let out = common::switchyard()
+                .arg("dlq")
+                .args(args)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let listed = cli(&["list"], &s.path).await.unwrap();
+    assert!(listed.contains("webhook_refused"), "{listed}");
+    assert!(listed.contains("2 dead letter(s)"), "{listed}");
+    let dry = cli(
+        &[
+            "redrive",
+            "--destination",
+            "hook",
+            "--error-class",
+            "webhook_refused",
+            "--dry-run",
+        ],
+        &s.path,
+    )
+    .await
+    .unwrap();
+    assert!(dry.contains("2 dead letter(s) would redrive"), "{dry}");
+    let none = cli(
+        &[
+            "redrive",
+            "--destination",
+            "hook",
+            "--error-class",
+            "expired",
+            "--dry-run",
+        ],
+        &s.path,
+    )
+    .await
+    .unwrap();
+    assert!(none.contains("0 dead letter(s)"), "{none}");
+    let done = cli(
+        &["redrive", "--destination", "hook", "--since", "1h"],
+        &s.path,
+    )
+    .await
+    .unwrap();
+    assert!(done.contains("2 dead letter(s) redriven"), "{done}");
+    let all = ids(&evs);
+    wait_until("redriven events delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&all)
+    })
+    .await;
+    assert_keys_are_event_ids(&fake);
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_event_holds_back_the_same_persons_later_events() {
+    let fake = FakeVendor::start(SECRET).await;
+    let tag = common::unique("order");
+    let first = format!("{tag}-u-first");
+    let second = format!("{tag}-u-second");
+    fake.fail_times(&first, 3);
+    // Waits above park_after go through the retry topic, shorter ones stay
+    // in memory: the jitter exercises both, and both must keep the order.
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"20ms\"\nmax_in_flight = 2\nordering = true\n\
+         [destinations.hook.delivery.retry]\ninitial_backoff = \"400ms\"\nmax_backoff = \"800ms\"\npark_after = \"250ms\"\n",
+    );
+    let sink = start(&s.config).await;
+    let mut evs = vec![(first.clone(), "person-u".to_string())];
+    evs.extend((0..4).map(|i| (format!("{tag}-v{i}"), format!("person-v{i}"))));
+    evs.push((second.clone(), "person-u".to_string()));
+    produce(&s.config, &evs).await;
+    let all = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&all)
+    })
+    .await;
+
+    let received = fake.received();
+    let accepted_at = |id: &str| {
+        received
+            .iter()
+            .filter(|r| r.accepted.iter().any(|a| a == id))
+            .map(|r| r.answered.unwrap())
+            .min()
+            .unwrap()
+    };
+    let first_sent_at = |id: &str| {
+        received
+            .iter()
+            .filter(|r| r.events.iter().any(|(e, _)| e == id))
+            .map(|r| r.arrived)
+            .min()
+            .unwrap()
+    };
+    let attempts_first = received
+        .iter()
+        .filter(|r| r.events.iter().any(|(e, _)| *e == first))
+        .count();
+    assert_eq!(attempts_first, 4, "three refusals, then accepted");
+    let t0 = received[0].arrived;
+    let log: Vec<String> = received
+        .iter()
+        .map(|r| {
+            format!(
+                "{}ms {} accepted={:?} sent={:?}",
+                (r.arrived - t0).as_millis(),
+                r.status,
+                r.accepted,
+                r.events.iter().map(|(e, _)| e).collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    assert!(
+        first_sent_at(&second) > accepted_at(&first),
+        "the person's second event was sent before the first was delivered:\n{}",
+        log.join("\n")
+    );
+    for i in 0..4 {
+        assert!(
+            accepted_at(&format!("{tag}-v{i}")) < accepted_at(&first),
+            "other people keep flowing while one retries"
+        );
+    }
+    sink.stop().await;
+}
+
+fn spawn_sink(path: &Path, name: &str, instance: &str) -> Child {
+    common::switchyard()
+        .args([
+            "run",
+            "--role",
+            "sink",
+            "--destination",
+            name,
+            "--instance-id",
+            instance,
+            "--config",
+        ])
+        .arg(path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
+    let fake = FakeVendor::start(SECRET).await;
+    fake.set_delay(Duration::from_millis(300));
+    let s = setup(
+        &fake,
+        "batch_max_events = 20\nlinger = \"20ms\"\nmax_in_flight = 1\n",
+    );
+    ensure_topics(&s.config).await;
+    let evs = events(&common::unique("kill"), 200, 17);
+    produce(&s.config, &evs).await;
+    let instance = common::unique("killed");
+    let mut child = spawn_sink(&s.path, &dest(&s.config), &instance);
+    wait_until(
+        "a batch in flight after a few were delivered",
+        Duration::from_secs(60),
+        || fake.received().len() >= 3 && !fake.holding().is_empty(),
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = fake.received().len();
+    let in_flight: HashSet<String> = fake
+        .holding()
+        .iter()
+        .flat_map(|r| r.events.iter().map(|(id, _)| id.clone()))
+        .collect();
+    assert!(!in_flight.is_empty());
+
+    let mut child = spawn_sink(&s.path, &dest(&s.config), &instance);
+    let all = ids(&evs);
+    wait_until(
+        "every event delivered after the restart",
+        Duration::from_secs(90),
+        || fake.delivered().is_superset(&all),
+    )
+    .await;
+    // SIGTERM: the sink finishes and exits cleanly.
+    let term = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+
+    let received = fake.received();
+    let sent = |rs: &[common::fake_vendor::Received]| -> HashSet<String> {
+        rs.iter()
+            .flat_map(|r| r.events.iter().map(|(id, _)| id.clone()))
+            .collect()
+    };
+    let before_kill = sent(&received[..before]);
+    let after_restart = sent(&received[before..]);
+    let duplicates: HashSet<String> = before_kill.intersection(&after_restart).cloned().collect();
+    assert!(
+        duplicates.is_subset(&in_flight),
+        "only the batch in flight is sent twice; extra: {:?}",
+        duplicates.difference(&in_flight).collect::<Vec<_>>()
+    );
+    assert!(
+        in_flight.is_subset(&after_restart),
+        "the in-flight batch's outcome was never durable, so it is sent again"
+    );
+    assert_keys_are_event_ids(&fake);
+}
+
+/// Committed offsets of the sink's group on its deliver topic, summed over partitions.
+fn committed_on_deliver(config: &Config) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let name = dest(config);
+    let topic = config.topics.deliver(&name);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", format!("switchyard-sink-{name}"))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..config.topics.partitions {
+        tpl.add_partition(&topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| e.offset().to_raw())
+        .filter(|o| *o >= 0)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
+    let fake = FakeVendor::start(SECRET).await;
+    fake.script([Reply::TooMany { retry_after_s: 6 }]);
+    let tag = common::unique("park");
+    let hopeless = format!("{tag}-hopeless");
+    fake.fail_times(&hopeless, 1000);
+    let s = setup(
+        &fake,
+        "batch_max_events = 50\nlinger = \"500ms\"\nmax_in_flight = 1\n\
+         [destinations.hook.delivery.retry]\nmax_attempts = 3\ninitial_backoff = \"50ms\"\nmax_backoff = \"100ms\"\npark_after = \"1s\"\n",
+    );
+    let mut evs = events(&tag, 20, 4);
+    evs.push((hopeless.clone(), "user-x".into()));
+    ensure_topics(&s.config).await;
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+
+    wait_until("the first request", Duration::from_secs(30), || {
+        !fake.received().is_empty()
+    })
+    .await;
+    // While the vendor asks for 6 s, the events wait on the retry topic and
+    // the deliver topic's offsets commit.
+    wait_until("deliver offsets committed", Duration::from_secs(5), || {
+        committed_on_deliver(&s.config) == evs.len() as i64
+    })
+    .await;
+    assert!(fake.delivered().is_empty(), "nothing is due yet");
+    let retry_topic = s.config.topics.retry(&dest(&s.config));
+    let kafka = s.config.kafka.clone();
+    let parked = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        sink::scan::scan_topic(&kafka, &common::brokers(), &retry_topic, |m| {
+            use rdkafka::message::Headers;
+            let hs = m.headers().unwrap();
+            let get = |k: &str| {
+                hs.iter()
+                    .find(|h| h.key == k)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap()).into_owned())
+            };
+            out.push((get(header::DUE), get(header::ATTEMPTS)));
+        })
+        .unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(parked.len(), evs.len(), "the whole batch was parked");
+    for (due, attempts) in parked {
+        assert!(due.is_some());
+        assert_eq!(attempts.as_deref(), Some("1"));
+    }
+
+    let good: HashSet<String> = ids(&evs).into_iter().filter(|i| *i != hopeless).collect();
+    wait_until("due events delivered", Duration::from_secs(30), || {
+        fake.delivered().is_superset(&good)
+    })
+    .await;
+    let first_ok = fake
+        .received()
+        .iter()
+        .find(|r| r.status == 200)
+        .map(|r| r.arrived)
+        .unwrap();
+    let throttled_at = fake.received()[0].answered.unwrap();
+    assert!(first_ok - throttled_at >= Duration::from_secs(6));
+
+    let bootstrap = common::brokers();
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = dlq::read_all(&s.config, &bootstrap).await.unwrap();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error_class, "retries_exhausted");
+    let d: Delivery = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(d.event.event_id, hopeless);
+
+    // The sink runs in this process, so its metrics are in this registry.
+    let name = dest(&s.config);
+    let metric = |family: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        prometheus::gather()
+            .iter()
+            .find(|f| f.name() == family)?
+            .get_metric()
+            .iter()
+            .find(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            // A counter's gauge part is empty and vice versa.
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+    };
+    let by_dest = [("destination", name.as_str())];
+    assert_eq!(
+        metric(
+            "switchyard_sink_requests_total",
+            &[("destination", name.as_str()), ("status_class", "4xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            "switchyard_sink_events_total",
+            &[("destination", name.as_str()), ("outcome", "delivered")]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        metric(
+            "switchyard_dlq_writes_total",
+            &[
+                ("destination", name.as_str()),
+                ("error_class", "retries_exhausted")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(metric("switchyard_sink_consumer_lag_records", &by_dest).is_some());
+    sink.stop().await;
+}
