@@ -358,12 +358,12 @@ impl Engine {
             metrics::EVENTS
                 .with_label_values(&[&self.shared.destination, "skipped_duplicate"])
                 .inc();
-            self.on_done(Done {
-                anchor: item.anchor().to_string(),
-                origin_offset: item.origin.offset,
-                source: item.source,
-                kind: DoneKind::Resolved,
-            });
+            let source = &item.source;
+            self.tracker
+                .done(&source.topic, source.partition, source.offset);
+            // Not sent, so it releases nobody waiting behind an event in
+            // flight; but if it was parked, it no longer holds anyone back.
+            self.unpark(item.anchor(), item.origin.offset);
             return;
         }
         let anchor = item.anchor().to_string();
@@ -444,15 +444,19 @@ impl Engine {
                 }
             }
             DoneKind::Resolved => {
-                if let Some(p) = self.parked.get_mut(&d.anchor) {
-                    p.origins.remove(&d.origin_offset);
-                    if p.origins.is_empty() {
-                        self.parked.remove(&d.anchor);
-                    }
-                }
+                self.unpark(&d.anchor, d.origin_offset);
                 self.release_next(&d.anchor);
             }
             DoneKind::Followed => {}
+        }
+    }
+
+    fn unpark(&mut self, anchor: &str, origin_offset: i64) {
+        if let Some(p) = self.parked.get_mut(anchor) {
+            p.origins.remove(&origin_offset);
+            if p.origins.is_empty() {
+                self.parked.remove(anchor);
+            }
         }
     }
 

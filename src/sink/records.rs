@@ -225,17 +225,9 @@ pub struct Rejection {
 /// How one item ended in this sink.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Final {
-    Delivered {
-        status: u16,
-        latency: Duration,
-    },
+    Delivered { status: u16, latency: Duration },
     Rejected(Rejection),
-    Parked {
-        due: DateTime<Utc>,
-        reason: String,
-    },
-    /// The ledger says it was delivered already.
-    Duplicate,
+    Parked { due: DateTime<Utc>, reason: String },
 }
 
 /// A delivery-ledger record on `<prefix>.outcomes`, key `event_id/destination`.
@@ -274,7 +266,7 @@ impl LedgerEntry {
                 None,
             ),
             Final::Rejected(r) => ("rejected", r.status, None, Some(r.class.clone())),
-            Final::Parked { .. } | Final::Duplicate => return None,
+            Final::Parked { .. } => return None,
         };
         Some(LedgerEntry {
             event_id,

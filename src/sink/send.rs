@@ -53,7 +53,7 @@ pub struct Done {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DoneKind {
-    /// Delivered, dead-lettered or skipped as already delivered.
+    /// Delivered or dead-lettered.
     Resolved,
     /// Moved to the retry topic, due then.
     Parked(DateTime<Utc>),
@@ -339,7 +339,7 @@ pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<
                     headers: Some(item.retry_headers(name, *due, reason)),
                 });
             }
-            Final::Delivered { .. } | Final::Duplicate => {}
+            Final::Delivered { .. } => {}
         }
     }
     let sends = outs.iter().map(|o| {
@@ -362,7 +362,6 @@ pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<
             Final::Delivered { .. } => "delivered",
             Final::Rejected(_) => "rejected",
             Final::Parked { .. } => "parked",
-            Final::Duplicate => "skipped_duplicate",
         };
         EVENTS.with_label_values(&[name, outcome]).inc();
         if let (Final::Delivered { .. }, Some(ledger), Some(id)) =
