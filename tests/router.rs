@@ -323,7 +323,10 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
 
 /// Fixture stream for the crash tests: `n` unique purchases, 10% of them
 /// sent twice, every 20th keyed by its user instead of its event_id.
-fn crash_fixture(n: usize) -> (Vec<(Option<String>, Vec<u8>)>, BTreeSet<String>) {
+/// Records to produce: (key, payload).
+type Records = Vec<(Option<String>, Vec<u8>)>;
+
+fn crash_fixture(n: usize) -> (Records, BTreeSet<String>) {
     let mut records = Vec::with_capacity(n + n / 10);
     let mut ids = BTreeSet::new();
     for i in 0..n {
@@ -395,7 +398,7 @@ async fn at_least_once_survives_sigkill_restarts() {
     };
     for d in ["meta", "hook"] {
         *seen.borrow_mut() = (0, BTreeSet::new());
-        let got = read_until(&s.brokers, &s.deliver(d), Duration::from_secs(600), &done);
+        let got = read_until(&s.brokers, &s.deliver(d), Duration::from_secs(600), done);
         let delivered: Vec<String> = event_ids(&got);
         let unique: BTreeSet<String> = delivered.iter().cloned().collect();
         let missing: Vec<&String> = ids.difference(&unique).take(5).collect();

@@ -29,8 +29,8 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-/// The destination's name is unique per test because it names the consumer
-/// group (`switchyard-sink-<NAME>`), which tests must not share.
+/// Unique names per test: the prefix and destination name make the
+/// consumer group (`<prefix>-sink-<NAME>`), which tests must not share.
 fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
     let prefix = common::unique("sink");
     let name = common::unique("hook");
@@ -564,7 +564,7 @@ fn committed_on_deliver(config: &Config) -> i64 {
     let topic = config.topics.deliver(&name);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", common::brokers())
-        .set("group.id", format!("switchyard-sink-{name}"))
+        .set("group.id", switchyard::sink::group_id(config, &name))
         .create()
         .unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();

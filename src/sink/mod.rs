@@ -1,6 +1,6 @@
 //! `switchyard run --role sink --destination NAME`: drains
 //! `<prefix>.deliver.<NAME>` (and its retry topic) in consumer group
-//! `switchyard-sink-<NAME>`, delivers in batches, and commits a record's
+//! `<prefix>-sink-<NAME>` (`switchyard-sink-<NAME>` by default), delivers in batches, and commits a record's
 //! offset only once its outcome is durable.
 //!
 //! The engine is one task that owns the consumer and all bookkeeping; each
@@ -117,7 +117,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         ledger,
     });
 
-    let group = format!("switchyard-sink-{destination}");
+    let group = group_id(&ctx.config, destination);
     let mut consumer_config = client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group);
     consumer_config
         .set(
@@ -555,4 +555,10 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The consumer group of one destination's sink: `<prefix>-sink-<NAME>`, so
+/// deployments (and tests) with different topic prefixes never share groups.
+pub fn group_id(config: &crate::config::Config, destination: &str) -> String {
+    format!("{}-sink-{destination}", config.topics.prefix)
 }
