@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -297,6 +299,20 @@ async fn raw_copy(cfg: &Config, brokers: &str, n: usize) -> Result<f64, BenchErr
         .iter()
         .map(|d| format!("{}.copy", cfg.topics.deliver(d)))
         .collect();
+    let admin: AdminClient<DefaultClientContext> = client::base(&cfg.kafka, brokers).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                cfg.topics.partitions,
+                TopicReplication::Fixed(cfg.topics.replication_factor),
+            )
+        })
+        .collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+        r.map_err(|(_, code)| rdkafka::error::KafkaError::AdminOp(code))?;
+    }
     let consumer: StreamConsumer =
         client::manual_commit_consumer(&cfg.kafka, brokers, &format!("{}-copy", cfg.topics.prefix))
             .create()?;
