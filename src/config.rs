@@ -740,6 +740,7 @@ struct CommonKeys {
     event_names: BTreeMap<String, String>,
     #[serde(default)]
     raw_contact: bool,
+    #[serde(default)]
     delivery: DeliverySettings,
 }
 
