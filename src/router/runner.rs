@@ -374,14 +374,21 @@ async fn commit_at_least_once(
     let dedup_topic = config.topics.dedup();
     let (marks, rest): (Vec<&OutRecord>, Vec<&OutRecord>) =
         batch.out.iter().partition(|o| *o.topic == *dedup_topic);
+    let t = Instant::now();
     let acks = enqueue(producer, rest.into_iter())
         .await
         .map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
+    let outputs_ms = t.elapsed().as_millis() as u64;
     let acks = enqueue(producer, marks.into_iter())
         .await
         .map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
+    tracing::debug!(
+        outputs_ms,
+        marks_ms = t.elapsed().as_millis() as u64 - outputs_ms,
+        "batch writes acknowledged"
+    );
     if batch.offsets.is_empty() {
         return Ok(());
     }
