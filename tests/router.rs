@@ -65,16 +65,7 @@ consent = "analytics"
 "#
             ),
         );
-        let out = common::switchyard()
-            .args(["topics", "create", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::run_ok(&["topics", "create"], &config);
         Setup {
             brokers,
             prefix,

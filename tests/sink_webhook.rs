@@ -334,19 +334,10 @@ async fn refused_events_are_dead_lettered_and_redrive_delivers_them() {
             })
             .collect();
         tokio::task::spawn_blocking(move || {
-            let out = common::switchyard()
-                .arg("dlq")
-                .args(args)
-                .arg("--config")
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            let args: Vec<&str> = std::iter::once("dlq")
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            common::run_ok(&args, &path)
         })
     };
     let listed = cli(&["list"], &s.path).await.unwrap();

@@ -148,16 +148,7 @@ async fn state_topics_follow_an_existing_input_topic() {
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::write_config(dir.path(), &config_text(&brokers, &canonical, &prefix));
-    let out = common::switchyard()
-        .args(["topics", "create", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(&["topics", "create"], &cfg);
     assert_eq!(partitions(&admin, &format!("{prefix}.dedup")), 5);
 }
 

@@ -55,6 +55,23 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     p
 }
 
+/// Runs `switchyard ARGS… --config CONFIG`, fails the test unless it exits 0,
+/// and returns its stdout.
+pub fn run_ok(args: &[&str], config: &Path) -> String {
+    let out = switchyard()
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run switchyard");
+    assert!(
+        out.status.success(),
+        "switchyard {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The `switchyard` binary built for this test run.
 pub fn switchyard() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
