@@ -140,6 +140,46 @@ pub fn put(out: &mut Map<String, Value>, key: &str, v: Option<Value>) {
     }
 }
 
+/// The browser context that the Mixpanel and PostHog SDKs both put in
+/// properties (their IP keys differ), as a canonical `context`.
+pub fn put_web_context(props: &Map<String, Value>, ip_key: &str, out: &mut Map<String, Value>) {
+    let string = |k: &str| props.get(k).filter(|v| v.is_string()).cloned();
+    let mut context = Map::new();
+    put(&mut context, "ip", string(ip_key));
+    put(&mut context, "page_url", string("$current_url"));
+    put(&mut context, "referrer", string("$referrer"));
+    if !context.is_empty() {
+        out.insert("context".into(), Value::Object(context));
+    }
+}
+
+/// An identify call's traits, or an event's commerce fields and remaining
+/// properties; then where the event came from.
+pub fn finish(
+    mut out: Map<String, Value>,
+    identify: bool,
+    traits: Map<String, Value>,
+    mut props: Map<String, Value>,
+    via: &str,
+    source_id: Option<&str>,
+) -> Value {
+    if identify {
+        if !traits.is_empty() {
+            out.insert("traits".into(), Value::Object(traits));
+        }
+    } else {
+        take_commerce(&mut props, &mut out);
+        if !props.is_empty() {
+            out.insert("properties".into(), Value::Object(props));
+        }
+    }
+    out.insert(
+        "metadata".into(),
+        provenance(via, super::segment::MAPPING_VERSION, source_id),
+    );
+    Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

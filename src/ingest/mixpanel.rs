@@ -80,43 +80,24 @@ pub fn map_event(ev: &Value) -> Mapped {
     map::put(&mut out, "anonymous_id", anon.map(Value::String));
     map::take_contact(&props, &mut out);
 
-    let mut context = Map::new();
-    map::put(
-        &mut context,
-        "ip",
-        props.get("ip").filter(|v| v.is_string()).cloned(),
-    );
-    map::put(
-        &mut context,
-        "page_url",
-        props.get("$current_url").filter(|v| v.is_string()).cloned(),
-    );
-    map::put(
-        &mut context,
-        "referrer",
-        props.get("$referrer").filter(|v| v.is_string()).cloned(),
-    );
-    if !context.is_empty() {
-        out.insert("context".into(), Value::Object(context));
-    }
+    map::put_web_context(&props, "ip", &mut out);
     for k in RESERVED {
         props.remove(*k);
     }
-    if identify {
-        if !props.is_empty() {
-            out.insert("traits".into(), Value::Object(props));
-        }
+    // Mixpanel's identify carries its traits as plain properties.
+    let (traits, props) = if identify {
+        (props, Map::new())
     } else {
-        map::take_commerce(&mut props, &mut out);
-        if !props.is_empty() {
-            out.insert("properties".into(), Value::Object(props));
-        }
-    }
-    out.insert(
-        "metadata".into(),
-        map::provenance("mixpanel", segment::MAPPING_VERSION, insert_id.as_deref()),
-    );
-    Mapped::Event(Value::Object(out))
+        (Map::new(), props)
+    };
+    Mapped::Event(map::finish(
+        out,
+        identify,
+        traits,
+        props,
+        "mixpanel",
+        insert_id.as_deref(),
+    ))
 }
 
 #[cfg(test)]

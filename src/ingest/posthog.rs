@@ -75,43 +75,19 @@ pub fn map_event(ev: &Value) -> Mapped {
     map::take_contact(&props, &mut out);
     map::take_contact(&set, &mut out);
 
-    let mut context = Map::new();
-    map::put(
-        &mut context,
-        "ip",
-        props.get("$ip").filter(|v| v.is_string()).cloned(),
-    );
-    map::put(
-        &mut context,
-        "page_url",
-        props.get("$current_url").filter(|v| v.is_string()).cloned(),
-    );
-    map::put(
-        &mut context,
-        "referrer",
-        props.get("$referrer").filter(|v| v.is_string()).cloned(),
-    );
-    if !context.is_empty() {
-        out.insert("context".into(), Value::Object(context));
-    }
+    map::put_web_context(&props, "$ip", &mut out);
     for k in RESERVED {
         props.remove(*k);
     }
-    if identify {
-        if !set.is_empty() {
-            out.insert("traits".into(), Value::Object(set));
-        }
-    } else {
-        map::take_commerce(&mut props, &mut out);
-        if !props.is_empty() {
-            out.insert("properties".into(), Value::Object(props));
-        }
-    }
-    out.insert(
-        "metadata".into(),
-        map::provenance("posthog", segment::MAPPING_VERSION, uuid.as_deref()),
-    );
-    Mapped::Event(Value::Object(out))
+    let traits = set;
+    Mapped::Event(map::finish(
+        out,
+        identify,
+        traits,
+        props,
+        "posthog",
+        uuid.as_deref(),
+    ))
 }
 
 #[cfg(test)]
