@@ -43,6 +43,17 @@ pub fn manual_commit_consumer(kafka: &KafkaConfig, bootstrap: &str, group: &str)
     c
 }
 
+/// A consumer that only reads assigned partitions (state topics, tooling):
+/// it joins no group and never commits anything.
+pub fn reader(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = base(kafka, bootstrap);
+    c.set("group.id", "switchyard-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    c
+}
+
 /// Lets librdkafka reject unknown or malformed pass-through properties
 /// before anything connects (`switchyard check`).
 pub fn check_properties(kafka: &KafkaConfig) -> Result<(), Error> {

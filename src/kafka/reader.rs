@@ -19,11 +19,7 @@ pub async fn read_to_end(
     bootstrap: &str,
     topic: &str,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
-    let consumer: BaseConsumer = client::base(kafka, bootstrap)
-        .set("group.id", "switchyard-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let consumer: BaseConsumer = client::reader(kafka, bootstrap).create()?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || read_blocking(&consumer, &topic))
         .await

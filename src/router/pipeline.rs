@@ -62,6 +62,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    #[cfg(test)]
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Invalid { .. } => "invalid",

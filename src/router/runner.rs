@@ -508,7 +508,7 @@ pub(super) async fn restore_partition(
             partition,
             source,
         };
-        let consumer: BaseConsumer = reader(&kafka, &bootstrap).create().map_err(err)?;
+        let consumer: BaseConsumer = client::reader(&kafka, &bootstrap).create().map_err(err)?;
         let (low, high) = consumer
             .fetch_watermarks(&topic, partition, Duration::from_secs(10))
             .map_err(err)?;
@@ -554,16 +554,6 @@ pub(super) async fn restore_partition(
     .await?
 }
 
-/// A group-less consumer for reading state topics: never commits anything.
-fn reader(kafka: &KafkaConfig, bootstrap: &str) -> rdkafka::ClientConfig {
-    let mut c = client::base(kafka, bootstrap);
-    c.set("group.id", "switchyard-state-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed");
-    c
-}
-
 /// Tails the whole identity topic: every instance sees every update.
 struct IdentityTail {
     consumer: BaseConsumer,
@@ -582,7 +572,7 @@ impl IdentityTail {
             partition: -1,
             source,
         };
-        let consumer: BaseConsumer = reader(kafka, bootstrap).create().map_err(err)?;
+        let consumer: BaseConsumer = client::reader(kafka, bootstrap).create().map_err(err)?;
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(err)?;
