@@ -5,7 +5,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY schemas schemas
 COPY examples examples
-RUN cargo build --release --locked
+RUN cargo build --release --locked --no-default-features
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \

@@ -12,4 +12,4 @@ SWITCHYARD_TEST_BROKERS="$(scripts/kafka-dev.sh start)"
 export SWITCHYARD_TEST_BROKERS
 trap 'scripts/kafka-dev.sh stop' EXIT
 
-cargo test --locked "$@"
+cargo test --workspace --locked "$@"

@@ -60,8 +60,22 @@ pub enum Outcome {
     },
 }
 
+/// Why the vendor would refuse one event whatever else the request holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub class: &'static str,
+    pub reason: String,
+}
+
 pub trait Destination: Send + Sync {
     fn limits(&self) -> Limits;
+    /// Checked before an event joins a request: some vendors (Meta) fail a
+    /// whole request for one invalid event, so an event the vendor is sure to
+    /// refuse (a required field missing, say) is dead-lettered on its own
+    /// with the reason instead. `None` = send it.
+    fn refuse(&self, _delivery: &Delivery) -> Option<Refusal> {
+        None
+    }
     /// Whether the vendor itself drops a resent event with the same key; when
     /// not, the sink consults the delivery ledger before sending.
     fn vendor_dedup(&self) -> bool;

@@ -78,16 +78,23 @@ pub async fn deliver(
             finals.push((item, reject("decode", "not a delivery record".into())));
             continue;
         };
+        let age = (now - d.event.occurred_at).to_std().ok();
         let too_old = shared
             .limits
             .max_event_age
-            .is_some_and(|age| (now - d.event.occurred_at).to_std().is_ok_and(|a| a > age));
-        if too_old {
+            .filter(|max| age.is_some_and(|a| a > *max));
+        if let Some(max) = too_old {
+            let reason = format!(
+                "event is {} old; {} accepts events up to {} old",
+                humantime::format_duration(Duration::from_secs(age.unwrap_or_default().as_secs())),
+                shared.destination,
+                humantime::format_duration(max)
+            );
             item.delivery = Some(d);
-            finals.push((
-                item,
-                reject("expired", "older than the vendor accepts".into()),
-            ));
+            finals.push((item, reject("expired", reason)));
+        } else if let Some(refusal) = shared.vendor.refuse(&d) {
+            item.delivery = Some(d);
+            finals.push((item, reject(refusal.class, refusal.reason)));
         } else if item.raw.len() > shared.limits.max_bytes {
             item.delivery = Some(d);
             finals.push((
