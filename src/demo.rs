@@ -1,10 +1,12 @@
 //! `switchyard demo`: publishes a sample stream to the canonical topic, runs
 //! the router on it, reads every output topic back and prints what happened
 //! to each event: which destinations got it, which did not and why, and
-//! which records were dead-lettered.
+//! which records were dead-lettered. Then it runs every destination's sink
+//! against a local stand-in of the vendor (the `switchyard-fakes` servers,
+//! which check requests the way the vendor does) and prints, per
+//! destination, what was sent, accepted, skipped and dead-lettered.
 
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::time::Duration;
 
@@ -18,11 +20,15 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use chrono::{DateTime, Utc};
+use switchyard_fakes::{self as fakes, Fake};
+
+use crate::config::{Config, DestinationKind};
 use crate::delivery::Delivery;
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka::{self, Cluster, client};
-use crate::router::route;
+use crate::router::route::{self, Skip};
+use crate::sink::records::{LedgerEntry, header as sink_header};
 use crate::run::RoleContext;
 
 /// The sample stream shipped with switchyard (`examples/events.ndjson`).
@@ -58,9 +64,15 @@ pub enum DemoError {
     Incomplete { seen: usize, expected: usize },
     #[error("the router did not finish the sample within {}s", READ_BACK_TIMEOUT.as_secs())]
     RouterTimeout,
-    #[error("the router failed: {0}")]
+    #[error("the router failed")]
     Router(#[from] crate::router::RouterError),
-    #[error("writing the report failed: {0}")]
+    #[error("starting a vendor stand-in failed")]
+    Fake(#[source] std::io::Error),
+    #[error("a sink failed")]
+    Sink(#[from] crate::sink::SinkError),
+    #[error("not every delivery had an outcome within {}s: {waiting}", DELIVERY_TIMEOUT.as_secs())]
+    DeliveryTimeout { waiting: String },
+    #[error("writing the report failed")]
     Output(#[from] std::io::Error),
 }
 
@@ -72,6 +84,29 @@ pub struct DemoSummary {
     pub duplicates: usize,
     /// Deliveries written, over all destinations.
     pub routed: usize,
+    /// Events the vendor stand-ins accepted, over all destinations.
+    pub accepted: usize,
+    /// Deliveries the sinks dead-lettered, over all destinations.
+    pub dead_lettered: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DemoOptions {
+    /// Publish the events with their own times instead of shifting them to now.
+    pub keep_times: bool,
+}
+
+/// One destination's figures.
+#[derive(Debug, Default)]
+struct Tally {
+    routed: usize,
+    skipped_consent: usize,
+    skipped_unmapped: usize,
+    /// Events that went out in a request (not refused before sending).
+    sent: usize,
+    accepted: usize,
+    /// (event_id, error class, reason) of each dead letter.
+    dead_lettered: Vec<(String, String, String)>,
 }
 
 /// One published line: where it is in the input and where it landed in Kafka.
@@ -82,14 +117,30 @@ struct Published {
 }
 
 pub async fn run(
-    config: Arc<Config>,
+    mut config: Config,
     cluster: &Cluster,
     input: &str,
+    opts: DemoOptions,
     out: &mut dyn Write,
 ) -> Result<DemoSummary, DemoError> {
+    let fakes = start_fakes(&mut config).await?;
+    let config = Arc::new(config);
     kafka::topics::ensure(cluster, &config).await?;
     let topic = &config.topics.canonical;
-    let published = publish(&config, cluster, topic, input).await?;
+    let input = if opts.keep_times {
+        input.to_string()
+    } else {
+        let (shifted, by) = make_recent(input, Utc::now());
+        if let Some(by) = by {
+            writeln!(
+                out,
+                "event times shifted forward by {} so the sample is recent (vendors refuse old events; --keep-times keeps them)",
+                humantime::format_duration(Duration::from_secs(by.num_seconds().max(0) as u64))
+            )?;
+        }
+        shifted
+    };
+    let published = publish(&config, cluster, topic, &input).await?;
     writeln!(
         out,
         "published {} records to {topic} on {}{}",
@@ -119,6 +170,10 @@ pub async fn run(
         published: published.len(),
         ..DemoSummary::default()
     };
+    let mut tally: BTreeMap<String, Tally> = names
+        .iter()
+        .map(|n| (n.to_string(), Tally::default()))
+        .collect();
     let mut first_line: HashMap<String, usize> = HashMap::new();
     for p in &published {
         let at = (p.partition, p.offset);
@@ -150,14 +205,26 @@ pub async fn run(
         first_line.insert(ev.event_id.clone(), p.line);
         let got = outputs.delivered.get(&at).cloned().unwrap_or_default();
         summary.routed += got.len();
-        let skipped: Vec<String> = config
-            .enabled_destinations()
-            .filter(|d| !got.contains(&d.name))
-            .map(|d| match route::select(d, &ev) {
-                Err(skip) => format!("{} ({})", d.name, skip.reason()),
+        let mut skipped = Vec::new();
+        for d in config.enabled_destinations() {
+            let t = tally.get_mut(&d.name).expect("every destination has a tally");
+            if got.contains(&d.name) {
+                t.routed += 1;
+                continue;
+            }
+            skipped.push(match route::select(d, &ev) {
+                Err(skip) => {
+                    match skip {
+                        Skip::ConsentDenied { .. } | Skip::ConsentMissing { .. } => {
+                            t.skipped_consent += 1
+                        }
+                        Skip::NotMapped | Skip::NotInAllowlist => t.skipped_unmapped += 1,
+                    }
+                    format!("{} ({})", d.name, skip.reason())
+                }
                 Ok(_) => format!("{} (not delivered)", d.name),
-            })
-            .collect();
+            });
+        }
         let sent = if got.is_empty() {
             "-".to_string()
         } else {
@@ -178,6 +245,20 @@ pub async fn run(
         config.topics.dlq(),
         summary.routed
     )?;
+
+    writeln!(out)?;
+    for (name, fake) in &fakes {
+        writeln!(out, "{name}: local {} at {}", fake.vendor, fake.server.base_url())?;
+    }
+    deliver_all(&config, cluster, &mut tally).await?;
+    for (name, fake) in &fakes {
+        if let Some(t) = tally.get_mut(name) {
+            t.accepted = fake.server.accepted().len();
+        }
+    }
+    report_delivery(out, &config, &tally)?;
+    summary.accepted = tally.values().map(|t| t.accepted).sum();
+    summary.dead_lettered = tally.values().map(|t| t.dead_lettered.len()).sum();
     Ok(summary)
 }
 
@@ -378,4 +459,239 @@ async fn read_back(
         }
     }
     Ok(records)
+}
+
+/// A vendor stand-in the demo delivers to.
+struct DemoFake {
+    vendor: &'static str,
+    server: Fake,
+}
+
+/// Starts a stand-in for every enabled destination, with the credentials its
+/// config names, and points the destination at it.
+async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, DemoError> {
+    let mut fakes = BTreeMap::new();
+    for (name, dest) in config.destinations.iter_mut().filter(|(_, d)| d.enabled) {
+        let (vendor, server) = match &mut dest.kind {
+            DestinationKind::Webhook(w) => {
+                let server = fakes::serve(fakes::webhook::Settings {
+                    secret: w.secret.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                w.url = format!("{}/{name}", server.base_url());
+                ("signed-webhook receiver", server)
+            }
+            _ => continue,
+        };
+        fakes.insert(name.clone(), DemoFake { vendor, server });
+    }
+    Ok(fakes)
+}
+
+/// Moves every event time forward by the same amount so the latest is a
+/// minute ago: the vendors refuse events older than a few days, and the
+/// shipped sample was written on one day. Lines that are not JSON objects
+/// with an RFC 3339 `occurred_at` stay as they are (they are the sample's
+/// invalid records).
+fn make_recent(input: &str, now: DateTime<Utc>) -> (String, Option<chrono::Duration>) {
+    let time_of = |line: &str| -> Option<(serde_json::Value, DateTime<Utc>)> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let t = DateTime::parse_from_rfc3339(v.get("occurred_at")?.as_str()?).ok()?;
+        Some((v, t.with_timezone(&Utc)))
+    };
+    let Some(latest) = input.lines().filter_map(|l| time_of(l).map(|(_, t)| t)).max() else {
+        return (input.to_string(), None);
+    };
+    let by = now - chrono::Duration::minutes(1) - latest;
+    if by <= chrono::Duration::zero() {
+        return (input.to_string(), None);
+    }
+    let mut out = String::with_capacity(input.len());
+    for line in input.lines() {
+        match time_of(line) {
+            Some((mut v, t)) => {
+                v["occurred_at"] = serde_json::Value::String(
+                    (t + by).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                );
+                out.push_str(&v.to_string());
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    (out, Some(by))
+}
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs every destination's sink until each delivery has a durable outcome
+/// in the ledger, then reads back what was sent and dead-lettered.
+async fn deliver_all(
+    config: &Arc<Config>,
+    cluster: &Cluster,
+    tally: &mut BTreeMap<String, Tally>,
+) -> Result<(), DemoError> {
+    let shutdown = CancellationToken::new();
+    let mut sinks = tokio::task::JoinSet::new();
+    for name in tally.keys() {
+        let ctx = RoleContext {
+            config: config.clone(),
+            bootstrap: cluster.bootstrap().to_string(),
+            instance_id: format!("demo-{}", std::process::id()),
+            shutdown: shutdown.clone(),
+        };
+        let name = name.clone();
+        sinks.spawn(async move { crate::sink::run(ctx, &name).await });
+    }
+    let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+    let outcomes = loop {
+        let outcomes = read_outcomes(config, cluster.bootstrap()).await?;
+        let waiting: Vec<String> = tally
+            .iter()
+            .filter(|(name, t)| outcomes.get(*name).map_or(0, HashMap::len) < t.routed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if waiting.is_empty() {
+            break outcomes;
+        }
+        if tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
+            return Err(DemoError::DeliveryTimeout { waiting: waiting.join(", ") });
+        }
+        tokio::select! {
+            Some(done) = sinks.join_next() => {
+                // Sinks run until told to stop; one that ends early failed.
+                shutdown.cancel();
+                done.map_err(|e| crate::sink::SinkError::Task(e.to_string()))??;
+                return Err(DemoError::DeliveryTimeout { waiting: waiting.join(", ") });
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    };
+    shutdown.cancel();
+    while let Some(done) = sinks.join_next().await {
+        done.map_err(|e| crate::sink::SinkError::Task(e.to_string()))??;
+    }
+    for (name, t) in tally.iter_mut() {
+        t.sent = outcomes
+            .get(name)
+            .map_or(0, |o| o.values().filter(|e| e.attempts > 0).count());
+    }
+    let dlq = kafka::reader::read_to_end(&config.kafka, cluster.bootstrap(), &config.topics.dlq())
+        .await
+        .map_err(DemoError::Consume)?;
+    for r in dlq {
+        let h = kafka::reader::headers(&r);
+        let stage = h.get(sink_header::STAGE).map(String::as_str);
+        let Some(t) = h
+            .get(sink_header::DESTINATION)
+            .filter(|_| stage == Some("sink"))
+            .and_then(|d| tally.get_mut(d))
+        else {
+            continue;
+        };
+        let event_id = r
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Delivery>(p).ok())
+            .map(|d| d.event.event_id)
+            .unwrap_or_default();
+        let field = |k: &str| h.get(k).cloned().unwrap_or_default();
+        t.dead_lettered.push((
+            event_id,
+            field(sink_header::ERROR_CLASS),
+            field(sink_header::REASON),
+        ));
+    }
+    Ok(())
+}
+
+/// The delivery ledger by destination and event_id (latest entry wins).
+async fn read_outcomes(
+    config: &Config,
+    bootstrap: &str,
+) -> Result<HashMap<String, HashMap<String, LedgerEntry>>, DemoError> {
+    let records = kafka::reader::read_to_end(&config.kafka, bootstrap, &config.topics.outcomes())
+        .await
+        .map_err(DemoError::Consume)?;
+    let mut by_dest: HashMap<String, HashMap<String, LedgerEntry>> = HashMap::new();
+    for r in records {
+        if let Some(e) = r
+            .payload()
+            .and_then(|p| serde_json::from_slice::<LedgerEntry>(p).ok())
+        {
+            by_dest
+                .entry(e.destination.clone())
+                .or_default()
+                .insert(e.event_id.clone(), e);
+        }
+    }
+    Ok(by_dest)
+}
+
+fn report_delivery(
+    out: &mut dyn Write,
+    config: &Config,
+    tally: &BTreeMap<String, Tally>,
+) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<12} {:<14} {:>6} {:>5} {:>8} {:>13} {:>16} {:>18}",
+        "destination",
+        "type",
+        "routed",
+        "sent",
+        "accepted",
+        "dead-lettered",
+        "skipped: consent",
+        "skipped: unmapped"
+    )?;
+    for (name, t) in tally {
+        let kind = config
+            .destinations
+            .get(name)
+            .map_or("?", |d| d.kind.type_name());
+        writeln!(
+            out,
+            "{name:<12} {kind:<14} {:>6} {:>5} {:>8} {:>13} {:>16} {:>18}",
+            t.routed,
+            t.sent,
+            t.accepted,
+            t.dead_lettered.len(),
+            t.skipped_consent,
+            t.skipped_unmapped
+        )?;
+    }
+    for (name, t) in tally {
+        for (event_id, class, reason) in &t.dead_lettered {
+            writeln!(
+                out,
+                "dead letter  {name}: {event_id} ({class}): {reason}"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_times_move_together_and_invalid_lines_stay() {
+        let input = "{\"event_id\":\"a\",\"occurred_at\":\"2026-01-01T00:00:00Z\"}\n{not json\n{\"event_id\":\"b\",\"occurred_at\":\"2026-01-01T00:10:00Z\"}\n";
+        let now = DateTime::parse_from_rfc3339("2026-01-08T00:11:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (out, by) = make_recent(input, now);
+        assert_eq!(by, Some(chrono::Duration::days(7)));
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("2026-01-08T00:00:00Z"), "{out}");
+        assert_eq!(lines[1], "{not json");
+        assert!(lines[2].contains("2026-01-08T00:10:00Z"), "{out}");
+        // Already recent: untouched.
+        assert_eq!(make_recent(&out, now).1, None);
+    }
 }

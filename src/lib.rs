@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod delivery;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod destinations;
 pub mod event;

@@ -41,6 +41,10 @@ enum Command {
         /// NDJSON events to publish instead of the built-in sample.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Publish events with their own times; by default they are shifted so
+        /// the latest is a minute old, because vendors refuse old events.
+        #[arg(long)]
+        keep_times: bool,
     },
     /// Run the pipeline: router, sinks and/or the ingest gateway.
     Run {
@@ -183,9 +187,17 @@ fn main() -> ExitCode {
                 },
             ))
         }),
-        Command::Demo { config, file } => {
-            runtime().and_then(|rt| rt.block_on(run_demo(config, file)))
-        }
+        Command::Demo {
+            config,
+            file,
+            keep_times,
+        } => runtime().and_then(|rt| {
+            rt.block_on(run_demo(
+                config,
+                file,
+                demo::DemoOptions { keep_times },
+            ))
+        }),
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
@@ -319,7 +331,11 @@ async fn bench_router(opts: switchyard::router::bench::BenchOptions) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn run_demo(
+    config: Option<PathBuf>,
+    file: Option<PathBuf>,
+    opts: demo::DemoOptions,
+) -> anyhow::Result<ExitCode> {
     let config = match config {
         Some(p) => Config::load(&p)?,
         None => demo::demo_config(),
@@ -331,8 +347,7 @@ async fn run_demo(config: Option<PathBuf>, file: Option<PathBuf>) -> anyhow::Res
         None => demo::SAMPLE_EVENTS.to_string(),
     };
     let cluster = Cluster::connect(&config)?;
-    let config = std::sync::Arc::new(config);
-    demo::run(config, &cluster, &input, &mut std::io::stdout().lock()).await?;
+    demo::run(config, &cluster, &input, opts, &mut std::io::stdout().lock()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
