@@ -336,10 +336,10 @@ async fn collect_outputs(config: &Config, bootstrap: &str) -> Result<Outputs, De
     for r in dlq {
         let h = kafka::reader::headers(&r);
         if let (Some(p), Some(o)) = (
-            h.get("original_partition").and_then(|v| v.parse().ok()),
-            h.get("original_offset").and_then(|v| v.parse().ok()),
+            h.get(sink_header::ORIGIN_PARTITION).and_then(|v| v.parse().ok()),
+            h.get(sink_header::ORIGIN_OFFSET).and_then(|v| v.parse().ok()),
         ) {
-            let class = h.get("error_class").cloned().unwrap_or_default();
+            let class = h.get(sink_header::ERROR_CLASS).cloned().unwrap_or_default();
             outputs.dead_letters.insert((p, o), class);
         }
     }

@@ -256,7 +256,7 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
 
     let classes: BTreeMap<String, String> = dlq
         .iter()
-        .map(|r| (r.key_str().to_string(), r.headers["error_class"].clone()))
+        .map(|r| (r.key_str().to_string(), r.headers["switchyard-error-class"].clone()))
         .collect();
     assert_eq!(
         classes,
@@ -269,7 +269,7 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
     );
     let schema = dlq.iter().find(|r| r.key_str() == "bad-1").unwrap();
     assert!(
-        schema.headers["reason"].contains("/value"),
+        schema.headers["switchyard-reason"].contains("/value"),
         "{:?}",
         schema.headers
     );
@@ -279,12 +279,13 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
     );
     for r in &dlq {
         for h in [
-            "stage",
-            "reason",
-            "original_topic",
-            "original_partition",
-            "original_offset",
-            "failed_at",
+            "switchyard-stage",
+            "switchyard-error-class",
+            "switchyard-reason",
+            "switchyard-origin-topic",
+            "switchyard-origin-partition",
+            "switchyard-origin-offset",
+            "switchyard-failed-at",
         ] {
             assert!(
                 r.headers.contains_key(h),

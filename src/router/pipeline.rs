@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
 use crate::event::normalize::PhoneCountry;
 use crate::event::{CanonicalEvent, InvalidEvent, parse_event};
+use crate::sink::records::header;
 
 /// One consumed record, borrowed from the consumer.
 #[derive(Debug, Clone, Copy)]
@@ -234,7 +235,7 @@ impl Pipeline {
                 partition: None,
                 key: Some(ev.event_id.clone().into_bytes()),
                 payload: Some(payload.to_vec()),
-                headers: vec![("rekeyed_from", format!("{}/{}", rec.partition, rec.offset))],
+                headers: vec![(header::REKEYED_FROM, format!("{}/{}", rec.partition, rec.offset))],
             });
             return Outcome::Rekeyed {
                 event_id: ev.event_id,
@@ -342,21 +343,21 @@ impl Pipeline {
             reason.truncate(cut);
         }
         let mut headers = vec![
-            ("stage", "router".to_string()),
-            ("error_class", class.to_string()),
-            ("reason", reason.clone()),
-            ("original_topic", self.config.topics.canonical.clone()),
-            ("original_partition", rec.partition.to_string()),
-            ("original_offset", rec.offset.to_string()),
-            ("failed_at", Utc::now().to_rfc3339()),
+            (header::STAGE, "router".to_string()),
+            (header::ERROR_CLASS, class.to_string()),
+            (header::REASON, reason.clone()),
+            (header::ORIGIN_TOPIC, self.config.topics.canonical.clone()),
+            (header::ORIGIN_PARTITION, rec.partition.to_string()),
+            (header::ORIGIN_OFFSET, rec.offset.to_string()),
+            (header::FAILED_AT, Utc::now().to_rfc3339()),
         ];
         if let Some(ts) = rec.timestamp_ms {
-            headers.push(("original_timestamp_ms", ts.to_string()));
+            headers.push((header::ORIGIN_TIMESTAMP_MS, ts.to_string()));
         }
         let payload = rec.payload.map(|p| match oversize {
             Some(size) => {
-                headers.push(("original_size", size.to_string()));
-                headers.push(("truncated", "true".into()));
+                headers.push((header::ORIGIN_SIZE, size.to_string()));
+                headers.push((header::TRUNCATED, "true".into()));
                 p[..OVERSIZE_KEEP.min(p.len())].to_vec()
             }
             None => p.to_vec(),
@@ -519,9 +520,9 @@ consent = "analytics"
             assert_eq!(&*out.topic, "switchyard.dlq");
             let h: HashMap<&str, &str> =
                 out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            assert_eq!(h["error_class"], *class);
-            assert_eq!(h["original_offset"], r.offset.to_string());
-            assert!(!h["reason"].is_empty());
+            assert_eq!(h[header::ERROR_CLASS], *class);
+            assert_eq!(h[header::ORIGIN_OFFSET], r.offset.to_string());
+            assert!(!h[header::REASON].is_empty());
             if *class == "oversize" {
                 assert_eq!(out.payload.as_ref().unwrap().len(), OVERSIZE_KEEP);
             } else {
@@ -531,7 +532,7 @@ consent = "analytics"
         let schema = b.out[3]
             .headers
             .iter()
-            .find(|(k, _)| *k == "reason")
+            .find(|(k, _)| *k == header::REASON)
             .unwrap();
         assert!(
             schema.1.contains("/occurred_at") && schema.1.contains("/user_id"),

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::delivery::Delivery;
 
-/// Header names switchyard sets on dead letters and retry records.
+/// Header names switchyard sets on dead letters (router and sink alike, so
+/// `dlq list` reads both) and retry records.
 pub mod header {
     pub const DESTINATION: &str = "switchyard-destination";
     pub const STAGE: &str = "switchyard-stage";
@@ -27,6 +28,15 @@ pub mod header {
     pub const ORIGIN_OFFSET: &str = "switchyard-origin-offset";
     pub const DUE: &str = "switchyard-due";
     pub const REDRIVEN_FROM: &str = "switchyard-redriven-from";
+    /// Router dead letters: when the record failed, and the input record's
+    /// own timestamp and size (oversize payloads are cut).
+    pub const FAILED_AT: &str = "switchyard-failed-at";
+    pub const ORIGIN_TIMESTAMP_MS: &str = "switchyard-origin-timestamp-ms";
+    pub const ORIGIN_SIZE: &str = "switchyard-origin-size";
+    pub const TRUNCATED: &str = "switchyard-truncated";
+    /// On a record the router re-published under its event_id: where the
+    /// mis-keyed original was (`<partition>/<offset>`).
+    pub const REKEYED_FROM: &str = "switchyard-rekeyed-from";
 
     /// Headers describing one attempt history; never copied onto a new record.
     pub fn is_own(name: &str) -> bool {
