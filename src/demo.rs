@@ -28,8 +28,8 @@ use crate::delivery::Delivery;
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka::{self, Cluster, client};
 use crate::router::route::{self, Skip};
-use crate::sink::records::{LedgerEntry, header as sink_header};
 use crate::run::RoleContext;
+use crate::sink::records::{LedgerEntry, header as sink_header};
 
 /// The sample stream shipped with switchyard (`examples/events.ndjson`).
 pub const SAMPLE_EVENTS: &str = include_str!("../examples/events.ndjson");
@@ -207,7 +207,9 @@ pub async fn run(
         summary.routed += got.len();
         let mut skipped = Vec::new();
         for d in config.enabled_destinations() {
-            let t = tally.get_mut(&d.name).expect("every destination has a tally");
+            let t = tally
+                .get_mut(&d.name)
+                .expect("every destination has a tally");
             if got.contains(&d.name) {
                 t.routed += 1;
                 continue;
@@ -248,7 +250,12 @@ pub async fn run(
 
     writeln!(out)?;
     for (name, fake) in &fakes {
-        writeln!(out, "{name}: local {} at {}", fake.vendor, fake.server.base_url())?;
+        writeln!(
+            out,
+            "{name}: local {} at {}",
+            fake.vendor,
+            fake.server.base_url()
+        )?;
     }
     deliver_all(&config, cluster, &mut tally).await?;
     for (name, fake) in &fakes {
@@ -336,8 +343,10 @@ async fn collect_outputs(config: &Config, bootstrap: &str) -> Result<Outputs, De
     for r in dlq {
         let h = kafka::reader::headers(&r);
         if let (Some(p), Some(o)) = (
-            h.get(sink_header::ORIGIN_PARTITION).and_then(|v| v.parse().ok()),
-            h.get(sink_header::ORIGIN_OFFSET).and_then(|v| v.parse().ok()),
+            h.get(sink_header::ORIGIN_PARTITION)
+                .and_then(|v| v.parse().ok()),
+            h.get(sink_header::ORIGIN_OFFSET)
+                .and_then(|v| v.parse().ok()),
         ) {
             let class = h.get(sink_header::ERROR_CLASS).cloned().unwrap_or_default();
             outputs.dead_letters.insert((p, o), class);
@@ -501,7 +510,11 @@ fn make_recent(input: &str, now: DateTime<Utc>) -> (String, Option<chrono::Durat
         let t = DateTime::parse_from_rfc3339(v.get("occurred_at")?.as_str()?).ok()?;
         Some((v, t.with_timezone(&Utc)))
     };
-    let Some(latest) = input.lines().filter_map(|l| time_of(l).map(|(_, t)| t)).max() else {
+    let Some(latest) = input
+        .lines()
+        .filter_map(|l| time_of(l).map(|(_, t)| t))
+        .max()
+    else {
         return (input.to_string(), None);
     };
     let by = now - chrono::Duration::minutes(1) - latest;
@@ -558,7 +571,9 @@ async fn deliver_all(
         }
         if tokio::time::Instant::now() > deadline {
             shutdown.cancel();
-            return Err(DemoError::DeliveryTimeout { waiting: waiting.join(", ") });
+            return Err(DemoError::DeliveryTimeout {
+                waiting: waiting.join(", "),
+            });
         }
         tokio::select! {
             Some(done) = sinks.join_next() => {
@@ -666,10 +681,7 @@ fn report_delivery(
     }
     for (name, t) in tally {
         for (event_id, class, reason) in &t.dead_lettered {
-            writeln!(
-                out,
-                "dead letter  {name}: {event_id} ({class}): {reason}"
-            )?;
+            writeln!(out, "dead letter  {name}: {event_id} ({class}): {reason}")?;
         }
     }
     Ok(())

@@ -191,13 +191,8 @@ fn main() -> ExitCode {
             config,
             file,
             keep_times,
-        } => runtime().and_then(|rt| {
-            rt.block_on(run_demo(
-                config,
-                file,
-                demo::DemoOptions { keep_times },
-            ))
-        }),
+        } => runtime()
+            .and_then(|rt| rt.block_on(run_demo(config, file, demo::DemoOptions { keep_times }))),
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
@@ -347,7 +342,14 @@ async fn run_demo(
         None => demo::SAMPLE_EVENTS.to_string(),
     };
     let cluster = Cluster::connect(&config)?;
-    demo::run(config, &cluster, &input, opts, &mut std::io::stdout().lock()).await?;
+    demo::run(
+        config,
+        &cluster,
+        &input,
+        opts,
+        &mut std::io::stdout().lock(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 

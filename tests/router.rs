@@ -256,7 +256,12 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
 
     let classes: BTreeMap<String, String> = dlq
         .iter()
-        .map(|r| (r.key_str().to_string(), r.headers["switchyard-error-class"].clone()))
+        .map(|r| {
+            (
+                r.key_str().to_string(),
+                r.headers["switchyard-error-class"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         classes,

@@ -162,9 +162,13 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         chain, opts.chain_events
     );
 
+    // As the router holds them: chunks of one batch's new keys each.
     let mut state = PartitionDedup::default();
-    for i in 0..opts.dedup_keys {
-        state.insert(dedup::key_of(&format!("evt-{i:012}")), 1_700_000_000);
+    let entries: Vec<_> = (0..opts.dedup_keys)
+        .map(|i| (dedup::key_of(&format!("evt-{i:012}")), 1_700_000_000))
+        .collect();
+    for part in entries.chunks(1000) {
+        state.insert_chunk(dedup::new_chunk_id(), part);
     }
     f.dedup_bytes_per_key = state.heap_bytes() as f64 / state.len().max(1) as f64;
     println!(
@@ -230,6 +234,7 @@ fn step_chain(n: usize) -> f64 {
             };
             pipeline.process(&rec, 1_700_000_000, &mut batch);
         }
+        pipeline.seal(&mut batch);
         pipeline.commit(&batch);
     }
     let spent = match thread_cpu().saturating_sub(cpu) {
@@ -361,18 +366,18 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
     let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
     let topic = cfg.topics.dedup();
     let now = u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX);
-    let mut acks = Vec::with_capacity(keys.min(100_000));
-    for i in 0..keys {
-        let k = dedup::key_bytes(&dedup::key_of(&format!("evt-{i:012}")));
-        let v = dedup::value_bytes(now);
+    // Chunks as the router writes them, for batches of 1000 new keys.
+    let mut acks = Vec::new();
+    let keys_of = (0..keys).map(|i| (dedup::key_of(&format!("evt-{i:012}")), now));
+    let entries: Vec<_> = keys_of.collect();
+    for part in entries.chunks(1000) {
+        let id = dedup::new_chunk_id();
+        let v = dedup::encode_chunk(part);
         let r = FutureRecord::to(&topic)
             .partition(0)
-            .key(&k[..])
+            .key(&id[..])
             .payload(&v[..]);
         acks.push(client::enqueue(&producer, r).await?);
-        if acks.len() >= 100_000 {
-            client::acked(std::mem::take(&mut acks)).await?;
-        }
     }
     client::acked(acks).await?;
     let pipeline = Pipeline::new(cfg.clone());

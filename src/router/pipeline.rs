@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::dedup::{self, DedupKey, PartitionDedup};
+use super::dedup::{self, ChunkId, DedupKey, PartitionDedup};
 use super::identity::{IdentityTable, Profile};
 use super::route::{self, Skip};
 use crate::config::Config;
@@ -74,12 +74,17 @@ impl Outcome {
     }
 }
 
+/// (input partition, chunk id, its keys with their first-seen seconds)
+type SealedChunk = (i32, ChunkId, Vec<(DedupKey, u32)>);
+
 /// Everything one batch of input records produces.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub out: Vec<OutRecord>,
     staged: HashSet<(i32, DedupKey)>,
     staged_order: Vec<(i32, DedupKey, u32)>,
+    /// The dedup chunks `seal` wrote into `out`, made live by `commit`.
+    chunks: Vec<SealedChunk>,
     /// Per input partition: first and last offset in this batch.
     pub offsets: BTreeMap<i32, (i64, i64)>,
     pub outcomes: Vec<Outcome>,
@@ -176,27 +181,52 @@ impl Pipeline {
         self.dedup.values().map(PartitionDedup::heap_bytes).sum()
     }
 
-    /// Makes a durable batch's dedup marks part of the in-memory state.
-    pub fn commit(&mut self, batch: &Batch) {
-        for (p, k, t) in &batch.staged_order {
-            if let Some(state) = self.dedup.get_mut(p) {
-                state.insert(*k, *t);
+    /// Writes the batch's new dedup keys into `out` as chunk records, one
+    /// per input partition (split at `CHUNK_MAX_KEYS`). Call once, after the
+    /// last `process` of the batch.
+    pub fn seal(&self, batch: &mut Batch) {
+        let mut by_partition: BTreeMap<i32, Vec<(DedupKey, u32)>> = BTreeMap::new();
+        for (p, k, t) in batch.staged_order.drain(..) {
+            by_partition.entry(p).or_default().push((k, t));
+        }
+        for (p, entries) in by_partition {
+            for part in entries.chunks(dedup::CHUNK_MAX_KEYS) {
+                let id = dedup::new_chunk_id();
+                batch.out.push(OutRecord {
+                    topic: self.topics.dedup.clone(),
+                    partition: Some(p),
+                    key: Some(id.to_vec()),
+                    payload: Some(dedup::encode_chunk(part)),
+                    headers: Vec::new(),
+                });
+                batch.chunks.push((p, id, part.to_vec()));
             }
         }
     }
 
-    /// Removes keys older than the window and adds their tombstones to `batch`.
+    /// Makes a durable batch's dedup chunks part of the in-memory state.
+    pub fn commit(&mut self, batch: &Batch) {
+        debug_assert!(batch.staged_order.is_empty(), "commit of an unsealed batch");
+        for (p, id, entries) in &batch.chunks {
+            if let Some(state) = self.dedup.get_mut(p) {
+                state.insert_chunk(*id, entries);
+            }
+        }
+    }
+
+    /// Forgets keys older than the window and adds a tombstone to `batch`
+    /// for every chunk wholly outside it; returns the number of tombstones.
     pub fn expire(&mut self, now_secs: u32, batch: &mut Batch) -> usize {
         let oldest = self.oldest_live(now_secs);
         let topic = &self.topics.dedup;
         let mut n = 0;
         for (p, state) in &mut self.dedup {
-            for k in state.expire(oldest) {
+            for id in state.expire(oldest) {
                 n += 1;
                 batch.out.push(OutRecord {
                     topic: topic.clone(),
                     partition: Some(*p),
-                    key: Some(dedup::key_bytes(&k).to_vec()),
+                    key: Some(id.to_vec()),
                     payload: None,
                     headers: Vec::new(),
                 });
@@ -235,7 +265,10 @@ impl Pipeline {
                 partition: None,
                 key: Some(ev.event_id.clone().into_bytes()),
                 payload: Some(payload.to_vec()),
-                headers: vec![(header::REKEYED_FROM, format!("{}/{}", rec.partition, rec.offset))],
+                headers: vec![(
+                    header::REKEYED_FROM,
+                    format!("{}/{}", rec.partition, rec.offset),
+                )],
             });
             return Outcome::Rekeyed {
                 event_id: ev.event_id,
@@ -255,13 +288,6 @@ impl Pipeline {
         }
         batch.staged.insert((rec.partition, k));
         batch.staged_order.push((rec.partition, k, now_secs));
-        batch.out.push(OutRecord {
-            topic: self.topics.dedup.clone(),
-            partition: Some(rec.partition),
-            key: Some(dedup::key_bytes(&k).to_vec()),
-            payload: Some(dedup::value_bytes(now_secs).to_vec()),
-            headers: Vec::new(),
-        });
 
         let hints = Profile::from_event(&ev, self.country);
         let identity_topic = &self.topics.identity;
@@ -420,17 +446,23 @@ consent = "analytics"
         let mut p = pipeline();
         let mut b = Batch::default();
         p.process(&rec(Some("e1"), PURCHASE, 7), 1000, &mut b);
+        p.seal(&mut b);
         assert_eq!(
             topics(&b),
             vec![
-                "switchyard.dedup",
                 "switchyard.identity",
                 "switchyard.deliver.hook",
-                "switchyard.deliver.meta"
+                "switchyard.deliver.meta",
+                "switchyard.dedup",
             ]
         );
-        assert_eq!(b.out[0].partition, Some(0));
-        let d: Delivery = serde_json::from_slice(b.out[3].payload.as_ref().unwrap()).unwrap();
+        let mark = &b.out[3];
+        assert_eq!(mark.partition, Some(0));
+        assert_eq!(
+            dedup::decode_chunk(mark.payload.as_ref().unwrap()),
+            Some(vec![(dedup::key_of("e1"), 1000)])
+        );
+        let d: Delivery = serde_json::from_slice(b.out[2].payload.as_ref().unwrap()).unwrap();
         assert_eq!(d.name, "Purchase");
         assert_eq!(d.origin.offset, 7);
         assert_eq!(b.offsets[&0], (7, 7));
@@ -448,6 +480,7 @@ consent = "analytics"
         let mut retry = Batch::default();
         p.process(&rec(Some("e1"), PURCHASE, 1), 1000, &mut retry);
         assert_eq!(retry.outcomes[0].label(), "routed");
+        p.seal(&mut retry);
         p.commit(&retry);
         let mut later = Batch::default();
         p.process(&rec(Some("e1"), PURCHASE, 3), 1001, &mut later);
@@ -546,6 +579,7 @@ consent = "analytics"
         let mut p = pipeline();
         let mut b = Batch::default();
         p.process(&rec(Some("e1"), PURCHASE, 1), 1000, &mut b);
+        p.seal(&mut b);
         p.commit(&b);
         let mut t = Batch::default();
         assert_eq!(p.expire(1000 + 48 * 3600 + 1, &mut t), 1);

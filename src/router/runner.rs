@@ -180,6 +180,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         for msg in &msgs {
             pipeline.process(&in_record(msg), now, &mut batch);
         }
+        pipeline.seal(&mut batch);
         if last_expiry.elapsed() >= EXPIRE_EVERY {
             let n = pipeline.expire(now, &mut batch);
             if n > 0 {
@@ -512,9 +513,20 @@ pub(super) async fn restore_partition(
         let (low, high) = consumer
             .fetch_watermarks(&topic, partition, Duration::from_secs(10))
             .map_err(err)?;
-        let mut state = PartitionDedup::default();
+        let mut restore = dedup::Restore::default();
+        let finish = |restore: dedup::Restore| {
+            let (state, unreadable) = restore.finish(oldest_live);
+            if unreadable > 0 {
+                tracing::warn!(
+                    partition,
+                    records = unreadable,
+                    "dedup records in an unknown format were skipped"
+                );
+            }
+            state
+        };
         if high <= low {
-            return Ok(state);
+            return Ok(finish(restore));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(low))
@@ -529,12 +541,11 @@ pub(super) async fn restore_partition(
             }
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(msg)) => {
-                    if let Some(k) = msg.key().and_then(dedup::key_from_bytes) {
-                        let t = msg.payload().and_then(dedup::value_from_bytes);
-                        state.restore(k, t, oldest_live);
+                    if let Some(key) = msg.key() {
+                        restore.record(key, msg.payload());
                     }
                     if msg.offset() >= high - 1 {
-                        return Ok(state);
+                        return Ok(finish(restore));
                     }
                 }
                 Some(Err(e)) => return Err(err(e)),
@@ -545,7 +556,7 @@ pub(super) async fn restore_partition(
                             .and_then(|e| e.offset().to_raw())
                     });
                     if pos.is_some_and(|o| o >= high) {
-                        return Ok(state);
+                        return Ok(finish(restore));
                     }
                 }
             }
