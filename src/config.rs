@@ -390,6 +390,29 @@ pub struct MetaCapiSettings {
     pub test_event_code: Option<String>,
     #[serde(default = "meta_default_base_url")]
     pub base_url: String,
+    /// Where the access token travels. Meta's docs show the `access_token`
+    /// query parameter; the Graph API also takes `Authorization: Bearer`,
+    /// which keeps the token out of URLs (and so out of client error text).
+    #[serde(default)]
+    pub access_token_in: TokenPlacement,
+    /// Meta's Limited Data Use flags: `[]` (none) or `["LDU"]`.
+    #[serde(default)]
+    pub data_processing_options: Vec<String>,
+    /// With LDU: 0 = let Meta geolocate, 1 = United States.
+    pub data_processing_options_country: Option<u32>,
+    /// With LDU: 0 = let Meta geolocate, 1000 = California (Meta numbers
+    /// further US states from 1000 up).
+    pub data_processing_options_state: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenPlacement {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Header,
+    /// `?access_token=<token>`, as in Meta's examples.
+    Query,
 }
 
 fn meta_default_version() -> String {
@@ -424,10 +447,27 @@ pub struct TiktokSettings {
     pub test_event_code: Option<String>,
     #[serde(default = "tiktok_default_base_url")]
     pub base_url: String,
+    /// The Business API version in the path (`/open_api/<v>/event/track/`).
+    #[serde(default = "tiktok_default_version")]
+    pub api_version: String,
+    /// Events older than this are dead-lettered instead of sent. TikTok
+    /// documents no hard cut-off we could verify; 7 days is how long a
+    /// ttclid stays valid (and the age Meta enforces).
+    #[serde(
+        default = "tiktok_default_max_event_age",
+        deserialize_with = "de_duration"
+    )]
+    pub max_event_age: Duration,
 }
 
 fn tiktok_default_event_source() -> String {
     "web".into()
+}
+fn tiktok_default_version() -> String {
+    "v1.3".into()
+}
+fn tiktok_default_max_event_age() -> Duration {
+    Duration::from_secs(7 * 86_400)
 }
 fn tiktok_default_base_url() -> String {
     "https://business-api.tiktok.com".into()
@@ -943,6 +983,41 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
             if let Err(why) = check_url(&m.base_url) {
                 bad("base_url", why);
             }
+            let ldu = match m.data_processing_options.as_slice() {
+                [] => false,
+                [one] if one == "LDU" => true,
+                _ => {
+                    bad("data_processing_options", "must be [] or [\"LDU\"]".into());
+                    true
+                }
+            };
+            if let Some(c) = m.data_processing_options_country {
+                if !ldu {
+                    bad(
+                        "data_processing_options_country",
+                        "only applies with data_processing_options = [\"LDU\"]".into(),
+                    );
+                } else if c > 1 {
+                    bad(
+                        "data_processing_options_country",
+                        "must be 0 (geolocate) or 1 (United States)".into(),
+                    );
+                }
+            }
+            if let Some(st) = m.data_processing_options_state {
+                if !ldu {
+                    bad(
+                        "data_processing_options_state",
+                        "only applies with data_processing_options = [\"LDU\"]".into(),
+                    );
+                } else if st != 0 && !(1000..2000).contains(&st) {
+                    bad(
+                        "data_processing_options_state",
+                        "must be 0 (geolocate) or a Meta US state code such as 1000 (California)"
+                            .into(),
+                    );
+                }
+            }
         }
         DestinationKind::TiktokEvents(t) => {
             if t.pixel_code.trim().is_empty() {
@@ -956,6 +1031,15 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
             }
             if let Err(why) = check_url(&t.base_url) {
                 bad("base_url", why);
+            }
+            if !is_api_version(&t.api_version, true) {
+                bad(
+                    "api_version",
+                    format!("`{}` is not like \"v1.3\"", t.api_version),
+                );
+            }
+            if t.max_event_age.is_zero() {
+                bad("max_event_age", "must be longer than zero".into());
             }
         }
         DestinationKind::GoogleAds(g) => {

@@ -12,6 +12,8 @@
 //! The vendor logic is a pure function of (request, dedup memory, now) so it
 //! is unit-tested without sockets; `serve` puts it behind a listener.
 
+pub mod meta;
+pub mod tiktok;
 pub mod webhook;
 
 use std::collections::{HashMap, VecDeque};

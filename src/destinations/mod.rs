@@ -1,5 +1,7 @@
 //! Vendor destinations, one file each: limits, `map` and `classify`.
 
+pub mod meta_capi;
+pub mod tiktok_events;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -12,9 +14,10 @@ use crate::sink::destination::Destination;
 pub fn build(config: &DestinationConfig) -> Option<Arc<dyn Destination>> {
     match &config.kind {
         DestinationKind::Webhook(w) => Some(Arc::new(webhook::Webhook::new(w.clone()))),
-        DestinationKind::MetaCapi(_)
-        | DestinationKind::TiktokEvents(_)
-        | DestinationKind::GoogleAds(_)
-        | DestinationKind::Ga4(_) => None,
+        DestinationKind::MetaCapi(m) => Some(Arc::new(meta_capi::MetaCapi::new(m.clone()))),
+        DestinationKind::TiktokEvents(t) => {
+            Some(Arc::new(tiktok_events::TiktokEvents::new(t.clone())))
+        }
+        DestinationKind::GoogleAds(_) | DestinationKind::Ga4(_) => None,
     }
 }
