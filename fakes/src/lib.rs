@@ -12,6 +12,9 @@
 //! The vendor logic is a pure function of (request, dedup memory, now) so it
 //! is unit-tested without sockets; `serve` puts it behind a listener.
 
+pub mod ga4;
+pub mod google_ads;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
