@@ -489,7 +489,10 @@ fn google_default_time_zone_offset() -> String {
     "+00:00".into()
 }
 fn google_default_click_id_priority() -> Vec<String> {
-    crate::destinations::google_ads::CLICK_IDS.iter().map(|s| s.to_string()).collect()
+    crate::destinations::google_ads::CLICK_IDS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 fn default_true() -> bool {
     true
@@ -535,7 +538,10 @@ pub struct Ga4Settings {
     pub params_from_properties: Vec<String>,
     /// Oldest event GA4 takes (72 h per the sending guide; the use-case
     /// guide says two business days).
-    #[serde(default = "ga4_default_max_event_age", deserialize_with = "de_duration")]
+    #[serde(
+        default = "ga4_default_max_event_age",
+        deserialize_with = "de_duration"
+    )]
     pub max_event_age: Duration,
 }
 
@@ -1096,7 +1102,9 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
             }
             let mut seen = Vec::new();
             for id in &g.click_id_priority {
-                if !crate::destinations::google_ads::CLICK_IDS.contains(&id.as_str()) || seen.contains(&id) {
+                if !crate::destinations::google_ads::CLICK_IDS.contains(&id.as_str())
+                    || seen.contains(&id)
+                {
                     bad(
                         "click_id_priority",
                         format!(
@@ -1112,7 +1120,10 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
                 ("consent_ad_personalization", &g.consent_ad_personalization),
             ] {
                 if !c.is_empty() && !is_consent_category(c) {
-                    bad(k, format!("`{c}` is not a consent category (or \"\" for never)"));
+                    bad(
+                        k,
+                        format!("`{c}` is not a consent category (or \"\" for never)"),
+                    );
                 }
             }
         }
@@ -1150,7 +1161,10 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
                 ("consent_ad_personalization", &g.consent_ad_personalization),
             ] {
                 if !c.is_empty() && !is_consent_category(c) {
-                    bad(k, format!("`{c}` is not a consent category (or \"\" for never)"));
+                    bad(
+                        k,
+                        format!("`{c}` is not a consent category (or \"\" for never)"),
+                    );
                 }
             }
             if g.max_event_age.is_zero() {

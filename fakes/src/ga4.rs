@@ -118,7 +118,9 @@ impl Default for Settings {
             ]
             .map(String::from)
             .to_vec(),
-            reserved_prefixes: ["_", "firebase_", "google_", "ga_"].map(String::from).to_vec(),
+            reserved_prefixes: ["_", "firebase_", "google_", "ga_"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -182,8 +184,15 @@ impl Settings {
                 format!("Name [{name}] must be 1-{} characters.", self.max_name_len),
             ));
         }
-        if self.reserved_prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-            return Some(("NAME_RESERVED", format!("Name [{name}] uses a reserved prefix.")));
+        if self
+            .reserved_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
+            return Some((
+                "NAME_RESERVED",
+                format!("Name [{name}] uses a reserved prefix."),
+            ));
         }
         let b = name.as_bytes();
         if !b[0].is_ascii_alphabetic() {
@@ -195,7 +204,9 @@ impl Settings {
         if !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
             return Some((
                 "NAME_INVALID",
-                format!("Name [{name}] is invalid. Only alphanumeric characters and underscores are allowed."),
+                format!(
+                    "Name [{name}] is invalid. Only alphanumeric characters and underscores are allowed."
+                ),
             ));
         }
         if event && self.reserved_event_names.iter().any(|r| r == name) {
@@ -213,7 +224,11 @@ impl Settings {
 
     fn check_timestamp(&self, v: &Value, path: &str, now: DateTime<Utc>) -> Option<Msg> {
         let Some(t) = v.as_i64().or_else(|| v.as_str()?.parse().ok()) else {
-            return Some(msg(path, "VALUE_INVALID", format!("Value for [{path}] must be an integer.")));
+            return Some(msg(
+                path,
+                "VALUE_INVALID",
+                format!("Value for [{path}] must be an integer."),
+            ));
         };
         let now_us = now.timestamp_micros();
         let oldest = now_us - i64::try_from(self.max_event_age.as_micros()).unwrap_or(i64::MAX);
@@ -231,34 +246,61 @@ impl Settings {
     }
 
     /// Request-level problems: any of them drops every event.
-    fn check_request(&self, req: &Incoming, body: &Map<String, Value>, now: DateTime<Utc>) -> Vec<Msg> {
+    fn check_request(
+        &self,
+        req: &Incoming,
+        body: &Map<String, Value>,
+        now: DateTime<Utc>,
+    ) -> Vec<Msg> {
         let mut out = Vec::new();
         if self.check_credentials {
             if req.query("measurement_id") != Some(self.measurement_id.as_str()) {
-                out.push(msg("measurement_id", "VALUE_INVALID", "Unknown measurement_id."));
+                out.push(msg(
+                    "measurement_id",
+                    "VALUE_INVALID",
+                    "Unknown measurement_id.",
+                ));
             }
             if req.query("api_secret") != Some(self.api_secret.as_str()) {
-                out.push(msg("api_secret", "VALUE_INVALID", "The api_secret does not belong to this stream."));
+                out.push(msg(
+                    "api_secret",
+                    "VALUE_INVALID",
+                    "The api_secret does not belong to this stream.",
+                ));
             }
         }
         for k in body.keys() {
             if !TOP_FIELDS.contains(&k.as_str()) {
-                out.push(msg(k.as_str(), "NAME_INVALID", format!("Unknown field [{k}].")));
+                out.push(msg(
+                    k.as_str(),
+                    "NAME_INVALID",
+                    format!("Unknown field [{k}]."),
+                ));
             }
         }
         match body.get("client_id") {
             Some(Value::String(s)) if !s.trim().is_empty() => {}
-            Some(_) => out.push(msg("client_id", "VALUE_INVALID", "client_id must be a non-empty string.")),
-            None => out.push(msg("client_id", "VALUE_REQUIRED", "Measurement requires a client_id.")),
+            Some(_) => out.push(msg(
+                "client_id",
+                "VALUE_INVALID",
+                "client_id must be a non-empty string.",
+            )),
+            None => out.push(msg(
+                "client_id",
+                "VALUE_REQUIRED",
+                "Measurement requires a client_id.",
+            )),
         }
         let user_id = body.get("user_id");
         if let Some(u) = user_id {
             match u.as_str() {
-                Some(s) if s.is_empty() || s.chars().count() > self.max_user_id_len => out.push(msg(
-                    "user_id",
-                    "VALUE_OUT_OF_BOUNDS",
-                    format!("user_id must be 1-{} characters.", self.max_user_id_len),
-                )),
+                Some(s) if s.is_empty() || s.chars().count() > self.max_user_id_len => {
+                    out.push(msg(
+                        "user_id",
+                        "VALUE_OUT_OF_BOUNDS",
+                        format!("user_id must be 1-{} characters.", self.max_user_id_len),
+                    ))
+                }
                 Some(_) => {}
                 None => out.push(msg("user_id", "VALUE_INVALID", "user_id must be a string.")),
             }
@@ -271,17 +313,33 @@ impl Settings {
         if let Some(v) = body.get("validation_behavior")
             && !matches!(v.as_str(), Some("RELAXED" | "ENFORCE_RECOMMENDATIONS"))
         {
-            out.push(msg("validation_behavior", "VALUE_INVALID", format!("Unknown validation_behavior {v}.")));
+            out.push(msg(
+                "validation_behavior",
+                "VALUE_INVALID",
+                format!("Unknown validation_behavior {v}."),
+            ));
         }
         if let Some(c) = body.get("consent") {
             match c.as_object() {
-                None => out.push(msg("consent", "VALUE_INVALID", "consent must be an object.")),
+                None => out.push(msg(
+                    "consent",
+                    "VALUE_INVALID",
+                    "consent must be an object.",
+                )),
                 Some(c) => {
                     for (k, v) in c {
                         if !matches!(k.as_str(), "ad_user_data" | "ad_personalization") {
-                            out.push(msg(format!("consent.{k}"), "NAME_INVALID", format!("Unknown consent field [{k}].")));
+                            out.push(msg(
+                                format!("consent.{k}"),
+                                "NAME_INVALID",
+                                format!("Unknown consent field [{k}]."),
+                            ));
                         } else if !matches!(v.as_str(), Some("GRANTED" | "DENIED")) {
-                            out.push(msg(format!("consent.{k}"), "VALUE_INVALID", format!("consent.{k} must be GRANTED or DENIED.")));
+                            out.push(msg(
+                                format!("consent.{k}"),
+                                "VALUE_INVALID",
+                                format!("consent.{k} must be GRANTED or DENIED."),
+                            ));
                         }
                     }
                 }
@@ -289,15 +347,30 @@ impl Settings {
         }
         if let Some(ud) = body.get("user_data") {
             if self.user_data_requires_user_id && user_id.is_none() {
-                out.push(msg("user_data", "VALUE_REQUIRED", "user_id is required when user_data is set."));
+                out.push(msg(
+                    "user_data",
+                    "VALUE_REQUIRED",
+                    "user_id is required when user_data is set.",
+                ));
             }
             match ud.as_object() {
-                None => out.push(msg("user_data", "VALUE_INVALID", "user_data must be an object.")),
+                None => out.push(msg(
+                    "user_data",
+                    "VALUE_INVALID",
+                    "user_data must be an object.",
+                )),
                 Some(ud) => {
                     for (k, v) in ud {
                         let path = format!("user_data.{k}");
-                        if !matches!(k.as_str(), "sha256_email_address" | "sha256_phone_number" | "address") {
-                            out.push(msg(path, "NAME_INVALID", format!("Unknown user_data field [{k}].")));
+                        if !matches!(
+                            k.as_str(),
+                            "sha256_email_address" | "sha256_phone_number" | "address"
+                        ) {
+                            out.push(msg(
+                                path,
+                                "NAME_INVALID",
+                                format!("Unknown user_data field [{k}]."),
+                            ));
                             continue;
                         }
                         if k == "address" {
@@ -308,7 +381,11 @@ impl Settings {
                             one => vec![one],
                         };
                         if values.len() > self.max_hashes {
-                            out.push(msg(&path, "EXCEEDED_MAX_ENTITIES", format!("At most {} values.", self.max_hashes)));
+                            out.push(msg(
+                                &path,
+                                "EXCEEDED_MAX_ENTITIES",
+                                format!("At most {} values.", self.max_hashes),
+                            ));
                         }
                         if !values.iter().all(|h| h.as_str().is_some_and(is_sha256_hex)) {
                             out.push(msg(
@@ -324,15 +401,31 @@ impl Settings {
         if let Some(up) = body.get("user_properties").and_then(Value::as_object)
             && up.len() > self.max_user_properties
         {
-            out.push(msg("user_properties", "EXCEEDED_MAX_ENTITIES", format!("At most {} user properties.", self.max_user_properties)));
+            out.push(msg(
+                "user_properties",
+                "EXCEEDED_MAX_ENTITIES",
+                format!("At most {} user properties.", self.max_user_properties),
+            ));
         }
         match body.get("events").and_then(Value::as_array) {
-            None => out.push(msg("events", "VALUE_REQUIRED", "events is required and must be a list.")),
-            Some(e) if e.is_empty() => out.push(msg("events", "VALUE_REQUIRED", "At least one event is required.")),
+            None => out.push(msg(
+                "events",
+                "VALUE_REQUIRED",
+                "events is required and must be a list.",
+            )),
+            Some(e) if e.is_empty() => out.push(msg(
+                "events",
+                "VALUE_REQUIRED",
+                "At least one event is required.",
+            )),
             Some(e) if e.len() > self.max_events => out.push(msg(
                 "events",
                 "EXCEEDED_MAX_ENTITIES",
-                format!("A request can have at most {} events; it had {}.", self.max_events, e.len()),
+                format!(
+                    "A request can have at most {} events; it had {}.",
+                    self.max_events,
+                    e.len()
+                ),
             )),
             Some(_) => {}
         }
@@ -343,18 +436,34 @@ impl Settings {
     fn check_event(&self, i: usize, e: &Value, now: DateTime<Utc>) -> Vec<Msg> {
         let mut out = Vec::new();
         let Some(e) = e.as_object() else {
-            return vec![msg("events", "VALUE_INVALID", format!("Event at index: [{i}] is not an object."))];
+            return vec![msg(
+                "events",
+                "VALUE_INVALID",
+                format!("Event at index: [{i}] is not an object."),
+            )];
         };
         for k in e.keys() {
             if !matches!(k.as_str(), "name" | "params" | "timestamp_micros") {
-                out.push(msg(format!("events[{i}].{k}"), "NAME_INVALID", format!("Unknown event field [{k}].")));
+                out.push(msg(
+                    format!("events[{i}].{k}"),
+                    "NAME_INVALID",
+                    format!("Unknown event field [{k}]."),
+                ));
             }
         }
         match e.get("name").and_then(Value::as_str) {
-            None => out.push(msg("events", "VALUE_REQUIRED", format!("Event at index: [{i}] has no name."))),
+            None => out.push(msg(
+                "events",
+                "VALUE_REQUIRED",
+                format!("Event at index: [{i}] has no name."),
+            )),
             Some(name) => {
                 if let Some((code, why)) = self.name_problem(name, true) {
-                    out.push(msg("events", code, format!("Event at index: [{i}] has invalid name [{name}]. {why}")));
+                    out.push(msg(
+                        "events",
+                        code,
+                        format!("Event at index: [{i}] has invalid name [{name}]. {why}"),
+                    ));
                 }
             }
         }
@@ -367,14 +476,22 @@ impl Settings {
             return out;
         };
         let Some(params) = params.as_object() else {
-            out.push(msg(format!("events[{i}].params"), "VALUE_INVALID", "params must be an object."));
+            out.push(msg(
+                format!("events[{i}].params"),
+                "VALUE_INVALID",
+                "params must be an object.",
+            ));
             return out;
         };
         if params.len() > self.max_params {
             out.push(msg(
                 format!("events[{i}].params"),
                 "EXCEEDED_MAX_ENTITIES",
-                format!("Event at index: [{i}] has {} params; at most {} are allowed.", params.len(), self.max_params),
+                format!(
+                    "Event at index: [{i}] has {} params; at most {} are allowed.",
+                    params.len(),
+                    self.max_params
+                ),
             ));
         }
         for (k, v) in params {
@@ -391,14 +508,24 @@ impl Settings {
                 Value::String(s) if s.chars().count() > self.value_limit(k) => out.push(msg(
                     &path,
                     "VALUE_OUT_OF_BOUNDS",
-                    format!("Value of [{k}] is longer than {} characters.", self.value_limit(k)),
+                    format!(
+                        "Value of [{k}] is longer than {} characters.",
+                        self.value_limit(k)
+                    ),
                 )),
                 Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
-                _ => out.push(msg(&path, "VALUE_INVALID", format!("Param [{k}] has unsupported value type."))),
+                _ => out.push(msg(
+                    &path,
+                    "VALUE_INVALID",
+                    format!("Param [{k}] has unsupported value type."),
+                )),
             }
         }
         if params.contains_key("value")
-            && !params.get("currency").and_then(Value::as_str).is_some_and(|c| c.len() == 3)
+            && params
+                .get("currency")
+                .and_then(Value::as_str)
+                .is_none_or(|c| c.len() != 3)
         {
             out.push(msg(
                 format!("events[{i}].params.currency"),
@@ -415,7 +542,11 @@ impl Settings {
         };
         let mut out = Vec::new();
         if items.len() > self.max_items {
-            out.push(msg(path, "EXCEEDED_MAX_ENTITIES", format!("At most {} items.", self.max_items)));
+            out.push(msg(
+                path,
+                "EXCEEDED_MAX_ENTITIES",
+                format!("At most {} items.", self.max_items),
+            ));
         }
         for (j, it) in items.iter().enumerate() {
             let here = format!("{path}[{j}]");
@@ -424,17 +555,38 @@ impl Settings {
                 continue;
             };
             if !it.contains_key("item_id") && !it.contains_key("item_name") {
-                out.push(msg(&here, "VALUE_REQUIRED", "An item needs item_id or item_name."));
+                out.push(msg(
+                    &here,
+                    "VALUE_REQUIRED",
+                    "An item needs item_id or item_name.",
+                ));
             }
-            let custom = it.keys().filter(|k| !ITEM_PARAMS.contains(&k.as_str())).count();
+            let custom = it
+                .keys()
+                .filter(|k| !ITEM_PARAMS.contains(&k.as_str()))
+                .count();
             if custom > self.max_item_custom_params {
-                out.push(msg(&here, "EXCEEDED_MAX_ENTITIES", format!("At most {} custom item params.", self.max_item_custom_params)));
+                out.push(msg(
+                    &here,
+                    "EXCEEDED_MAX_ENTITIES",
+                    format!(
+                        "At most {} custom item params.",
+                        self.max_item_custom_params
+                    ),
+                ));
             }
             for (k, v) in it {
                 if let Some((code, why)) = self.name_problem(k, false) {
                     out.push(msg(format!("{here}.{k}"), code, why));
-                } else if v.as_str().is_some_and(|s| s.chars().count() > self.max_value_len) {
-                    out.push(msg(format!("{here}.{k}"), "VALUE_OUT_OF_BOUNDS", format!("Value of [{k}] is too long.")));
+                } else if v
+                    .as_str()
+                    .is_some_and(|s| s.chars().count() > self.max_value_len)
+                {
+                    out.push(msg(
+                        format!("{here}.{k}"),
+                        "VALUE_OUT_OF_BOUNDS",
+                        format!("Value of [{k}] is too long."),
+                    ));
                 }
             }
         }
@@ -478,24 +630,46 @@ impl Settings {
     fn validate(&self, req: &Incoming, now: DateTime<Utc>, record: bool) -> Reply {
         if req.body.len() >= self.max_body_bytes {
             return answer(
-                &[msg("", "VALUE_OUT_OF_BOUNDS", format!("The post body must be smaller than {} bytes.", self.max_body_bytes))],
+                &[msg(
+                    "",
+                    "VALUE_OUT_OF_BOUNDS",
+                    format!(
+                        "The post body must be smaller than {} bytes.",
+                        self.max_body_bytes
+                    ),
+                )],
                 Vec::new(),
             );
         }
         let Some(body) = req.json() else {
             return answer(
-                &[msg("", "VALUE_INVALID", "Unable to parse Measurement Protocol JSON payload.")],
+                &[msg(
+                    "",
+                    "VALUE_INVALID",
+                    "Unable to parse Measurement Protocol JSON payload.",
+                )],
                 Vec::new(),
             );
         };
         let Some(body) = body.as_object() else {
-            return answer(&[msg("", "VALUE_INVALID", "The payload must be a JSON object.")], Vec::new());
+            return answer(
+                &[msg(
+                    "",
+                    "VALUE_INVALID",
+                    "The payload must be a JSON object.",
+                )],
+                Vec::new(),
+            );
         };
         let mut messages = self.check_request(req, body, now);
         if !messages.is_empty() {
             return answer(&messages, Vec::new());
         }
-        let events = body.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+        let events = body
+            .get("events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let mut accepted = Vec::new();
         for (i, e) in events.iter().enumerate() {
             let problems = self.check_event(i, e, now);
@@ -577,14 +751,26 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| (m["fieldPath"].as_str().unwrap().to_string(), m["validationCode"].as_str().unwrap().to_string()))
+            .map(|m| {
+                (
+                    m["fieldPath"].as_str().unwrap().to_string(),
+                    m["validationCode"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
 
     #[test]
     fn valid_events_are_recorded_every_time() {
         let s = Settings::default();
-        let r = run(&s, &req("/mp/collect", "demo-secret", body(vec![event("purchase"), event("generate_lead")])));
+        let r = run(
+            &s,
+            &req(
+                "/mp/collect",
+                "demo-secret",
+                body(vec![event("purchase"), event("generate_lead")]),
+            ),
+        );
         assert_eq!(r.status, 200);
         assert!(codes(&r).is_empty(), "{}", r.body);
         assert_eq!(r.accepted.len(), 2);
@@ -593,20 +779,50 @@ mod tests {
         assert_eq!(r.accepted[0].value, Some(10.0));
         assert_eq!(r.accepted[1].payload["client_id"], "123.456");
         // No dedup: the same again is recorded again.
-        let again = run(&s, &req("/mp/collect", "demo-secret", body(vec![event("purchase")])));
+        let again = run(
+            &s,
+            &req("/mp/collect", "demo-secret", body(vec![event("purchase")])),
+        );
         assert_eq!(again.accepted.len(), 1);
         // The validation server records nothing.
-        assert!(run(&s, &req("/debug/mp/collect", "demo-secret", body(vec![event("purchase")]))).accepted.is_empty());
+        assert!(
+            run(
+                &s,
+                &req(
+                    "/debug/mp/collect",
+                    "demo-secret",
+                    body(vec![event("purchase")])
+                )
+            )
+            .accepted
+            .is_empty()
+        );
     }
 
     #[test]
     fn request_problems_drop_everything() {
         let s = Settings::default();
-        let r = run(&s, &req("/mp/collect", "wrong", body(vec![event("purchase")])));
-        assert_eq!(codes(&r), vec![("api_secret".into(), "VALUE_INVALID".into())]);
+        let r = run(
+            &s,
+            &req("/mp/collect", "wrong", body(vec![event("purchase")])),
+        );
+        assert_eq!(
+            codes(&r),
+            vec![("api_secret".into(), "VALUE_INVALID".into())]
+        );
         assert!(r.accepted.is_empty());
-        let r = run(&s, &req("/mp/collect", "demo-secret", body((0..26).map(|_| event("purchase")).collect())));
-        assert_eq!(codes(&r), vec![("events".into(), "EXCEEDED_MAX_ENTITIES".into())]);
+        let r = run(
+            &s,
+            &req(
+                "/mp/collect",
+                "demo-secret",
+                body((0..26).map(|_| event("purchase")).collect()),
+            ),
+        );
+        assert_eq!(
+            codes(&r),
+            vec![("events".into(), "EXCEEDED_MAX_ENTITIES".into())]
+        );
         let mut b = body(vec![event("purchase")]);
         b.as_object_mut().unwrap().remove("client_id");
         b["user_data"] = json!({"sha256_email_address": ["person@example.com"]});
@@ -617,7 +833,10 @@ mod tests {
             vec![
                 ("client_id".into(), "VALUE_REQUIRED".into()),
                 ("timestamp_micros".into(), "VALUE_OUT_OF_BOUNDS".into()),
-                ("user_data.sha256_email_address".into(), "VALUE_INVALID".into()),
+                (
+                    "user_data.sha256_email_address".into(),
+                    "VALUE_INVALID".into()
+                ),
             ]
         );
     }
@@ -650,12 +869,23 @@ mod tests {
                 ("events".into(), "NAME_RESERVED".into()),
                 ("events".into(), "NAME_INVALID".into()),
                 ("events[3].params".into(), "EXCEEDED_MAX_ENTITIES".into()),
-                ("events[4].timestamp_micros".into(), "VALUE_OUT_OF_BOUNDS".into()),
-                ("events[5].params.page_title".into(), "VALUE_OUT_OF_BOUNDS".into()),
+                (
+                    "events[4].timestamp_micros".into(),
+                    "VALUE_OUT_OF_BOUNDS".into()
+                ),
+                (
+                    "events[5].params.page_title".into(),
+                    "VALUE_OUT_OF_BOUNDS".into()
+                ),
                 ("events".into(), "NAME_RESERVED".into()),
             ]
         );
-        assert!(r.body["validationMessages"][0]["description"].as_str().unwrap().contains("index: [1]"));
+        assert!(
+            r.body["validationMessages"][0]["description"]
+                .as_str()
+                .unwrap()
+                .contains("index: [1]")
+        );
         assert_eq!(r.accepted.len(), 1);
     }
 
@@ -665,7 +895,14 @@ mod tests {
             production_answers: true,
             ..Settings::default()
         };
-        let r = run(&s, &req("/mp/collect", "demo-secret", body(vec![event("purchase"), event("error")])));
+        let r = run(
+            &s,
+            &req(
+                "/mp/collect",
+                "demo-secret",
+                body(vec![event("purchase"), event("error")]),
+            ),
+        );
         assert_eq!(r.status, 204);
         assert_eq!(r.accepted.len(), 1);
     }

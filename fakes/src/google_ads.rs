@@ -249,12 +249,18 @@ fn text<'v>(m: &'v Map<String, Value>, camel: &str) -> Option<&'v str> {
 
 /// The JSON parser's checks: structure, known fields, value types, enums.
 fn parse_body(body: &Value) -> Result<(), (String, String)> {
-    let top = body
-        .as_object()
-        .ok_or_else(|| (String::new(), "The request body is not a JSON object.".to_string()))?;
+    let top = body.as_object().ok_or_else(|| {
+        (
+            String::new(),
+            "The request body is not a JSON object.".to_string(),
+        )
+    })?;
     for k in top.keys() {
         if !TOP_FIELDS.contains(&k.as_str()) {
-            return Err((k.clone(), format!("Unknown name \"{k}\": Cannot find field.")));
+            return Err((
+                k.clone(),
+                format!("Unknown name \"{k}\": Cannot find field."),
+            ));
         }
     }
     let Some(conversions) = field(top, "conversions") else {
@@ -268,9 +274,12 @@ fn parse_body(body: &Value) -> Result<(), (String, String)> {
     })?;
     for (i, c) in conversions.iter().enumerate() {
         let at = format!("conversions[{i}]");
-        let c = c
-            .as_object()
-            .ok_or_else(|| (at.clone(), format!("Invalid value at '{at}': expected an object.")))?;
+        let c = c.as_object().ok_or_else(|| {
+            (
+                at.clone(),
+                format!("Invalid value at '{at}': expected an object."),
+            )
+        })?;
         for k in c.keys() {
             if !CONVERSION_FIELDS.contains(&k.as_str()) {
                 return Err((
@@ -343,7 +352,10 @@ fn parse_body(body: &Value) -> Result<(), (String, String)> {
             for (j, id) in ids.iter().enumerate() {
                 let here = format!("{at}.user_identifiers[{j}]");
                 let id = id.as_object().ok_or_else(|| {
-                    (here.clone(), format!("Invalid value at '{here}': expected an object."))
+                    (
+                        here.clone(),
+                        format!("Invalid value at '{here}': expected an object."),
+                    )
                 })?;
                 for k in id.keys() {
                     if !IDENTIFIER_FIELDS.contains(&k.as_str()) {
@@ -390,8 +402,12 @@ impl Settings {
         let mut action_id = String::new();
         match text(c, "conversionAction") {
             None => errors.push(
-                AdsError::new("fieldError", "REQUIRED", "The conversion action is required.")
-                    .at(i, Some("conversion_action")),
+                AdsError::new(
+                    "fieldError",
+                    "REQUIRED",
+                    "The conversion action is required.",
+                )
+                .at(i, Some("conversion_action")),
             ),
             Some(a) => {
                 let parts: Vec<&str> = a.split('/').collect();
@@ -405,7 +421,10 @@ impl Settings {
                                 AdsError::new(
                                     "conversionUploadError",
                                     "NO_CONVERSION_ACTION_FOUND",
-                                    format!("The conversion action {a} cannot be found in customer {}.", self.customer_id),
+                                    format!(
+                                        "The conversion action {a} cannot be found in customer {}.",
+                                        self.customer_id
+                                    ),
                                 )
                                 .at(i, Some("conversion_action")),
                             );
@@ -442,10 +461,14 @@ impl Settings {
             ),
             Some(_) => {}
         }
-        let clicks: Vec<(&'static str, &str)> = [("gclid", "gclid"), ("gbraid", "gbraid"), ("wbraid", "wbraid")]
-            .into_iter()
-            .filter_map(|(name, key)| text(c, key).map(|v| (name, v)))
-            .collect();
+        let clicks: Vec<(&'static str, &str)> = [
+            ("gclid", "gclid"),
+            ("gbraid", "gbraid"),
+            ("wbraid", "wbraid"),
+        ]
+        .into_iter()
+        .filter_map(|(name, key)| text(c, key).map(|v| (name, v)))
+        .collect();
         let ids: Vec<&Map<String, Value>> = field(c, "userIdentifiers")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_object).collect())
@@ -468,10 +491,16 @@ impl Settings {
                 .at(i, None),
             ),
             [_] | [] => {}
-            many if many.iter().any(|(n, _)| *n == "gbraid") && many.iter().any(|(n, _)| *n == "wbraid") => {
+            many if many.iter().any(|(n, _)| *n == "gbraid")
+                && many.iter().any(|(n, _)| *n == "wbraid") =>
+            {
                 errors.push(
-                    AdsError::new("conversionUploadError", "GBRAID_WBRAID_BOTH_SET", "Can't use both gbraid and wbraid parameters.")
-                        .at(i, Some("wbraid")),
+                    AdsError::new(
+                        "conversionUploadError",
+                        "GBRAID_WBRAID_BOTH_SET",
+                        "Can't use both gbraid and wbraid parameters.",
+                    )
+                    .at(i, Some("wbraid")),
                 )
             }
             many => errors.push(
@@ -480,7 +509,14 @@ impl Settings {
                     "VALUE_MUST_BE_UNSET",
                     "Only one of gclid, gbraid and wbraid may be set.",
                 )
-                .at(i, Some(if many.iter().any(|(n, _)| *n == "gbraid") { "gbraid" } else { "wbraid" })),
+                .at(
+                    i,
+                    Some(if many.iter().any(|(n, _)| *n == "gbraid") {
+                        "gbraid"
+                    } else {
+                        "wbraid"
+                    }),
+                ),
             ),
         }
         if !ids.is_empty() && !self.customer_data_terms_accepted {
@@ -495,8 +531,12 @@ impl Settings {
         }
         if ids.len() > self.max_user_identifiers {
             errors.push(
-                AdsError::new("collectionSizeError", "TOO_MANY", "Too many user identifiers.")
-                    .at(i, Some("user_identifiers")),
+                AdsError::new(
+                    "collectionSizeError",
+                    "TOO_MANY",
+                    "Too many user identifiers.",
+                )
+                .at(i, Some("user_identifiers")),
             );
         }
         for id in &ids {
@@ -505,7 +545,8 @@ impl Settings {
             let other = ["mobileId", "thirdPartyUserId", "addressInfo"]
                 .iter()
                 .any(|k| field(id, k).is_some());
-            let set = usize::from(email.is_some()) + usize::from(phone.is_some()) + usize::from(other);
+            let set =
+                usize::from(email.is_some()) + usize::from(phone.is_some()) + usize::from(other);
             if other || set != 1 {
                 errors.push(
                     AdsError::new(
@@ -532,17 +573,26 @@ impl Settings {
                 .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()));
             if !ok {
                 errors.push(
-                    AdsError::new("currencyCodeError", "UNSUPPORTED", "The currency code is not supported.")
-                        .at(i, Some("currency_code")),
+                    AdsError::new(
+                        "currencyCodeError",
+                        "UNSUPPORTED",
+                        "The currency code is not supported.",
+                    )
+                    .at(i, Some("currency_code")),
                 );
             }
         }
-        if let Some(v) = field(c, "conversionValue").and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
+        if let Some(v) = field(c, "conversionValue")
+            .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()))
             && (v < 0.0 || !v.is_finite())
         {
             errors.push(
-                AdsError::new("fieldError", "INVALID_VALUE", "The conversion value must not be negative.")
-                    .at(i, Some("conversion_value")),
+                AdsError::new(
+                    "fieldError",
+                    "INVALID_VALUE",
+                    "The conversion value must not be negative.",
+                )
+                .at(i, Some("conversion_value")),
             );
         }
         let order_id = text(c, "orderId").map(str::to_string);
@@ -589,57 +639,90 @@ impl Vendor for Settings {
                 json!({"error": {"code": 405, "message": "Only POST is supported.", "status": "METHOD_NOT_ALLOWED"}}),
             );
         }
-        match req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")) {
+        match req
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+        {
             None => {
-                return error(401, "UNAUTHENTICATED", v, &[AdsError::new(
-                    "authenticationError",
-                    "OAUTH_TOKEN_HEADER_INVALID",
-                    "Request is missing required authentication credential. Expected OAuth 2 access token.",
-                )]);
+                return error(
+                    401,
+                    "UNAUTHENTICATED",
+                    v,
+                    &[AdsError::new(
+                        "authenticationError",
+                        "OAUTH_TOKEN_HEADER_INVALID",
+                        "Request is missing required authentication credential. Expected OAuth 2 access token.",
+                    )],
+                );
             }
             Some(t) if t != self.access_token => {
-                return error(401, "UNAUTHENTICATED", v, &[AdsError::new(
-                    "authenticationError",
-                    "OAUTH_TOKEN_INVALID",
-                    "Request had invalid authentication credentials.",
-                )]);
+                return error(
+                    401,
+                    "UNAUTHENTICATED",
+                    v,
+                    &[AdsError::new(
+                        "authenticationError",
+                        "OAUTH_TOKEN_INVALID",
+                        "Request had invalid authentication credentials.",
+                    )],
+                );
             }
             Some(_) => {}
         }
         match req.header("developer-token") {
             None | Some("") => {
-                return error(400, "INVALID_ARGUMENT", v, &[AdsError::new(
-                    "requestError",
-                    "DEVELOPER_TOKEN_PARAMETER_MISSING",
-                    "The developer-token parameter is required for all requests.",
-                )]);
+                return error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    v,
+                    &[AdsError::new(
+                        "requestError",
+                        "DEVELOPER_TOKEN_PARAMETER_MISSING",
+                        "The developer-token parameter is required for all requests.",
+                    )],
+                );
             }
             Some(t) if t != self.developer_token => {
-                return error(401, "UNAUTHENTICATED", v, &[AdsError::new(
-                    "authenticationError",
-                    "DEVELOPER_TOKEN_INVALID",
-                    "The developer token is not valid.",
-                )]);
+                return error(
+                    401,
+                    "UNAUTHENTICATED",
+                    v,
+                    &[AdsError::new(
+                        "authenticationError",
+                        "DEVELOPER_TOKEN_INVALID",
+                        "The developer token is not valid.",
+                    )],
+                );
             }
             Some(_) => {}
         }
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(&cid) {
-            return error(401, "UNAUTHENTICATED", v, &[AdsError::new(
-                "authenticationError",
-                "CLIENT_CUSTOMER_ID_INVALID",
-                format!("Client customer ID '{cid}' is not a number (no dashes)."),
-            )]);
+            return error(
+                401,
+                "UNAUTHENTICATED",
+                v,
+                &[AdsError::new(
+                    "authenticationError",
+                    "CLIENT_CUSTOMER_ID_INVALID",
+                    format!("Client customer ID '{cid}' is not a number (no dashes)."),
+                )],
+            );
         }
         let login = req.header("login-customer-id");
         if let Some(l) = login
             && !digits(l)
         {
-            return error(400, "INVALID_ARGUMENT", v, &[AdsError::new(
-                "headerError",
-                "INVALID_LOGIN_CUSTOMER_ID",
-                "The login customer ID could not be validated.",
-            )]);
+            return error(
+                400,
+                "INVALID_ARGUMENT",
+                v,
+                &[AdsError::new(
+                    "headerError",
+                    "INVALID_LOGIN_CUSTOMER_ID",
+                    "The login customer ID could not be validated.",
+                )],
+            );
         }
         let allowed_login = match (&self.login_customer_id, login) {
             (Some(manager), Some(l)) => l == manager,
@@ -648,11 +731,16 @@ impl Vendor for Settings {
             (None, None) => true,
         };
         if cid != self.customer_id || !allowed_login {
-            return error(403, "PERMISSION_DENIED", v, &[AdsError::new(
-                "authorizationError",
-                "USER_PERMISSION_DENIED",
-                "User doesn't have permission to access customer. If accessing a client customer, the manager's customer id must be set in the 'login-customer-id' header.",
-            )]);
+            return error(
+                403,
+                "PERMISSION_DENIED",
+                v,
+                &[AdsError::new(
+                    "authorizationError",
+                    "USER_PERMISSION_DENIED",
+                    "User doesn't have permission to access customer. If accessing a client customer, the manager's customer id must be set in the 'login-customer-id' header.",
+                )],
+            );
         }
         let Some(body) = req.json() else {
             return bad_json("", "Unexpected token: the body is not JSON.".into());
@@ -669,18 +757,31 @@ impl Vendor for Settings {
             .map(|a| a.iter().filter_map(Value::as_object).collect())
             .unwrap_or_default();
         if conversions.is_empty() {
-            return error(400, "INVALID_ARGUMENT", v, &[AdsError::new(
-                "requestError",
-                "REQUIRED_FIELD_MISSING",
-                "The conversions field is required and must not be empty.",
-            )]);
+            return error(
+                400,
+                "INVALID_ARGUMENT",
+                v,
+                &[AdsError::new(
+                    "requestError",
+                    "REQUIRED_FIELD_MISSING",
+                    "The conversions field is required and must not be empty.",
+                )],
+            );
         }
         if conversions.len() > self.max_conversions {
-            return error(400, "INVALID_ARGUMENT", v, &[AdsError::new(
-                "conversionUploadError",
-                "TOO_MANY_CONVERSIONS_IN_REQUEST",
-                format!("Upload fewer than {} events in a single request.", self.max_conversions + 1),
-            )]);
+            return error(
+                400,
+                "INVALID_ARGUMENT",
+                v,
+                &[AdsError::new(
+                    "conversionUploadError",
+                    "TOO_MANY_CONVERSIONS_IN_REQUEST",
+                    format!(
+                        "Upload fewer than {} events in a single request.",
+                        self.max_conversions + 1
+                    ),
+                )],
+            );
         }
 
         let mut checked: Vec<Checked> = conversions
@@ -754,7 +855,14 @@ impl Vendor for Settings {
                 continue;
             }
             let mut r = Map::new();
-            for k in ["gclid", "gbraid", "wbraid", "conversionAction", "conversionDateTime", "userIdentifiers"] {
+            for k in [
+                "gclid",
+                "gbraid",
+                "wbraid",
+                "conversionAction",
+                "conversionDateTime",
+                "userIdentifiers",
+            ] {
                 if let Some(v) = field(c, k) {
                     r.insert(k.to_string(), v.clone());
                 }
@@ -857,8 +965,18 @@ mod tests {
                 a.iter()
                     .map(|e| {
                         (
-                            e["location"]["fieldPathElements"][0]["index"].as_u64().unwrap(),
-                            e["errorCode"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string(),
+                            e["location"]["fieldPathElements"][0]["index"]
+                                .as_u64()
+                                .unwrap(),
+                            e["errorCode"]
+                                .as_object()
+                                .unwrap()
+                                .values()
+                                .next()
+                                .unwrap()
+                                .as_str()
+                                .unwrap()
+                                .to_string(),
                         )
                     })
                     .collect()
@@ -881,24 +999,49 @@ mod tests {
     fn accepts_records_and_dedups_by_order_id() {
         let s = Settings::default();
         let mut d = Dedup::new(s.dedup_window);
-        let r = send(&s, &mut d, json!({"conversions": [conv("o1"), conv("o2")], "partialFailure": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [conv("o1"), conv("o2")], "partialFailure": true}),
+        );
         assert_eq!(r.status, 200, "{}", r.body);
         assert!(r.body.get("partialFailureError").is_none());
         assert_eq!(r.body["results"].as_array().unwrap().len(), 2);
         assert_eq!(r.accepted.len(), 2);
         assert_eq!(r.accepted[0].key.as_deref(), Some("o1"));
-        assert_eq!(r.accepted[0].name, "customers/1234567890/conversionActions/1001");
+        assert_eq!(
+            r.accepted[0].name,
+            "customers/1234567890/conversionActions/1001"
+        );
         assert_eq!(r.accepted[0].value, Some(10.5));
-        let again = send(&s, &mut d, json!({"conversions": [conv("o1"), conv("o3")], "partialFailure": true}));
-        assert_eq!(codes(&again), vec![(0, "ORDER_ID_ALREADY_IN_USE".to_string())]);
+        let again = send(
+            &s,
+            &mut d,
+            json!({"conversions": [conv("o1"), conv("o3")], "partialFailure": true}),
+        );
+        assert_eq!(
+            codes(&again),
+            vec![(0, "ORDER_ID_ALREADY_IN_USE".to_string())]
+        );
         assert_eq!(again.body["results"][0], json!({}));
         assert_eq!(again.accepted.len(), 1);
         // Without an order id, the click and time are the key.
         let mut c = conv("x");
         c.as_object_mut().unwrap().remove("orderId");
-        send(&s, &mut d, json!({"conversions": [c.clone()], "partialFailure": true}));
-        let r = send(&s, &mut d, json!({"conversions": [c], "partialFailure": true}));
-        assert_eq!(codes(&r), vec![(0, "CLICK_CONVERSION_ALREADY_EXISTS".to_string())]);
+        send(
+            &s,
+            &mut d,
+            json!({"conversions": [c.clone()], "partialFailure": true}),
+        );
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [c], "partialFailure": true}),
+        );
+        assert_eq!(
+            codes(&r),
+            vec![(0, "CLICK_CONVERSION_ALREADY_EXISTS".to_string())]
+        );
     }
 
     #[test]
@@ -907,19 +1050,75 @@ mod tests {
         let mut d = Dedup::new(s.dedup_window);
         let body = json!({"conversions": [conv("o1")], "partialFailure": true});
         let cases: Vec<(Incoming, (u16, &str, &str))> = vec![
-            (req(PATH, &[("developer-token", "demo-token")], body.clone()), (401, "UNAUTHENTICATED", "OAUTH_TOKEN_HEADER_INVALID")),
-            (req(PATH, &[("authorization", "Bearer nope"), ("developer-token", "demo-token")], body.clone()), (401, "UNAUTHENTICATED", "OAUTH_TOKEN_INVALID")),
-            (req(PATH, &[("authorization", "Bearer demo-token")], body.clone()), (400, "INVALID_ARGUMENT", "DEVELOPER_TOKEN_PARAMETER_MISSING")),
-            (req(PATH, &[("authorization", "Bearer demo-token"), ("developer-token", "x")], body.clone()), (401, "UNAUTHENTICATED", "DEVELOPER_TOKEN_INVALID")),
-            (req("/v21/customers/123-456-7890:uploadClickConversions", AUTH, body.clone()), (401, "UNAUTHENTICATED", "CLIENT_CUSTOMER_ID_INVALID")),
-            (req("/v21/customers/9999999999:uploadClickConversions", AUTH, body.clone()), (403, "PERMISSION_DENIED", "USER_PERMISSION_DENIED")),
+            (
+                req(PATH, &[("developer-token", "demo-token")], body.clone()),
+                (401, "UNAUTHENTICATED", "OAUTH_TOKEN_HEADER_INVALID"),
+            ),
+            (
+                req(
+                    PATH,
+                    &[
+                        ("authorization", "Bearer nope"),
+                        ("developer-token", "demo-token"),
+                    ],
+                    body.clone(),
+                ),
+                (401, "UNAUTHENTICATED", "OAUTH_TOKEN_INVALID"),
+            ),
+            (
+                req(
+                    PATH,
+                    &[("authorization", "Bearer demo-token")],
+                    body.clone(),
+                ),
+                (400, "INVALID_ARGUMENT", "DEVELOPER_TOKEN_PARAMETER_MISSING"),
+            ),
+            (
+                req(
+                    PATH,
+                    &[
+                        ("authorization", "Bearer demo-token"),
+                        ("developer-token", "x"),
+                    ],
+                    body.clone(),
+                ),
+                (401, "UNAUTHENTICATED", "DEVELOPER_TOKEN_INVALID"),
+            ),
+            (
+                req(
+                    "/v21/customers/123-456-7890:uploadClickConversions",
+                    AUTH,
+                    body.clone(),
+                ),
+                (401, "UNAUTHENTICATED", "CLIENT_CUSTOMER_ID_INVALID"),
+            ),
+            (
+                req(
+                    "/v21/customers/9999999999:uploadClickConversions",
+                    AUTH,
+                    body.clone(),
+                ),
+                (403, "PERMISSION_DENIED", "USER_PERMISSION_DENIED"),
+            ),
         ];
         for (r, (status, grpc, code)) in cases {
             let reply = s.handle(&r, &mut d, now());
             assert_eq!(whole(&reply), (status, grpc.to_string(), code.to_string()));
             assert!(reply.accepted.is_empty());
         }
-        assert_eq!(s.handle(&req("/v9/customers/1234567890:uploadClickConversions", AUTH, body), &mut d, now()).status, 404);
+        assert_eq!(
+            s.handle(
+                &req(
+                    "/v9/customers/1234567890:uploadClickConversions",
+                    AUTH,
+                    body
+                ),
+                &mut d,
+                now()
+            )
+            .status,
+            404
+        );
     }
 
     #[test]
@@ -930,7 +1129,11 @@ mod tests {
         };
         let mut d = Dedup::new(s.dedup_window);
         let body = json!({"conversions": [conv("o1")], "partialFailure": true});
-        assert_eq!(s.handle(&req(PATH, AUTH, body.clone()), &mut d, now()).status, 403);
+        assert_eq!(
+            s.handle(&req(PATH, AUTH, body.clone()), &mut d, now())
+                .status,
+            403
+        );
         let mut h = AUTH.to_vec();
         h.push(("login-customer-id", "5555555555"));
         assert_eq!(s.handle(&req(PATH, &h, body), &mut d, now()).status, 200);
@@ -942,14 +1145,35 @@ mod tests {
         let mut d = Dedup::new(s.dedup_window);
         let mut c = conv("o1");
         c["hashedEmail"] = json!(HASH);
-        let r = send(&s, &mut d, json!({"conversions": [c], "partialFailure": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [c], "partialFailure": true}),
+        );
         assert_eq!(r.status, 400);
-        assert!(r.body["error"]["message"].as_str().unwrap().contains("Unknown name \"hashedEmail\""));
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Unknown name \"hashedEmail\"")
+        );
         let mut c = conv("o1");
         c["consent"] = json!({"adUserData": "YES"});
-        assert_eq!(send(&s, &mut d, json!({"conversions": [c], "partialFailure": true})).status, 400);
+        assert_eq!(
+            send(
+                &s,
+                &mut d,
+                json!({"conversions": [c], "partialFailure": true})
+            )
+            .status,
+            400
+        );
         let too_many: Vec<Value> = (0..2001).map(|i| conv(&format!("o{i}"))).collect();
-        let r = send(&s, &mut d, json!({"conversions": too_many, "partialFailure": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": too_many, "partialFailure": true}),
+        );
         assert_eq!(whole(&r).2, "TOO_MANY_CONVERSIONS_IN_REQUEST");
     }
 
@@ -969,18 +1193,38 @@ mod tests {
         let mut ids_only = conv("r8");
         ids_only.as_object_mut().unwrap().remove("gclid");
         let rows = vec![
-            set("userIdentifiers", json!([{"hashedEmail": "person@example.com"}]), "r0"),
+            set(
+                "userIdentifiers",
+                json!([{"hashedEmail": "person@example.com"}]),
+                "r0",
+            ),
             set("gbraid", json!("g"), "r1"),
             set("conversionDateTime", json!("2026-01-02T03:04:05Z"), "r2"),
-            set("conversionDateTime", json!("2027-01-02 03:04:05+00:00"), "r3"),
-            set("conversionAction", json!("customers/1234567890/conversionActions/4242"), "r4"),
-            set("conversionAction", json!("customers/1111111111/conversionActions/1001"), "r5"),
+            set(
+                "conversionDateTime",
+                json!("2027-01-02 03:04:05+00:00"),
+                "r3",
+            ),
+            set(
+                "conversionAction",
+                json!("customers/1234567890/conversionActions/4242"),
+                "r4",
+            ),
+            set(
+                "conversionAction",
+                json!("customers/1111111111/conversionActions/1001"),
+                "r5",
+            ),
             set("currencyCode", json!("eur"), "r6"),
             conv("dup"),
             ids_only,
             conv("dup"),
         ];
-        let r = send(&s, &mut d, json!({"conversions": rows, "partialFailure": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": rows, "partialFailure": true}),
+        );
         assert_eq!(r.status, 200);
         let got = codes(&r);
         let want: Vec<(u64, &str)> = vec![
@@ -994,16 +1238,28 @@ mod tests {
             (7, "DUPLICATE_ORDER_ID"),
             (9, "DUPLICATE_ORDER_ID"),
         ];
-        assert_eq!(got, want.into_iter().map(|(i, c)| (i, c.to_string())).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            want.into_iter()
+                .map(|(i, c)| (i, c.to_string()))
+                .collect::<Vec<_>>()
+        );
         assert_eq!(r.accepted.len(), 1);
         assert_eq!(r.accepted[0].key.as_deref(), Some("r8"));
-        assert_eq!(r.body["results"][8]["conversionAction"], "customers/1234567890/conversionActions/1001");
+        assert_eq!(
+            r.body["results"][8]["conversionAction"],
+            "customers/1234567890/conversionActions/1001"
+        );
         assert_eq!(r.body["results"][0], json!({}));
         let braids = set("gclid", Value::Null, "b");
         let mut braids = braids;
         braids["gbraid"] = json!("g");
         braids["wbraid"] = json!("w");
-        let r = send(&s, &mut d, json!({"conversions": [braids], "partialFailure": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [braids], "partialFailure": true}),
+        );
         assert_eq!(codes(&r), vec![(0, "GBRAID_WBRAID_BOTH_SET".to_string())]);
     }
 
@@ -1014,7 +1270,10 @@ mod tests {
         let mut bad = conv("b");
         bad["currencyCode"] = json!("euro");
         let r = send(&s, &mut d, json!({"conversions": [conv("a"), bad]}));
-        assert_eq!(whole(&r), (400, "INVALID_ARGUMENT".into(), "UNSUPPORTED".into()));
+        assert_eq!(
+            whole(&r),
+            (400, "INVALID_ARGUMENT".into(), "UNSUPPORTED".into())
+        );
         assert!(r.accepted.is_empty());
     }
 
@@ -1022,10 +1281,23 @@ mod tests {
     fn validate_only_checks_and_records_nothing() {
         let s = Settings::default();
         let mut d = Dedup::new(s.dedup_window);
-        let r = send(&s, &mut d, json!({"conversions": [conv("a")], "partialFailure": true, "validateOnly": true}));
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [conv("a")], "partialFailure": true, "validateOnly": true}),
+        );
         assert_eq!(r.status, 200);
         assert!(r.accepted.is_empty() && r.body.get("results").is_none());
-        assert_eq!(send(&s, &mut d, json!({"conversions": [conv("a")], "partialFailure": true})).accepted.len(), 1);
+        assert_eq!(
+            send(
+                &s,
+                &mut d,
+                json!({"conversions": [conv("a")], "partialFailure": true})
+            )
+            .accepted
+            .len(),
+            1
+        );
     }
 
     #[test]
@@ -1037,15 +1309,30 @@ mod tests {
         let mut d = Dedup::new(s.dedup_window);
         let mut c = conv("l");
         c.as_object_mut().unwrap().remove("gclid");
-        let r = send(&s, &mut d, json!({"conversions": [c], "partialFailure": true}));
-        assert_eq!(codes(&r), vec![(0, "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS".to_string())]);
+        let r = send(
+            &s,
+            &mut d,
+            json!({"conversions": [c], "partialFailure": true}),
+        );
+        assert_eq!(
+            codes(&r),
+            vec![(
+                0,
+                "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS".to_string()
+            )]
+        );
     }
 
     #[test]
     fn date_times_need_the_offset() {
         assert!(parse_date_time("2026-01-02 03:04:05+00:00").is_some());
         assert!(parse_date_time("2026-01-02 03:04:05.123-08:00").is_some());
-        for bad in ["2026-01-02 03:04:05", "2026-01-02T03:04:05+00:00", "2026-01-02 03:04:05Z", "2026-13-02 03:04:05+00:00"] {
+        for bad in [
+            "2026-01-02 03:04:05",
+            "2026-01-02T03:04:05+00:00",
+            "2026-01-02 03:04:05Z",
+            "2026-13-02 03:04:05+00:00",
+        ] {
             assert!(parse_date_time(bad).is_none(), "{bad}");
         }
     }

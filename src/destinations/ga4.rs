@@ -181,8 +181,18 @@ impl Ga4 {
         };
         let user_data = send_user_data
             .then(|| UserData {
-                sha256_email_address: ev.email_sha256.as_deref().and_then(digest).into_iter().collect(),
-                sha256_phone_number: ev.phone_sha256.as_deref().and_then(digest).into_iter().collect(),
+                sha256_email_address: ev
+                    .email_sha256
+                    .as_deref()
+                    .and_then(digest)
+                    .into_iter()
+                    .collect(),
+                sha256_phone_number: ev
+                    .phone_sha256
+                    .as_deref()
+                    .and_then(digest)
+                    .into_iter()
+                    .collect(),
             })
             .filter(|u| !u.sha256_email_address.is_empty() || !u.sha256_phone_number.is_empty());
         Head {
@@ -195,15 +205,15 @@ impl Ga4 {
 
     fn client_id(&self, ev: &CanonicalEvent) -> String {
         let key = self.settings.client_id_property.as_str();
-        let from_properties = ev
-            .properties
-            .as_ref()
-            .and_then(|p| p.get(key))
-            .and_then(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            });
+        let from_properties =
+            ev.properties
+                .as_ref()
+                .and_then(|p| p.get(key))
+                .and_then(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                });
         from_properties
             .or_else(|| ev.external_ids.get(key).cloned())
             .or_else(|| ev.anonymous_id.clone())
@@ -463,7 +473,10 @@ fn message_index(m: &Message) -> Option<usize> {
         }
     }
     let d = &m.description;
-    let at = d.find("index: [").map(|i| i + 8).or_else(|| d.find("index [").map(|i| i + 7))?;
+    let at = d
+        .find("index: [")
+        .map(|i| i + 8)
+        .or_else(|| d.find("index [").map(|i| i + 7))?;
     digits(&d[at..])
 }
 
@@ -496,7 +509,8 @@ impl Destination for Ga4 {
             let size = serde_json::to_vec(&event).map_or(0, |v| v.len()) + 1;
             if let Some((h, events, start, bytes)) = run.take() {
                 // Room for the head's own fields is kept with a margin.
-                let fits = h == head && events.len() < MAX_EVENTS && bytes + size < MAX_BODY_BYTES - 2048;
+                let fits =
+                    h == head && events.len() < MAX_EVENTS && bytes + size < MAX_BODY_BYTES - 2048;
                 if fits {
                     let mut events = events;
                     events.push(event);
@@ -644,7 +658,11 @@ mod tests {
                 .starts_with("https://region1.google-analytics.com/debug/mp/collect?")
         );
         s.base_url = Some("http://127.0.0.1:9/".into());
-        assert!(Ga4::new(s).url.starts_with("http://127.0.0.1:9/debug/mp/collect?"));
+        assert!(
+            Ga4::new(s)
+                .url
+                .starts_with("http://127.0.0.1:9/debug/mp/collect?")
+        );
     }
 
     #[test]
@@ -677,16 +695,25 @@ mod tests {
 
     #[test]
     fn client_id_prefers_the_ga_cookie_then_anonymous_then_derived() {
-        let d = delivery("purchase", json!({"properties": {"ga_client_id": "123.456"}}));
+        let d = delivery(
+            "purchase",
+            json!({"properties": {"ga_client_id": "123.456"}}),
+        );
         assert_eq!(body(&ga4().map(&[d])[0])["client_id"], "123.456");
         let d = delivery("purchase", json!({"anonymous_id": null}));
-        let cid = body(&ga4().map(&[d])[0])["client_id"].as_str().unwrap().to_string();
+        let cid = body(&ga4().map(&[d])[0])["client_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(cid, derived_client_id("u_1"));
         assert!(!cid.contains("u_1"));
         let (a, b) = cid.split_once('.').unwrap();
         assert!(a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
         // An email is never an id.
-        let d = delivery("purchase", json!({"anonymous_id": "a@b.example", "user_id": "x@y.example"}));
+        let d = delivery(
+            "purchase",
+            json!({"anonymous_id": "a@b.example", "user_id": "x@y.example"}),
+        );
         let b = body(&ga4().map(&[d])[0]);
         assert!(b.get("user_id").is_none());
         assert!(!b.to_string().contains('@'));
@@ -695,12 +722,24 @@ mod tests {
     #[test]
     fn user_data_follows_the_setting() {
         let no_user = delivery("purchase", json!({"user_id": null}));
-        assert!(body(&ga4().map(std::slice::from_ref(&no_user))[0]).get("user_data").is_none());
+        assert!(
+            body(&ga4().map(std::slice::from_ref(&no_user))[0])
+                .get("user_data")
+                .is_none()
+        );
         let mut s = settings();
         s.user_data = "always".into();
-        assert!(body(&Ga4::new(s.clone()).map(std::slice::from_ref(&no_user))[0]).get("user_data").is_some());
+        assert!(
+            body(&Ga4::new(s.clone()).map(std::slice::from_ref(&no_user))[0])
+                .get("user_data")
+                .is_some()
+        );
         s.user_data = "never".into();
-        assert!(body(&Ga4::new(s).map(&[delivery("purchase", json!({}))])[0]).get("user_data").is_none());
+        assert!(
+            body(&Ga4::new(s).map(&[delivery("purchase", json!({}))])[0])
+                .get("user_data")
+                .is_none()
+        );
     }
 
     #[test]
@@ -708,7 +747,10 @@ mod tests {
         let mut batch: Vec<Delivery> = (0..30)
             .map(|i| delivery("purchase", json!({"event_id": format!("e{i}")})))
             .collect();
-        batch.push(delivery("purchase", json!({"event_id": "other", "user_id": "u_2", "anonymous_id": "anon-2"})));
+        batch.push(delivery(
+            "purchase",
+            json!({"event_id": "other", "user_id": "u_2", "anonymous_id": "anon-2"}),
+        ));
         batch.push(delivery("purchase", json!({"event_id": "back"})));
         let reqs = ga4().map(&batch);
         assert_eq!(
@@ -722,16 +764,29 @@ mod tests {
     fn each_event_keeps_its_own_time() {
         let batch = [
             delivery("purchase", json!({"event_id": "a"})),
-            delivery("purchase", json!({"event_id": "b", "occurred_at": "2026-11-26T14:05:00Z"})),
+            delivery(
+                "purchase",
+                json!({"event_id": "b", "occurred_at": "2026-11-26T14:05:00Z"}),
+            ),
         ];
         let b = body(&ga4().map(&batch)[0]);
         assert_eq!(b["timestamp_micros"], b["events"][0]["timestamp_micros"]);
-        assert_eq!(b["events"][1]["timestamp_micros"], 1_795_701_900_000_000_i64);
+        assert_eq!(
+            b["events"][1]["timestamp_micros"],
+            1_795_701_900_000_000_i64
+        );
     }
 
     #[test]
     fn names_and_limits_are_refused_before_sending() {
-        for bad in ["session_start", "ga_thing", "_x", "9lives", "has-dash", &"a".repeat(41)] {
+        for bad in [
+            "session_start",
+            "ga_thing",
+            "_x",
+            "9lives",
+            "has-dash",
+            &"a".repeat(41),
+        ] {
             let r = ga4().refuse(&delivery(bad, json!({}))).unwrap();
             assert_eq!(r.class, "ga4_event_name", "{bad}");
         }
@@ -744,13 +799,22 @@ mod tests {
         assert_eq!(r.class, "ga4_limits");
         assert!(r.reason.contains("params"));
         let items: Vec<Value> = (0..201).map(|i| json!({"id": format!("s{i}")})).collect();
-        assert_eq!(ga4().refuse(&delivery("purchase", json!({"items": items}))).unwrap().class, "ga4_limits");
+        assert_eq!(
+            ga4()
+                .refuse(&delivery("purchase", json!({"items": items})))
+                .unwrap()
+                .class,
+            "ga4_limits"
+        );
     }
 
     #[test]
     fn long_values_are_cut_to_ga4_limits() {
         let long = format!("https://shop.example/{}", "x".repeat(2000));
-        let d = delivery("purchase", json!({"context": {"page_url": long, "referrer": long}, "order_id": "o".repeat(150)}));
+        let d = delivery(
+            "purchase",
+            json!({"context": {"page_url": long, "referrer": long}, "order_id": "o".repeat(150)}),
+        );
         let p = &body(&ga4().map(&[d])[0])["events"][0]["params"];
         assert_eq!(p["page_location"].as_str().unwrap().len(), 1000);
         assert_eq!(p["page_referrer"].as_str().unwrap().len(), 420);
@@ -773,8 +837,15 @@ mod tests {
         let batch: Vec<Delivery> = (0..3)
             .map(|i| delivery("purchase", json!({"event_id": format!("e{i}")})))
             .collect();
-        assert_eq!(ga4().classify(&ok(json!({"validationMessages": []})), &batch), vec![Outcome::Delivered; 3]);
-        let empty = Response { status: 204, headers: vec![], body: vec![] };
+        assert_eq!(
+            ga4().classify(&ok(json!({"validationMessages": []})), &batch),
+            vec![Outcome::Delivered; 3]
+        );
+        let empty = Response {
+            status: 204,
+            headers: vec![],
+            body: vec![],
+        };
         assert_eq!(ga4().classify(&empty, &batch), vec![Outcome::Delivered; 3]);
         let o = ga4().classify(
             &ok(json!({"validationMessages": [
@@ -792,8 +863,19 @@ mod tests {
             ]})),
             &batch,
         );
-        assert!(o.iter().all(|o| matches!(o, Outcome::Rejected { class, .. } if class == "ga4_value_required")));
-        let busy = Response { status: 503, headers: vec![], body: vec![] };
-        assert!(ga4().classify(&busy, &batch).iter().all(|o| matches!(o, Outcome::Retry { .. })));
+        assert!(o.iter().all(
+            |o| matches!(o, Outcome::Rejected { class, .. } if class == "ga4_value_required")
+        ));
+        let busy = Response {
+            status: 503,
+            headers: vec![],
+            body: vec![],
+        };
+        assert!(
+            ga4()
+                .classify(&busy, &batch)
+                .iter()
+                .all(|o| matches!(o, Outcome::Retry { .. }))
+        );
     }
 }

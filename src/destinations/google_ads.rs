@@ -204,9 +204,7 @@ impl GoogleAds {
             let why = if user_identifiers.is_empty() {
                 Some("it has no gclid, gbraid or wbraid and no hashed email or phone")
             } else if !self.settings.enhanced_conversions_for_leads {
-                Some(
-                    "it has no gclid, gbraid or wbraid, and enhanced_conversions_for_leads is off",
-                )
+                Some("it has no gclid, gbraid or wbraid, and enhanced_conversions_for_leads is off")
             } else {
                 None
             };
@@ -250,7 +248,11 @@ impl GoogleAds {
         h
     }
 
-    fn request(&self, conversions: Vec<ClickConversion<'_>>, events: std::ops::Range<usize>) -> Request {
+    fn request(
+        &self,
+        conversions: Vec<ClickConversion<'_>>,
+        events: std::ops::Range<usize>,
+    ) -> Request {
         let body = UploadRequest {
             conversions,
             partial_failure: true,
@@ -756,8 +758,10 @@ mod tests {
 
     #[test]
     fn one_click_id_by_priority_and_order_id_falls_back_to_event_id() {
-        let d = delivery(json!({"click_ids": {"wbraid": "w", "gbraid": "g", "gclid": "c"}, "order_id": null}));
-        let c = &body(&ads().map(&[d.clone()])[0])["conversions"][0];
+        let d = delivery(
+            json!({"click_ids": {"wbraid": "w", "gbraid": "g", "gclid": "c"}, "order_id": null}),
+        );
+        let c = &body(&ads().map(std::slice::from_ref(&d))[0])["conversions"][0];
         assert_eq!(c["gclid"], "c");
         assert!(c.get("gbraid").is_none() && c.get("wbraid").is_none());
         assert_eq!(c["orderId"], "e1");
@@ -868,7 +872,11 @@ mod tests {
             .map(|i| delivery(json!({"event_id": format!("e{i}"), "order_id": format!("o{i}")})))
             .collect();
         let resp = ok(partial(json!([
-            row_error("conversionUploadError", "CLICK_CONVERSION_ALREADY_EXISTS", 1),
+            row_error(
+                "conversionUploadError",
+                "CLICK_CONVERSION_ALREADY_EXISTS",
+                1
+            ),
             row_error("conversionUploadError", "INVALID_USER_IDENTIFIER", 2),
             row_error("conversionUploadError", "TOO_RECENT_EVENT", 3),
             row_error("conversionUploadError", "ORDER_ID_ALREADY_IN_USE", 4),
@@ -897,7 +905,11 @@ mod tests {
         assert_eq!(reqs[0].events, 0..2);
         assert_eq!(body(&reqs[0])["conversions"].as_array().unwrap().len(), 1);
         let o = ads().classify(
-            &ok(partial(json!([row_error("dateError", "LATER_THAN_MAXIMUM_DATE", 0)]))),
+            &ok(partial(json!([row_error(
+                "dateError",
+                "LATER_THAN_MAXIMUM_DATE",
+                0
+            )]))),
             &batch,
         );
         assert!(matches!(&o[0], Outcome::Rejected { class, .. } if class == "unmapped"));
@@ -925,22 +937,40 @@ mod tests {
     fn whole_request_errors() {
         let batch = [delivery(json!({}))];
         let o = ads().classify(
-            &failure(401, "UNAUTHENTICATED", "authenticationError", "OAUTH_TOKEN_INVALID"),
+            &failure(
+                401,
+                "UNAUTHENTICATED",
+                "authenticationError",
+                "OAUTH_TOKEN_INVALID",
+            ),
             &batch,
         );
         assert!(
             matches!(&o[0], Outcome::Rejected { class, reason } if class == "google_ads_auth" && reason.contains("OAUTH_TOKEN_INVALID"))
         );
         let o = ads().classify(
-            &failure(400, "INVALID_ARGUMENT", "requestError", "DEVELOPER_TOKEN_PARAMETER_MISSING"),
+            &failure(
+                400,
+                "INVALID_ARGUMENT",
+                "requestError",
+                "DEVELOPER_TOKEN_PARAMETER_MISSING",
+            ),
             &batch,
         );
         assert!(
             matches!(&o[0], Outcome::Rejected { class, .. } if class == "google_ads_developer_token_parameter_missing")
         );
-        let mut throttled = failure(429, "RESOURCE_EXHAUSTED", "quotaError", "RESOURCE_EXHAUSTED");
+        let mut throttled = failure(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "quotaError",
+            "RESOURCE_EXHAUSTED",
+        );
         assert!(ads().is_throttle(&throttled));
-        assert!(matches!(ads().classify(&throttled, &batch)[0], Outcome::Retry { after: None, .. }));
+        assert!(matches!(
+            ads().classify(&throttled, &batch)[0],
+            Outcome::Retry { after: None, .. }
+        ));
         throttled.headers.push(("retry-after".into(), "7".into()));
         assert!(matches!(
             ads().classify(&throttled, &batch)[0],
@@ -952,7 +982,10 @@ mod tests {
             body: b"<html>".to_vec(),
         };
         assert!(!ads().is_throttle(&unavailable));
-        assert!(matches!(ads().classify(&unavailable, &batch)[0], Outcome::Retry { .. }));
+        assert!(matches!(
+            ads().classify(&unavailable, &batch)[0],
+            Outcome::Retry { .. }
+        ));
         let not_found = Response {
             status: 404,
             headers: vec![],
