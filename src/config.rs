@@ -1170,6 +1170,14 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
             if g.max_event_age.is_zero() {
                 bad("max_event_age", "must be more than 0".into());
             }
+            for p in &g.params_from_properties {
+                if let Some(why) = crate::destinations::ga4::name_problem(p, false) {
+                    bad(
+                        "params_from_properties",
+                        format!("GA4 drops the param: {why}"),
+                    );
+                }
+            }
         }
     }
 }

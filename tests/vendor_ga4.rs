@@ -460,6 +460,7 @@ api_secret = "s"
 validation_behavior = "STRICT"
 user_data = "sometimes"
 max_event_age = "0s"
+params_from_properties = ["plan", "ga_session_number"]
 "#;
     let err = Config::parse(text, Path::new("ga4.toml"), &|_| None)
         .unwrap_err()
@@ -468,6 +469,7 @@ max_event_age = "0s"
         "destinations.ga4.validation_behavior",
         "destinations.ga4.user_data",
         "destinations.ga4.max_event_age",
+        "destinations.ga4.params_from_properties",
     ] {
         assert!(err.contains(key), "{key} in {err}");
     }
