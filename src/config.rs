@@ -489,6 +489,34 @@ pub struct GoogleAdsSettings {
     pub api_version: String,
     #[serde(default = "google_default_base_url")]
     pub base_url: String,
+    /// Offset written into `conversionDateTime` ("+hh:mm" or "-hh:mm"); the
+    /// instant is the same whatever the offset, so this only changes how the
+    /// time reads in Google's reports.
+    #[serde(default = "google_default_time_zone_offset")]
+    pub time_zone_offset: String,
+    /// Which click id wins when an event carries several (Google accepts one).
+    #[serde(default = "google_default_click_id_priority")]
+    pub click_id_priority: Vec<String>,
+    /// Upload conversions that have no click id but a hashed email/phone
+    /// (enhanced conversions for leads; must be turned on in the account).
+    #[serde(default = "default_true")]
+    pub enhanced_conversions_for_leads: bool,
+    /// Send `userIdentifiers` at all (needs the customer data terms accepted).
+    #[serde(default = "default_true")]
+    pub send_user_identifiers: bool,
+    /// Canonical consent category behind `consent.adUserData`; "" = never sent.
+    #[serde(default = "default_consent_ad_user_data")]
+    pub consent_ad_user_data: String,
+    /// Canonical consent category behind `consent.adPersonalization`; "" = never sent.
+    #[serde(default = "default_consent_ad_personalization")]
+    pub consent_ad_personalization: String,
+    /// `validateOnly`: Google checks the conversions and records nothing.
+    #[serde(default)]
+    pub validate_only: bool,
+    /// `debugEnabled`: full checks for user-identifier uploads (CLICK_NOT_FOUND
+    /// is reported instead of silently accepted).
+    #[serde(default)]
+    pub debug_enabled: bool,
 }
 
 fn google_default_version() -> String {
@@ -496,6 +524,24 @@ fn google_default_version() -> String {
 }
 fn google_default_base_url() -> String {
     "https://googleads.googleapis.com".into()
+}
+fn google_default_time_zone_offset() -> String {
+    "+00:00".into()
+}
+fn google_default_click_id_priority() -> Vec<String> {
+    crate::destinations::google_ads::CLICK_IDS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_consent_ad_user_data() -> String {
+    "ads".into()
+}
+fn default_consent_ad_personalization() -> String {
+    "ad_personalization".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -507,10 +553,49 @@ pub struct Ga4Settings {
     pub region: String,
     /// Overrides the host chosen by `region` (tests, proxies).
     pub base_url: Option<String>,
+    /// Send to the validation server (`/debug/mp/collect`): Google answers
+    /// with `validationMessages` and records nothing.
+    #[serde(default)]
+    pub debug_endpoint: bool,
+    /// `validation_behavior` in the body ("RELAXED" or
+    /// "ENFORCE_RECOMMENDATIONS"); unset = Google's default.
+    pub validation_behavior: Option<String>,
+    /// Property (or external id) holding the GA client id (`_ga` cookie value).
+    #[serde(default = "ga4_default_client_id_property")]
+    pub client_id_property: String,
+    /// When `user_data` (hashed email/phone) is sent: "with_user_id"
+    /// (Google's older rule), "always", or "never".
+    #[serde(default = "ga4_default_user_data")]
+    pub user_data: String,
+    /// Canonical consent category behind `consent.ad_user_data`; "" = never sent.
+    #[serde(default = "default_consent_ad_user_data")]
+    pub consent_ad_user_data: String,
+    /// Canonical consent category behind `consent.ad_personalization`; "" = never sent.
+    #[serde(default = "default_consent_ad_personalization")]
+    pub consent_ad_personalization: String,
+    /// Event properties copied into the event's params as they are.
+    #[serde(default)]
+    pub params_from_properties: Vec<String>,
+    /// Oldest event GA4 takes (72 h per the sending guide; the use-case
+    /// guide says two business days).
+    #[serde(
+        default = "ga4_default_max_event_age",
+        deserialize_with = "de_duration"
+    )]
+    pub max_event_age: Duration,
 }
 
 fn ga4_default_region() -> String {
     "global".into()
+}
+fn ga4_default_client_id_property() -> String {
+    "ga_client_id".into()
+}
+fn ga4_default_user_data() -> String {
+    "with_user_id".into()
+}
+fn ga4_default_max_event_age() -> Duration {
+    Duration::from_secs(72 * 3600)
 }
 
 impl Config {
@@ -1090,6 +1175,41 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
             if let Err(why) = check_url(&g.base_url) {
                 bad("base_url", why);
             }
+            if crate::destinations::google_ads::parse_utc_offset(&g.time_zone_offset).is_none() {
+                bad(
+                    "time_zone_offset",
+                    format!(
+                        "`{}` is not an offset like \"+00:00\" or \"-08:00\"",
+                        g.time_zone_offset
+                    ),
+                );
+            }
+            let mut seen = Vec::new();
+            for id in &g.click_id_priority {
+                if !crate::destinations::google_ads::CLICK_IDS.contains(&id.as_str())
+                    || seen.contains(&id)
+                {
+                    bad(
+                        "click_id_priority",
+                        format!(
+                            "`{id}` is not one of {} (each at most once)",
+                            crate::destinations::google_ads::CLICK_IDS.join(", ")
+                        ),
+                    );
+                }
+                seen.push(id);
+            }
+            for (k, c) in [
+                ("consent_ad_user_data", &g.consent_ad_user_data),
+                ("consent_ad_personalization", &g.consent_ad_personalization),
+            ] {
+                if !c.is_empty() && !is_consent_category(c) {
+                    bad(
+                        k,
+                        format!("`{c}` is not a consent category (or \"\" for never)"),
+                    );
+                }
+            }
         }
         DestinationKind::Ga4(g) => {
             if !g.measurement_id.starts_with("G-") || g.measurement_id.len() < 4 {
@@ -1102,6 +1222,45 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
                 && let Err(why) = check_url(u)
             {
                 bad("base_url", why);
+            }
+            if let Some(v) = &g.validation_behavior
+                && !matches!(v.as_str(), "RELAXED" | "ENFORCE_RECOMMENDATIONS")
+            {
+                bad(
+                    "validation_behavior",
+                    "must be \"RELAXED\" or \"ENFORCE_RECOMMENDATIONS\"".into(),
+                );
+            }
+            if g.client_id_property.trim().is_empty() {
+                bad("client_id_property", "must not be empty".into());
+            }
+            if !matches!(g.user_data.as_str(), "with_user_id" | "always" | "never") {
+                bad(
+                    "user_data",
+                    "must be \"with_user_id\", \"always\" or \"never\"".into(),
+                );
+            }
+            for (k, c) in [
+                ("consent_ad_user_data", &g.consent_ad_user_data),
+                ("consent_ad_personalization", &g.consent_ad_personalization),
+            ] {
+                if !c.is_empty() && !is_consent_category(c) {
+                    bad(
+                        k,
+                        format!("`{c}` is not a consent category (or \"\" for never)"),
+                    );
+                }
+            }
+            if g.max_event_age.is_zero() {
+                bad("max_event_age", "must be more than 0".into());
+            }
+            for p in &g.params_from_properties {
+                if let Some(why) = crate::destinations::ga4::name_problem(p, false) {
+                    bad(
+                        "params_from_properties",
+                        format!("GA4 drops the param: {why}"),
+                    );
+                }
             }
         }
     }

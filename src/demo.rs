@@ -134,8 +134,13 @@ pub async fn run(
         if let Some(by) = by {
             writeln!(
                 out,
-                "event times shifted forward by {} so the sample is recent (vendors refuse old events; --keep-times keeps them)",
-                humantime::format_duration(Duration::from_secs(by.num_seconds().max(0) as u64))
+                "event times shifted {} by {} so the latest is a minute ago (vendors refuse old and future events; --keep-times keeps them)",
+                if by < chrono::Duration::zero() {
+                    "back"
+                } else {
+                    "forward"
+                },
+                humantime::format_duration(Duration::from_secs(by.num_seconds().unsigned_abs()))
             )?;
         }
         shifted
@@ -492,16 +497,63 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 w.url = format!("{}/{name}", server.base_url());
                 ("signed-webhook receiver", server)
             }
-            _ => continue,
+            DestinationKind::MetaCapi(m) => {
+                let server = fakes::serve(fakes::meta::Settings {
+                    pixel_id: m.pixel_id.clone(),
+                    access_token: m.access_token.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                m.base_url = server.base_url();
+                ("Meta Conversions API", server)
+            }
+            DestinationKind::TiktokEvents(t) => {
+                let server = fakes::serve(fakes::tiktok::Settings {
+                    pixel_code: t.pixel_code.clone(),
+                    access_token: t.access_token.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                t.base_url = server.base_url();
+                ("TikTok Events API", server)
+            }
+            DestinationKind::GoogleAds(g) => {
+                let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+                let server = fakes::serve(fakes::google_ads::Settings {
+                    customer_id: digits(&g.customer_id),
+                    login_customer_id: g.login_customer_id.as_deref().map(digits),
+                    developer_token: g.developer_token.expose().to_string(),
+                    access_token: g.access_token.expose().to_string(),
+                    conversion_actions: g.conversion_actions.values().cloned().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                g.base_url = server.base_url();
+                ("Google Ads API", server)
+            }
+            DestinationKind::Ga4(g) => {
+                let server = fakes::serve(fakes::ga4::Settings {
+                    measurement_id: g.measurement_id.clone(),
+                    api_secret: g.api_secret.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                g.base_url = Some(server.base_url());
+                ("GA4 Measurement Protocol", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }
     Ok(fakes)
 }
 
-/// Moves every event time forward by the same amount so the latest is a
-/// minute ago: the vendors refuse events older than a few days, and the
-/// shipped sample was written on one day. Lines that are not JSON objects
+/// Moves every event time by the same amount so the latest is a minute ago:
+/// the vendors refuse events older than a few days or in the future, and the
+/// shipped sample was written for one day. Lines that are not JSON objects
 /// with an RFC 3339 `occurred_at` stay as they are (they are the sample's
 /// invalid records).
 fn make_recent(input: &str, now: DateTime<Utc>) -> (String, Option<chrono::Duration>) {
@@ -518,7 +570,8 @@ fn make_recent(input: &str, now: DateTime<Utc>) -> (String, Option<chrono::Durat
         return (input.to_string(), None);
     };
     let by = now - chrono::Duration::minutes(1) - latest;
-    if by <= chrono::Duration::zero() {
+    // Already recent (and not ahead of the clock): leave the times alone.
+    if by >= chrono::Duration::zero() && by < chrono::Duration::minutes(5) {
         return (input.to_string(), None);
     }
     let mut out = String::with_capacity(input.len());
@@ -705,5 +758,10 @@ mod tests {
         assert!(lines[2].contains("2026-01-08T00:10:00Z"), "{out}");
         // Already recent: untouched.
         assert_eq!(make_recent(&out, now).1, None);
+        // Ahead of the clock: moved back.
+        let ahead = "{\"event_id\":\"a\",\"occurred_at\":\"2026-01-09T00:00:00Z\"}\n";
+        let (back, by) = make_recent(ahead, now);
+        assert_eq!(by, Some(-chrono::Duration::minutes(23 * 60 + 50)));
+        assert!(back.contains("2026-01-08T00:10:00Z"), "{back}");
     }
 }

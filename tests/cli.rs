@@ -268,4 +268,27 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         out.contains("→ crm, ga4, google_ads, meta, tiktok"),
         "{out}"
     );
+    // Then every sink delivered to its local vendor stand-in: per
+    // destination, what the router routed was sent and accepted, except the
+    // dead letters the table reports with their reasons.
+    let table: Vec<Vec<&str>> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("destination "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("dead letter"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(table.len(), 5, "{out}");
+    for row in &table {
+        let n = |i: usize| row[i].parse::<usize>().unwrap();
+        let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));
+        assert!(routed > 0, "{out}");
+        assert_eq!(accepted + dead, routed, "{out}");
+        assert!(sent >= accepted, "{out}");
+        let letters = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("dead letter  {}: ", row[0])))
+            .count();
+        assert_eq!(letters, dead, "{out}");
+    }
 }

@@ -47,7 +47,7 @@ test_event_code = "TEST42"
     let config = Config::parse(&text, Path::new("vendor_tiktok.toml"), &env).expect("config");
     let d = &config.destinations["tiktok"];
     Dest {
-        dest: switchyard::destinations::build(d).expect("tiktok_events has a destination"),
+        dest: switchyard::destinations::build(d),
         kind: d.kind.clone(),
     }
 }

@@ -1,5 +1,7 @@
 //! Vendor destinations, one file each: limits, `map` and `classify`.
 
+pub mod ga4;
+pub mod google_ads;
 pub mod meta_capi;
 pub mod tiktok_events;
 pub mod webhook;
@@ -9,15 +11,13 @@ use std::sync::Arc;
 use crate::config::{DestinationConfig, DestinationKind};
 use crate::sink::destination::Destination;
 
-/// The destination implementation for a configured destination; `None` for a
-/// type whose vendor mapping is not built yet.
-pub fn build(config: &DestinationConfig) -> Option<Arc<dyn Destination>> {
+/// The destination implementation for a configured destination.
+pub fn build(config: &DestinationConfig) -> Arc<dyn Destination> {
     match &config.kind {
-        DestinationKind::Webhook(w) => Some(Arc::new(webhook::Webhook::new(w.clone()))),
-        DestinationKind::MetaCapi(m) => Some(Arc::new(meta_capi::MetaCapi::new(m.clone()))),
-        DestinationKind::TiktokEvents(t) => {
-            Some(Arc::new(tiktok_events::TiktokEvents::new(t.clone())))
-        }
-        DestinationKind::GoogleAds(_) | DestinationKind::Ga4(_) => None,
+        DestinationKind::Webhook(w) => Arc::new(webhook::Webhook::new(w.clone())),
+        DestinationKind::MetaCapi(m) => Arc::new(meta_capi::MetaCapi::new(m.clone())),
+        DestinationKind::TiktokEvents(t) => Arc::new(tiktok_events::TiktokEvents::new(t.clone())),
+        DestinationKind::GoogleAds(g) => Arc::new(google_ads::GoogleAds::new(g.clone())),
+        DestinationKind::Ga4(g) => Arc::new(ga4::Ga4::new(g.clone())),
     }
 }

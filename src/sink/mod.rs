@@ -51,8 +51,6 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 pub enum SinkError {
     #[error("unknown or disabled destination `{0}`")]
     UnknownDestination(String),
-    #[error("destination `{destination}`: type {kind} has no sink yet")]
-    Unsupported { destination: String, kind: String },
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("writing an outcome failed: {0}")]
@@ -74,10 +72,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         .get(destination)
         .filter(|d| d.enabled)
         .ok_or_else(|| SinkError::UnknownDestination(destination.to_string()))?;
-    let vendor = crate::destinations::build(dest).ok_or_else(|| SinkError::Unsupported {
-        destination: destination.to_string(),
-        kind: dest.kind.type_name().to_string(),
-    })?;
+    let vendor = crate::destinations::build(dest);
     let settings = dest.delivery.clone();
     let vendor_limits = vendor.limits();
     let limits = Limits {

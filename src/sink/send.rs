@@ -151,7 +151,7 @@ pub async fn deliver(
                 }
                 Err(e) => {
                     REQUESTS.with_label_values(&[name, "network"]).inc();
-                    let reason = format!("network: {e}");
+                    let reason = network_reason(e);
                     slice
                         .iter()
                         .map(|_| {
@@ -277,6 +277,21 @@ fn reject(class: &str, reason: String) -> Final {
     })
 }
 
+/// A network failure in words, without the request URL: a URL can carry a
+/// credential (GA4's api_secret, Meta's token in query mode), and reasons go
+/// to logs, the ledger and dead letters.
+fn network_reason(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut reason = format!("network: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    reason
+}
+
 async fn send(
     http: &reqwest::Client,
     url: &str,
@@ -387,4 +402,23 @@ pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<
         });
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn network_reasons_never_carry_the_url() {
+        // Port 9 (discard) is closed on loopback: the connection is refused.
+        let e = reqwest::Client::new()
+            .post("http://127.0.0.1:9/mp/collect?api_secret=s3cr3t-value")
+            .send()
+            .await
+            .expect_err("nothing listens on port 9");
+        let reason = network_reason(e);
+        assert!(reason.starts_with("network: "), "{reason}");
+        assert!(!reason.contains("s3cr3t"), "{reason}");
+        assert!(!reason.contains("/mp/collect"), "{reason}");
+    }
 }
