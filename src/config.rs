@@ -387,6 +387,12 @@ pub struct MetaCapiSettings {
     pub api_version: String,
     #[serde(default = "meta_default_action_source")]
     pub action_source: String,
+    /// Per canonical `source` (the publishing service), an action_source
+    /// other than `action_source`: e.g. `{ billing = "system_generated" }`,
+    /// because server-made events have no page URL or user agent, which
+    /// Meta requires of `website` events.
+    #[serde(default)]
+    pub action_source_by_source: BTreeMap<String, String>,
     pub test_event_code: Option<String>,
     #[serde(default = "meta_default_base_url")]
     pub base_url: String,
@@ -1064,6 +1070,14 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
                     "action_source",
                     format!("must be one of {}", META_ACTION_SOURCES.join(", ")),
                 );
+            }
+            for (source, action) in &m.action_source_by_source {
+                if !META_ACTION_SOURCES.contains(&action.as_str()) {
+                    bad(
+                        &format!("action_source_by_source.{source}"),
+                        format!("must be one of {}", META_ACTION_SOURCES.join(", ")),
+                    );
+                }
             }
             if let Err(why) = check_url(&m.base_url) {
                 bad("base_url", why);

@@ -89,6 +89,14 @@ impl MetaCapi {
         h
     }
 
+    /// `action_source_by_source` for the event's publisher, else `action_source`.
+    fn action_source(&self, ev: &CanonicalEvent) -> &str {
+        ev.source
+            .as_deref()
+            .and_then(|s| self.settings.action_source_by_source.get(s))
+            .unwrap_or(&self.settings.action_source)
+    }
+
     /// The server event for one delivery, as sent at `now`.
     fn server_event<'a>(&'a self, d: &'a Delivery, now: DateTime<Utc>) -> ServerEvent<'a> {
         let ev = &d.event;
@@ -99,7 +107,7 @@ impl MetaCapi {
             event_name: &d.name,
             event_time: event_time(ev.occurred_at, now),
             event_id: &ev.event_id,
-            action_source: &self.settings.action_source,
+            action_source: self.action_source(ev),
             event_source_url: ctx.and_then(|c| c.page_url.as_deref()),
             referrer_url: ctx.and_then(|c| c.referrer.as_deref()),
             user_data: UserData {
@@ -170,7 +178,7 @@ impl MetaCapi {
         let ua = ctx
             .and_then(|c| c.user_agent.as_deref())
             .filter(|u| !u.trim().is_empty());
-        if self.settings.action_source == "website" {
+        if self.action_source(ev) == "website" {
             match url {
                 None => {
                     return Some(Refusal {
@@ -885,6 +893,22 @@ pub(crate) mod tests {
         let crm = meta("action_source = \"system_generated\"");
         let d = delivery("e", "Lead", json!({"context": null}));
         assert_eq!(crm.refuse_at(&d, now()), None);
+        // Per publisher: billing's server events are system_generated, the
+        // web tracker's stay website and still need their page URL.
+        let mixed = meta("action_source_by_source = { billing = \"system_generated\" }");
+        let billing = delivery("e", "Lead", json!({"context": null, "source": "billing"}));
+        assert_eq!(mixed.refuse_at(&billing, now()), None);
+        let e = mixed.server_event(&billing, now());
+        assert_eq!(e.action_source, "system_generated");
+        let web = delivery(
+            "e",
+            "Lead",
+            json!({"context": null, "source": "web-tracker"}),
+        );
+        assert_eq!(
+            mixed.refuse_at(&web, now()).map(|r| r.class),
+            Some("missing_field")
+        );
     }
 
     #[test]
