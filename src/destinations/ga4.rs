@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use super::shared::vendor_hash;
 use crate::config::Ga4Settings;
 use crate::delivery::Delivery;
 use crate::event::{CanonicalEvent, ConsentState, EventName};
@@ -184,13 +185,13 @@ impl Ga4 {
                 sha256_email_address: ev
                     .email_sha256
                     .as_deref()
-                    .and_then(digest)
+                    .and_then(vendor_hash)
                     .into_iter()
                     .collect(),
                 sha256_phone_number: ev
                     .phone_sha256
                     .as_deref()
-                    .and_then(digest)
+                    .and_then(vendor_hash)
                     .into_iter()
                     .collect(),
             })
@@ -382,11 +383,6 @@ pub fn derived_client_id(anchor: &str) -> String {
     let a = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
     let b = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
     format!("{a}.{b}")
-}
-
-fn digest(s: &str) -> Option<String> {
-    let s = s.trim();
-    (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_ascii_lowercase())
 }
 
 fn is_scalar(v: &Value) -> bool {

@@ -37,6 +37,7 @@ use chrono::{DateTime, FixedOffset, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::shared::vendor_hash;
 use crate::config::GoogleAdsSettings;
 use crate::delivery::Delivery;
 use crate::event::{CanonicalEvent, ConsentState};
@@ -151,14 +152,14 @@ impl GoogleAds {
             return Vec::new();
         }
         let mut out = Vec::new();
-        if let Some(h) = ev.email_sha256.as_deref().and_then(digest) {
+        if let Some(h) = ev.email_sha256.as_deref().and_then(vendor_hash) {
             out.push(UserIdentifier {
                 user_identifier_source: "FIRST_PARTY",
                 hashed_email: Some(h),
                 hashed_phone_number: None,
             });
         }
-        if let Some(h) = ev.phone_sha256.as_deref().and_then(digest) {
+        if let Some(h) = ev.phone_sha256.as_deref().and_then(vendor_hash) {
             out.push(UserIdentifier {
                 user_identifier_source: "FIRST_PARTY",
                 hashed_email: None,
@@ -274,14 +275,6 @@ pub fn order_id(ev: &CanonicalEvent) -> &str {
         .as_deref()
         .filter(|o| !o.trim().is_empty())
         .unwrap_or(&ev.event_id)
-}
-
-/// A SHA-256 hex digest as Google wants it (lowercase), or `None` for
-/// anything else: a value that is not a digest is never sent, so a raw
-/// address can never leave through this field.
-fn digest(s: &str) -> Option<String> {
-    let s = s.trim();
-    (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_ascii_lowercase())
 }
 
 #[derive(Serialize)]

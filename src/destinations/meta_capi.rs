@@ -19,16 +19,17 @@
 //! by `code` before the HTTP status, since Meta sends throttles and transient
 //! faults with several statuses.
 
-use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::shared::{
+    FUTURE_TOLERANCE, future_refusal, hash_refusal, hashed_external_ids, pack, vendor_hash, wrap,
+};
 use crate::config::{MetaCapiSettings, TokenPlacement};
 use crate::delivery::Delivery;
 use crate::event::CanonicalEvent;
-use crate::event::normalize::hash_identifier;
 use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
 use crate::sink::retry;
 
@@ -39,9 +40,6 @@ pub const MAX_EVENTS: usize = 1000;
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Meta fails the whole request when any `event_time` is older than this.
 pub const MAX_EVENT_AGE: Duration = Duration::from_secs(7 * 86_400);
-/// An `event_time` up to this far ahead (publisher clock drift) is sent as
-/// "now"; further ahead it is refused, since Meta rejects future times.
-pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 
 /// Graph API error codes that mean "slow down" (API, user, app, page and
 /// ads-management rate limits).
@@ -352,102 +350,6 @@ pub(crate) fn event_time(occurred_at: DateTime<Utc>, now: DateTime<Utc>) -> i64 
     } else {
         occurred_at.timestamp()
     }
-}
-
-pub(crate) fn future_refusal(occurred_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<Refusal> {
-    let ahead = (occurred_at - now).to_std().ok()?;
-    (ahead > FUTURE_TOLERANCE).then(|| Refusal {
-        class: "future_event_time",
-        reason: format!(
-            "occurred_at is {} in the future; vendors reject future event times (tolerance {})",
-            humantime::format_duration(Duration::from_secs(ahead.as_secs())),
-            humantime::format_duration(FUTURE_TOLERANCE)
-        ),
-    })
-}
-
-/// A SHA-256 digest as vendors take it (64 lowercase hex), or `None` for
-/// anything else, which must never be sent: it may be raw contact data.
-pub(crate) fn vendor_hash(s: &str) -> Option<String> {
-    let s = s.trim();
-    (s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_ascii_lowercase())
-}
-
-/// Refuses an event whose contact "hash" is not a digest, so that a router
-/// bug can never put raw email or phone on the wire.
-pub(crate) fn hash_refusal(ev: &CanonicalEvent) -> Option<Refusal> {
-    for (field, value) in [
-        ("email_sha256", &ev.email_sha256),
-        ("phone_sha256", &ev.phone_sha256),
-    ] {
-        if value.as_deref().is_some_and(|v| vendor_hash(v).is_none()) {
-            return Some(Refusal {
-                class: "unhashed_identifier",
-                reason: format!("{field} is not a SHA-256 hex digest; it is never sent as is"),
-            });
-        }
-    }
-    None
-}
-
-/// SHA-256 of each trimmed id, user_id first, without repeats.
-pub(crate) fn hashed_external_ids(ev: &CanonicalEvent) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for raw in ev.user_id.iter().chain(ev.external_ids.values()) {
-        if let Some(h) = hash_identifier(raw)
-            && !out.contains(&h)
-        {
-            out.push(h);
-        }
-    }
-    out
-}
-
-/// Contiguous runs of `events` (serialised) that fit `max_events` and
-/// `max_bytes` inside an envelope of `overhead` bytes. An event too large
-/// even alone travels alone and the vendor's answer decides its fate.
-pub(crate) fn pack(
-    events: &[Vec<u8>],
-    overhead: usize,
-    max_events: usize,
-    max_bytes: usize,
-) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = overhead;
-    for (i, e) in events.iter().enumerate() {
-        let n = i - start;
-        let add = e.len() + usize::from(n > 0);
-        if n > 0 && (n >= max_events || bytes + add > max_bytes) {
-            out.push(start..i);
-            start = i;
-            bytes = overhead + e.len();
-        } else {
-            bytes += add;
-        }
-    }
-    if start < events.len() {
-        out.push(start..events.len());
-    }
-    out
-}
-
-/// `envelope` (serialised with an empty `data` array as its last field,
-/// so it ends in `[]}`) with `events` put inside that array.
-pub(crate) fn wrap(envelope: &[u8], events: &[Vec<u8>]) -> Vec<u8> {
-    debug_assert!(envelope.ends_with(b"[]}"));
-    let head = &envelope[..envelope.len() - 2];
-    let mut body =
-        Vec::with_capacity(envelope.len() + events.iter().map(|e| e.len() + 1).sum::<usize>());
-    body.extend_from_slice(head);
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(e);
-    }
-    body.extend_from_slice(b"]}");
-    body
 }
 
 /// A Graph API error body.
@@ -806,7 +708,10 @@ pub(crate) mod tests {
             pack(&sizes, 10, 1000, 20),
             vec![0..1, 1..2, 2..3, 3..4, 4..5]
         );
-        assert_eq!(pack(&[], 10, 1000, 100), Vec::<Range<usize>>::new());
+        assert_eq!(
+            pack(&[], 10, 1000, 100),
+            Vec::<std::ops::Range<usize>>::new()
+        );
         assert_eq!(
             wrap(b"{\"data\":[]}", &[b"1".to_vec(), b"2".to_vec()]),
             b"{\"data\":[1,2]}"

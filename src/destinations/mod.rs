@@ -3,6 +3,7 @@
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
+mod shared;
 pub mod tiktok_events;
 pub mod webhook;
 

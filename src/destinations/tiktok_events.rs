@@ -18,10 +18,8 @@ use std::time::SystemTime;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::meta_capi::{
-    event_time, future_refusal, hash_refusal, hashed_external_ids, pack, search_query, vendor_hash,
-    wrap,
-};
+use super::meta_capi::{event_time, search_query};
+use super::shared::{future_refusal, hash_refusal, hashed_external_ids, pack, vendor_hash, wrap};
 use crate::config::TiktokSettings;
 use crate::delivery::Delivery;
 use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
