@@ -481,6 +481,21 @@ fn tiktok_default_base_url() -> String {
 
 const TIKTOK_EVENT_SOURCES: &[&str] = &["web", "app", "offline", "crm"];
 
+/// OAuth 2 refresh-token credentials (RFC 6749 §6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthSettings {
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub refresh_token: Secret,
+    #[serde(default = "google_default_token_url")]
+    pub token_url: String,
+}
+
+fn google_default_token_url() -> String {
+    "https://oauth2.googleapis.com/token".into()
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GoogleAdsSettings {
@@ -488,7 +503,14 @@ pub struct GoogleAdsSettings {
     pub customer_id: String,
     pub login_customer_id: Option<String>,
     pub developer_token: Secret,
-    pub access_token: Secret,
+    /// A fixed OAuth access token. Google's last about an hour, so this
+    /// suits tests and short runs; long-running sinks set `oauth` instead.
+    #[serde(default)]
+    pub access_token: Option<Secret>,
+    /// Refresh-token credentials: the sink fetches access tokens itself and
+    /// renews them before they expire (and once more after a 401).
+    #[serde(default)]
+    pub oauth: Option<OAuthSettings>,
     /// Canonical event → conversion action id.
     pub conversion_actions: BTreeMap<String, String>,
     #[serde(default = "google_default_version")]
@@ -1159,6 +1181,22 @@ fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>
                     "login_customer_id",
                     "must be a 10-digit customer id (dashes allowed)".into(),
                 );
+            }
+            match (&g.access_token, &g.oauth) {
+                (Some(_), Some(_)) => bad(
+                    "access_token",
+                    "set either access_token or [oauth], not both".into(),
+                ),
+                (None, None) => bad(
+                    "oauth",
+                    "Google Ads needs credentials: [oauth] with client_id, client_secret and refresh_token (or a fixed access_token)".into(),
+                ),
+                (None, Some(o)) => {
+                    if let Err(why) = check_url(&o.token_url) {
+                        bad("oauth.token_url", why);
+                    }
+                }
+                (Some(_), None) => {}
             }
             if g.conversion_actions.is_empty() {
                 bad(

@@ -525,13 +525,29 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                     customer_id: digits(&g.customer_id),
                     login_customer_id: g.login_customer_id.as_deref().map(digits),
                     developer_token: g.developer_token.expose().to_string(),
-                    access_token: g.access_token.expose().to_string(),
+                    access_token: g
+                        .access_token
+                        .as_ref()
+                        .map(|t| t.expose().to_string())
+                        .unwrap_or_default(),
+                    oauth: match &g.oauth {
+                        Some(o) => fakes::google_ads::OAuthClient {
+                            client_id: o.client_id.clone(),
+                            client_secret: o.client_secret.expose().to_string(),
+                            refresh_token: o.refresh_token.expose().to_string(),
+                            ..Default::default()
+                        },
+                        None => Default::default(),
+                    },
                     conversion_actions: g.conversion_actions.values().cloned().collect(),
                     ..Default::default()
                 })
                 .await
                 .map_err(DemoError::Fake)?;
                 g.base_url = server.base_url();
+                if let Some(o) = &mut g.oauth {
+                    o.token_url = format!("{}/token", server.base_url());
+                }
                 ("Google Ads API", server)
             }
             DestinationKind::Ga4(g) => {

@@ -53,6 +53,93 @@ pub struct Settings {
     pub customer_data_terms_accepted: bool,
     /// How long an order id / click stays "already in use".
     pub dedup_window: Duration,
+    /// The OAuth client whose refresh token `POST /token` exchanges for
+    /// access tokens (Google's token endpoint, served by this fake too).
+    pub oauth: OAuthClient,
+}
+
+/// An OAuth 2 client as Google's token endpoint knows it.
+#[derive(Debug, Clone)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: String,
+    pub refresh_token: String,
+    /// How long an issued access token is accepted.
+    pub token_lifetime: Duration,
+}
+
+impl Default for OAuthClient {
+    fn default() -> Self {
+        OAuthClient {
+            client_id: "demo-client.apps.googleusercontent.com".into(),
+            client_secret: "demo-client-secret".into(),
+            refresh_token: "demo-refresh-token".into(),
+            token_lifetime: Duration::from_secs(3599),
+        }
+    }
+}
+
+impl OAuthClient {
+    /// An access token valid until `expires` (unix seconds). Tokens carry
+    /// their expiry and a MAC, so the fake checks them without a store.
+    fn issue(&self, expires: i64) -> String {
+        format!("ya29.{expires}.{}", self.mac(expires))
+    }
+
+    fn mac(&self, expires: i64) -> String {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(format!("{}:{expires}", self.client_secret).as_bytes());
+        hex::encode(&d[..12])
+    }
+
+    /// Whether `token` was issued by this fake and is unexpired at `now`.
+    fn accepts(&self, token: &str, now: DateTime<Utc>) -> bool {
+        let Some((expires, mac)) = token
+            .strip_prefix("ya29.")
+            .and_then(|t| t.split_once('.'))
+            .and_then(|(e, m)| Some((e.parse::<i64>().ok()?, m)))
+        else {
+            return false;
+        };
+        expires > now.timestamp() && mac == self.mac(expires)
+    }
+
+    /// `POST /token` with `grant_type=refresh_token`, answered the way
+    /// Google's token endpoint answers.
+    fn token(&self, req: &Incoming, now: DateTime<Utc>) -> Reply {
+        let form: Vec<(String, String)> = crate::parse_form(&String::from_utf8_lossy(&req.body));
+        let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let oauth_error = |status: u16, error: &str, description: &str| {
+            Reply::json(
+                status,
+                json!({"error": error, "error_description": description}),
+            )
+        };
+        if req.method != "POST" {
+            return oauth_error(405, "invalid_request", "POST only");
+        }
+        if field("grant_type") != Some("refresh_token") {
+            return oauth_error(400, "unsupported_grant_type", "Invalid grant_type: ");
+        }
+        if field("client_id") != Some(self.client_id.as_str())
+            || field("client_secret") != Some(self.client_secret.as_str())
+        {
+            return oauth_error(401, "invalid_client", "The OAuth client was not found.");
+        }
+        if field("refresh_token") != Some(self.refresh_token.as_str()) {
+            return oauth_error(400, "invalid_grant", "Token has been expired or revoked.");
+        }
+        let lifetime = self.token_lifetime.as_secs() as i64;
+        Reply::json(
+            200,
+            json!({
+                "access_token": self.issue(now.timestamp() + lifetime),
+                "expires_in": lifetime,
+                "scope": "https://www.googleapis.com/auth/adwords",
+                "token_type": "Bearer"
+            }),
+        )
+    }
 }
 
 impl Default for Settings {
@@ -72,6 +159,7 @@ impl Default for Settings {
             customer_data_terms_accepted: true,
             // Google keeps conversions far longer than any click window.
             dedup_window: Duration::from_secs(90 * 24 * 3600),
+            oauth: OAuthClient::default(),
         }
     }
 }
@@ -615,6 +703,9 @@ impl Vendor for Settings {
     }
 
     fn handle(&self, req: &Incoming, dedup: &mut Dedup, now: DateTime<Utc>) -> Reply {
+        if req.path == "/token" {
+            return self.oauth.token(req, now);
+        }
         // /{version}/customers/{cid}:uploadClickConversions
         let route = req
             .path
@@ -655,7 +746,7 @@ impl Vendor for Settings {
                     )],
                 );
             }
-            Some(t) if t != self.access_token => {
+            Some(t) if t != self.access_token && !self.oauth.accepts(t, now) => {
                 return error(
                     401,
                     "UNAUTHENTICATED",
@@ -1335,5 +1426,82 @@ mod tests {
         ] {
             assert!(parse_date_time(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn refresh_tokens_buy_access_tokens_that_expire() {
+        let s = Settings {
+            oauth: OAuthClient {
+                token_lifetime: Duration::from_secs(60),
+                ..OAuthClient::default()
+            },
+            ..Settings::default()
+        };
+        let mut d = Dedup::new(s.dedup_window);
+        let token_req = |form: &str| Incoming {
+            method: "POST".into(),
+            path: "/token".into(),
+            query: vec![],
+            headers: vec![],
+            body: form.as_bytes().to_vec(),
+        };
+        let good = "grant_type=refresh_token&client_id=demo-client.apps.googleusercontent.com\
+                    &client_secret=demo-client-secret&refresh_token=demo-refresh-token";
+        let r = s.handle(&token_req(good), &mut d, now());
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["expires_in"], 60);
+        let token = r.body["access_token"].as_str().unwrap().to_string();
+        let bearer = format!("Bearer {token}");
+        let auth = [
+            ("authorization", bearer.as_str()),
+            ("developer-token", "demo-token"),
+        ];
+        let upload = |at: DateTime<Utc>, d: &mut Dedup| {
+            s.handle(
+                &req(
+                    PATH,
+                    &auth,
+                    json!({"conversions": [conv("o-1")], "partialFailure": true}),
+                ),
+                d,
+                at,
+            )
+        };
+        assert_eq!(upload(now(), &mut d).status, 200);
+        let expired = upload(now() + chrono::Duration::seconds(61), &mut d);
+        assert_eq!(expired.status, 401);
+
+        let revoked = s.handle(
+            &token_req(&good.replace("demo-refresh-token", "old")),
+            &mut d,
+            now(),
+        );
+        assert_eq!(
+            (revoked.status, revoked.body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+        let stranger = s.handle(
+            &token_req(&good.replace("demo-client-secret", "x")),
+            &mut d,
+            now(),
+        );
+        assert_eq!(
+            (stranger.status, stranger.body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+        let forged = format!("Bearer ya29.{}.000000", now().timestamp() + 30);
+        let r = s.handle(
+            &req(
+                PATH,
+                &[
+                    ("authorization", forged.as_str()),
+                    ("developer-token", "demo-token"),
+                ],
+                json!({"conversions": [conv("o-2")]}),
+            ),
+            &mut d,
+            now(),
+        );
+        assert_eq!(r.status, 401);
     }
 }

@@ -270,18 +270,7 @@ async fn handle(
     let request = Incoming {
         method: method.as_str().to_string(),
         path: uri.path().to_string(),
-        query: uri
-            .query()
-            .map(|q| {
-                q.split('&')
-                    .filter(|p| !p.is_empty())
-                    .map(|p| {
-                        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                        (percent_decode(k), percent_decode(v))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        query: uri.query().map(parse_form).unwrap_or_default(),
         headers: headers
             .iter()
             .map(|(k, v)| {
@@ -333,6 +322,17 @@ async fn handle(
         }
     }
     response
+}
+
+/// The pairs of an `application/x-www-form-urlencoded` body or query.
+pub fn parse_form(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
 }
 
 /// `application/x-www-form-urlencoded` decoding of one query component.

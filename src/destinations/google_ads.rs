@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::shared::vendor_hash;
-use crate::config::GoogleAdsSettings;
+use crate::config::{GoogleAdsSettings, OAuthSettings};
 use crate::delivery::Delivery;
 use crate::event::{CanonicalEvent, ConsentState};
 use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
@@ -235,14 +235,15 @@ impl GoogleAds {
         let mut h = vec![
             ("Content-Type".into(), "application/json".into()),
             (
-                "Authorization".into(),
-                format!("Bearer {}", self.settings.access_token.expose()),
-            ),
-            (
                 "developer-token".into(),
                 self.settings.developer_token.expose().to_string(),
             ),
         ];
+        // With [oauth] the sink adds the Authorization header itself, from
+        // the access token it keeps fresh.
+        if let Some(t) = &self.settings.access_token {
+            h.push(("Authorization".into(), format!("Bearer {}", t.expose())));
+        }
         if let Some(l) = &self.login_customer_id {
             h.push(("login-customer-id".into(), l.clone()));
         }
@@ -524,6 +525,10 @@ fn whole_request(response: &Response) -> Outcome {
 }
 
 impl Destination for GoogleAds {
+    fn oauth(&self) -> Option<&OAuthSettings> {
+        self.settings.oauth.as_ref()
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_events: MAX_CONVERSIONS,
@@ -621,7 +626,8 @@ mod tests {
             customer_id: "123-456-7890".into(),
             login_customer_id: None,
             developer_token: Secret::new("dev-token"),
-            access_token: Secret::new("access"),
+            access_token: Some(Secret::new("access")),
+            oauth: None,
             conversion_actions: [("purchase", "1001"), ("lead", "1002")]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -5,6 +5,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use crate::config::OAuthSettings;
 use crate::delivery::Delivery;
 
 /// A vendor's hard limits; the sink never builds a request above them.
@@ -74,6 +75,12 @@ pub trait Destination: Send + Sync {
     /// refuse (a required field missing, say) is dead-lettered on its own
     /// with the reason instead. `None` = send it.
     fn refuse(&self, _delivery: &Delivery) -> Option<Refusal> {
+        None
+    }
+    /// Refresh-token credentials when the vendor authenticates with
+    /// short-lived OAuth access tokens: the sink keeps one fresh and sends
+    /// it as `Authorization: Bearer`, since `map` is pure and cannot.
+    fn oauth(&self) -> Option<&OAuthSettings> {
         None
     }
     /// Whether the vendor itself drops a resent event with the same key; when

@@ -8,6 +8,7 @@
 //! made durable. Bounded: at most `max_in_flight` batches and a fixed number
 //! of buffered records, after which the engine stops reading.
 
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod destination;
