@@ -349,3 +349,116 @@ fn vendor_key(dest: &str, e: &Value) -> String {
         _ => s(e, "event_id").unwrap().to_string(),
     }
 }
+
+/// Google access tokens last about an hour; with `[oauth]` the sink fetches
+/// them from the token endpoint, renews them before they expire and, when
+/// one is refused anyway, fetches another and resends. Here they live 3 s
+/// while purchases keep arriving for 8 s: every one is accepted, none is
+/// dead-lettered, and the token endpoint was asked again as tokens expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_ads_access_tokens_are_refreshed_as_they_expire() {
+    let brokers = common::brokers();
+    let prefix = common::unique("oauth");
+    let fake = serve(google_ads::Settings {
+        access_token: String::new(),
+        oauth: google_ads::OAuthClient {
+            token_lifetime: Duration::from_secs(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "at_least_once"
+properties = {{ "partition.assignment.strategy" = "roundrobin" }}
+[topics]
+canonical = "{prefix}.canonical"
+prefix = "{prefix}"
+partitions = 2
+[metrics]
+listen = "127.0.0.1:0"
+[destinations.google_ads]
+type = "google_ads"
+customer_id = "123-456-7890"
+developer_token = "demo-token"
+conversion_actions = {{ purchase = "1001" }}
+base_url = "{base}"
+[destinations.google_ads.oauth]
+client_id = "demo-client.apps.googleusercontent.com"
+client_secret = "demo-client-secret"
+refresh_token = "demo-refresh-token"
+token_url = "{base}/token"
+[destinations.google_ads.delivery]
+linger = "20ms"
+"#,
+            base = fake.base_url()
+        ),
+    );
+    common::run_ok(&["topics", "create"], &config);
+    let log = dir.path().join("switchyard.log");
+    let mut child = spawn_switchyard(
+        &["--role", "all", "--instance-id", "oauth-e2e"],
+        &config,
+        &log,
+    );
+    let now = Utc::now();
+    let waves = 5;
+    for wave in 0..waves {
+        let records: Vec<(Option<String>, Vec<u8>)> = (0..4)
+            .map(|i| {
+                let id = format!("{prefix}-w{wave}-{i}");
+                let ev = json!({"event": "purchase", "event_id": id, "occurred_at": at(now, 5),
+                    "user_id": format!("u-{i}"), "consent": {"ads": "granted"},
+                    "click_ids": {"gclid": format!("Cj0-{wave}-{i}")},
+                    "value": 10.0, "currency": "EUR", "order_id": format!("{id}-order")});
+                (Some(id), serde_json::to_vec(&ev).unwrap())
+            })
+            .collect();
+        produce(&brokers, &format!("{prefix}.canonical"), &records).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let ok = fake.wait_accepted(waves * 4, Duration::from_secs(90)).await;
+    assert!(
+        ok,
+        "{} of {} accepted; log:\n{}",
+        fake.accepted().len(),
+        waves * 4,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(sigterm(&mut child, Duration::from_secs(30)).is_some());
+    let refreshes = fake
+        .exchanges()
+        .iter()
+        .filter(|x| x.request.path == "/token")
+        .count();
+    assert!(
+        refreshes >= 3,
+        "token endpoint asked {refreshes} times in 8 s of 3 s tokens"
+    );
+    let dlq = read_all(&brokers, &format!("{prefix}.dlq"));
+    assert!(
+        dlq.is_empty(),
+        "dead letters: {:?}",
+        dlq.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    // No secret of the OAuth exchange ever went to the vendor API itself.
+    for x in fake
+        .exchanges()
+        .iter()
+        .filter(|x| x.request.path != "/token")
+    {
+        let text = format!(
+            "{:?} {}",
+            x.request.headers,
+            String::from_utf8_lossy(&x.request.body)
+        );
+        assert!(!text.contains("demo-refresh-token") && !text.contains("demo-client-secret"));
+    }
+}

@@ -74,6 +74,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         .filter(|d| d.enabled)
         .ok_or_else(|| SinkError::UnknownDestination(destination.to_string()))?;
     let vendor = crate::destinations::build(dest);
+    let vendor_oauth = vendor.oauth().cloned().map(auth::TokenSource::new);
     let settings = dest.delivery.clone();
     let vendor_limits = vendor.limits();
     let limits = Limits {
@@ -111,6 +112,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         outcomes_topic: topics.outcomes(),
         retry_topic: topics.retry(destination),
         ledger,
+        tokens: vendor_oauth,
     });
 
     let group = group_id(&ctx.config, destination);

@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::SinkError;
+use super::auth::TokenSource;
 use super::config::DeliverySettings;
-use super::destination::{Destination, Limits, Outcome, Response};
+use super::destination::{Destination, Limits, Outcome, Request, Response};
 use super::metrics::{BATCH_EVENTS, DLQ_WRITES, EVENTS, REQUEST_SECONDS, REQUESTS, status_class};
 use super::pace::Pace;
 use super::records::{Final, Item, LedgerEntry, LedgerIndex, Position, Rejection, ledger_key};
@@ -39,6 +40,8 @@ pub struct Shared {
     pub retry_topic: String,
     /// Present when the vendor does not dedup: event ids already delivered.
     pub ledger: Option<Mutex<LedgerIndex>>,
+    /// Present when the vendor authenticates with refreshed OAuth tokens.
+    pub tokens: Option<TokenSource>,
 }
 
 /// What the engine learns when an item's outcome is durable.
@@ -114,20 +117,21 @@ pub async fn deliver(
         let batch: Vec<Delivery> = pending.iter().map(|(_, d)| d.clone()).collect();
         let mut outcomes: Vec<Option<Answer>> = vec![None; batch.len()];
         for req in shared.vendor.map(&batch) {
-            shared.pace.acquire(req.events.len()).await;
+            let events = req.events.clone();
+            shared.pace.acquire(events.len()).await;
             let at = Utc::now();
-            for (item, _) in &mut pending[req.events.clone()] {
+            for (item, _) in &mut pending[events.clone()] {
                 item.attempts += 1;
                 item.first_attempt.get_or_insert(at);
                 item.last_attempt = Some(at);
             }
             let started = Instant::now();
-            let result = send(&shared.http, &req.url, &req.headers, req.body).await;
+            let result = send_request(&shared, req).await;
             let latency = started.elapsed();
             REQUEST_SECONDS
                 .with_label_values(&[name])
                 .observe(latency.as_secs_f64());
-            let slice = &batch[req.events.clone()];
+            let slice = &batch[events.clone()];
             let per_event: Vec<(Outcome, Option<u16>, String)> = match result {
                 Ok(resp) => {
                     REQUESTS
@@ -149,9 +153,8 @@ pub async fn deliver(
                         .map(|o| (o, Some(resp.status), body.clone()))
                         .collect()
                 }
-                Err(e) => {
+                Err(reason) => {
                     REQUESTS.with_label_values(&[name, "network"]).inc();
-                    let reason = network_reason(e);
                     slice
                         .iter()
                         .map(|_| {
@@ -167,8 +170,7 @@ pub async fn deliver(
                         .collect()
                 }
             };
-            for (slot, (o, status, body)) in outcomes[req.events.clone()].iter_mut().zip(per_event)
-            {
+            for (slot, (o, status, body)) in outcomes[events.clone()].iter_mut().zip(per_event) {
                 *slot = Some(Answer {
                     outcome: o,
                     status,
@@ -275,6 +277,36 @@ fn reject(class: &str, reason: String) -> Final {
         status: None,
         response: String::new(),
     })
+}
+
+/// Sends one request. With OAuth the current access token goes along, and
+/// a 401 (the token died early, or was revoked and re-issued) drops it and
+/// sends once more with a new one before the vendor's answer counts.
+/// Errors are the reason every event of the request is retried.
+async fn send_request(shared: &Shared, req: Request) -> Result<Response, String> {
+    let Some(tokens) = &shared.tokens else {
+        return send(&shared.http, &req.url, &req.headers, req.body)
+            .await
+            .map_err(network_reason);
+    };
+    let mut renewed = false;
+    loop {
+        let token = tokens
+            .token(&shared.http)
+            .await
+            .map_err(|e| format!("oauth: {e}"))?;
+        let mut headers = req.headers.clone();
+        headers.push(("Authorization".into(), format!("Bearer {token}")));
+        let resp = send(&shared.http, &req.url, &headers, req.body.clone())
+            .await
+            .map_err(network_reason)?;
+        if resp.status == 401 && !renewed {
+            tokens.invalidate(&token).await;
+            renewed = true;
+            continue;
+        }
+        return Ok(resp);
+    }
 }
 
 /// A network failure in words, without the request URL: a URL can carry a
