@@ -59,6 +59,16 @@ pub fn normalize_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
     Some(email)
 }
 
+/// Loads the phone-number metadata now (tens of milliseconds, once per
+/// process) rather than inside the first batch that holds a phone number.
+pub fn warm_up() {
+    let _ = normalize_phone(
+        "+1 650 253 0000",
+        phonenumber::country::Id::US,
+        PhoneFormat::E164,
+    );
+}
+
 /// The number in E.164 (or its digits), reading numbers without an
 /// international prefix as numbers of `default_country`. `None` unless the
 /// phone-number metadata says the number can exist.

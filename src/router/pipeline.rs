@@ -130,6 +130,7 @@ const REASON_MAX: usize = 4096;
 
 impl Pipeline {
     pub fn new(config: Arc<Config>) -> Pipeline {
+        crate::event::normalize::warm_up();
         let t = &config.topics;
         let topics = Topics {
             canonical: t.canonical.as_str().into(),
