@@ -3,197 +3,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message};
-use switchyard::config::Config;
+use rdkafka::Message;
 use switchyard::delivery::Delivery;
-use switchyard::kafka::{Cluster, topics};
-use switchyard::run::RoleContext;
-use switchyard::sink::{self, SinkError, dlq, records::header};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use switchyard::sink::{self, dlq, records::header};
 
 use common::fake_vendor::{FakeVendor, Reply};
-
-const SECRET: &str = "0123456789abcdef-test";
-
-struct Setup {
-    config: Arc<Config>,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Unique names per test: the prefix and destination name make the
-/// consumer group (`<prefix>-sink-<NAME>`), which tests must not share.
-fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
-    let prefix = common::unique("sink");
-    let name = common::unique("hook");
-    let text = format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-
-[topics]
-prefix = "{prefix}"
-canonical = "{prefix}.canonical"
-partitions = 2
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[destinations.{name}]
-type = "webhook"
-url = "{url}"
-secret = "{SECRET}"
-consent = "analytics"
-
-[destinations.{name}.delivery]
-{delivery}
-"#,
-        delivery = delivery.replace("destinations.hook", &format!("destinations.{name}")),
-        brokers = common::brokers(),
-        url = fake.url(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::write_config(dir.path(), &text);
-    Setup {
-        config: Arc::new(Config::load(&path).unwrap()),
-        path,
-        _dir: dir,
-    }
-}
-
-fn dest(config: &Config) -> String {
-    config.destinations.keys().next().unwrap().clone()
-}
-
-async fn ensure_topics(config: &Config) {
-    let cluster = Cluster::connect(config).unwrap();
-    topics::ensure(&cluster, config).await.unwrap();
-}
-
-fn delivery(dest: &str, id: &str, user: &str) -> Delivery {
-    serde_json::from_value(serde_json::json!({
-        "v": 1,
-        "destination": dest,
-        "name": "purchase",
-        "event": {
-            "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
-            "user_id": user, "value": 10.0, "currency": "EUR"
-        },
-        "origin": {"topic": "events.canonical", "partition": 0, "offset": 1},
-        "routed_at": "2026-11-26T14:03:12Z"
-    }))
-    .unwrap()
-}
-
-/// Publishes (event_id, user) deliveries in order, keyed by user like the router.
-async fn produce(config: &Config, events: &[(String, String)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    let name = dest(config);
-    let topic = config.topics.deliver(&name);
-    for (id, user) in events {
-        let payload = serde_json::to_vec(&delivery(&name, id, user)).unwrap();
-        producer
-            .send(
-                FutureRecord::to(&topic).key(user).payload(&payload),
-                Timeout::After(Duration::from_secs(10)),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-fn events(tag: &str, n: usize, users: usize) -> Vec<(String, String)> {
-    (0..n)
-        .map(|i| (format!("{tag}-{i}"), format!("user-{}", i % users)))
-        .collect()
-}
-
-struct InProcess {
-    shutdown: CancellationToken,
-    handle: JoinHandle<Result<(), SinkError>>,
-}
-
-async fn start(config: &Arc<Config>) -> InProcess {
-    ensure_topics(config).await;
-    let shutdown = CancellationToken::new();
-    let ctx = RoleContext {
-        config: config.clone(),
-        bootstrap: common::brokers(),
-        instance_id: common::unique("inproc"),
-        shutdown: shutdown.clone(),
-    };
-    let name = dest(config);
-    let handle = tokio::spawn(async move { sink::run(ctx, &name).await });
-    InProcess { shutdown, handle }
-}
-
-impl InProcess {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("sink stops within its deadline")
-            .unwrap()
-            .expect("sink ends cleanly");
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn ids(events: &[(String, String)]) -> HashSet<String> {
-    events.iter().map(|(id, _)| id.clone()).collect()
-}
-
-fn assert_keys_are_event_ids(fake: &FakeVendor) {
-    for r in fake.received() {
-        for (id, key) in &r.events {
-            assert_eq!(
-                id, key,
-                "every event carries its event_id as idempotency key"
-            );
-        }
-        if let [(id, _)] = r.events.as_slice() {
-            assert_eq!(&r.idempotency_header, id);
-        }
-    }
-}
-
-async fn ledger(config: &Config) -> Vec<serde_json::Value> {
-    let kafka = config.kafka.clone();
-    let topic = config.topics.outcomes();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        sink::scan::scan_topic(&kafka, &common::brokers(), &topic, |m| {
-            out.push(serde_json::from_slice(m.payload().unwrap()).unwrap());
-        })
-        .unwrap();
-        out
-    })
-    .await
-    .unwrap()
-}
+use common::sink::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_through_failures_and_waits_out_retry_after() {
@@ -461,24 +279,6 @@ async fn a_retrying_event_holds_back_the_same_persons_later_events() {
     sink.stop().await;
 }
 
-fn spawn_sink(path: &Path, name: &str, instance: &str) -> Child {
-    common::switchyard()
-        .args([
-            "run",
-            "--role",
-            "sink",
-            "--destination",
-            name,
-            "--instance-id",
-            instance,
-            "--config",
-        ])
-        .arg(path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
     let fake = FakeVendor::start(SECRET).await;
@@ -546,30 +346,6 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
         "the in-flight batch's outcome was never durable, so it is sent again"
     );
     assert_keys_are_event_ids(&fake);
-}
-
-/// Committed offsets of the sink's group on its deliver topic, summed over partitions.
-fn committed_on_deliver(config: &Config) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let name = dest(config);
-    let topic = config.topics.deliver(&name);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("group.id", switchyard::sink::group_id(config, &name))
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..config.topics.partitions {
-        tpl.add_partition(&topic, p);
-    }
-    consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .filter_map(|e| e.offset().to_raw())
-        .filter(|o| *o >= 0)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

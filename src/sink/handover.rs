@@ -22,6 +22,9 @@ pub struct Ownership {
     revocations: watch::Sender<u64>,
     /// Partitions given up since the engine last dropped their buffered records.
     revoked: Mutex<Vec<Part>>,
+    /// Set when partitions were assigned, for the engine (which may have to
+    /// pause them).
+    assigned: std::sync::atomic::AtomicBool,
 }
 
 /// What a handover did.
@@ -41,6 +44,7 @@ impl Default for Ownership {
             settled: Condvar::new(),
             revocations: watch::channel(0).0,
             revoked: Mutex::default(),
+            assigned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -163,6 +167,18 @@ impl Ownership {
             .unwrap_or_else(|p| p.into_inner())
             .extend(parts.iter().cloned());
         report
+    }
+
+    /// Partitions were assigned (rebalance callback).
+    pub fn note_assignment(&self) {
+        self.assigned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether partitions were assigned since the last call.
+    pub fn take_assignment(&self) -> bool {
+        self.assigned
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops tracking everything (the sink is stopping and has committed):

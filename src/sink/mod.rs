@@ -171,6 +171,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         writes: JoinSet::new(),
         writing: 0,
         read_again_at: None,
+        throttled: false,
         cancel: CancellationToken::new(),
     };
     let result = engine.run(&consumer, &ctx.shutdown).await;
@@ -248,6 +249,7 @@ impl ConsumerContext for SinkContext {
                 );
             }
             Rebalance::Assign(tpl) => {
+                self.ownership.note_assignment();
                 let parts: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
@@ -328,6 +330,9 @@ struct Engine {
     hold_max: usize,
     /// After a consumer error, reading resumes then.
     read_again_at: Option<Instant>,
+    /// Every assigned partition is paused: too much is buffered. The
+    /// consumer is still polled, so rebalances are served at once.
+    throttled: bool,
     /// Tells batches to stop retrying (shutdown).
     cancel: CancellationToken,
 }
@@ -439,9 +444,8 @@ impl Engine {
                 .filter(|_| self.batches.len() < max_in_flight && stop_by.is_none())
                 .map(|t| t + self.shared.settings.linger);
             let due_at = self.next_due();
-            let can_read = stop_by.is_none()
-                && self.buffered() < self.max_buffered
-                && self.read_again_at.is_none_or(|t| t <= Instant::now());
+            let can_read =
+                stop_by.is_none() && self.read_again_at.is_none_or(|t| t <= Instant::now());
             let read_again_at = self.read_again_at.filter(|_| stop_by.is_none());
             tokio::select! {
                 _ = shutdown.cancelled(), if stop_by.is_none() => {
@@ -499,6 +503,7 @@ impl Engine {
             }
             // A rebalance callback may have run inside `recv`.
             self.drop_handed_over();
+            self.back_pressure(consumer);
             if stop_by.is_some() {
                 if self.batches.is_empty() && self.writes.is_empty() {
                     return Ok(());
@@ -549,7 +554,55 @@ impl Engine {
             .min()
     }
 
+    /// Pauses every assigned partition while too much is buffered, and
+    /// resumes them (but retry partitions waiting on their own) once half of
+    /// it is gone; partitions assigned meanwhile are paused too.
+    fn back_pressure(&mut self, consumer: &SinkConsumer) {
+        let buffered = self.buffered();
+        let assigned = self.shared.ownership.take_assignment();
+        let pause = if self.throttled {
+            if buffered > self.max_buffered / 2 {
+                if !assigned {
+                    return;
+                }
+                true
+            } else {
+                false
+            }
+        } else if buffered >= self.max_buffered {
+            true
+        } else {
+            return;
+        };
+        self.throttled = pause;
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let waits_on_its_own = e.topic() == self.shared.retry_topic
+                && self
+                    .retries
+                    .get(&e.partition())
+                    .is_some_and(RetryPartition::is_paused);
+            if pause || !waits_on_its_own {
+                tpl.add_partition(e.topic(), e.partition());
+            }
+        }
+        let result = if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(destination = %self.shared.destination, pause, error = %e, "cannot pause or resume reading");
+        }
+    }
+
     fn pause(&self, consumer: &SinkConsumer, partition: i32, resume: bool) {
+        if resume && self.throttled {
+            return; // resumed with the rest
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.shared.retry_topic, partition);
         let result = if resume {
