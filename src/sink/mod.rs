@@ -171,6 +171,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         writes: JoinSet::new(),
         writing: 0,
         read_again_at: None,
+        consumer_failing: false,
         throttled: false,
         cancel: CancellationToken::new(),
     };
@@ -330,6 +331,8 @@ struct Engine {
     hold_max: usize,
     /// After a consumer error, reading resumes then.
     read_again_at: Option<Instant>,
+    /// The last read failed (logged once until a record arrives).
+    consumer_failing: bool,
     /// Every assigned partition is paused: too much is buffered. The
     /// consumer is still polled, so rebalances are served at once.
     throttled: bool,
@@ -416,9 +419,10 @@ fn retry_step(due: Option<DateTime<Utc>>, now: DateTime<Utc>, horizon: Duration)
 
 /// How long to pause a retry partition once reading came round to records
 /// requeued this lap: until the earliest of them is within `horizon`, but at
-/// most 4 × `horizon`, so records parked meanwhile are read not much later
-/// than due, and a partition of far-off records is rewritten at most once
-/// per pause.
+/// most 4 × `horizon`, so records other instances park meanwhile are read at
+/// most that late (this instance's own parks wake the partition in time, see
+/// `Engine::wake_for`), and a partition of far-off records is rewritten at
+/// most once per pause.
 fn lap_pause(
     min_due: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
@@ -475,12 +479,17 @@ impl Engine {
                 msg = consumer.recv(), if can_read => {
                     match msg {
                         Ok(m) => {
+                            self.consumer_failing = false;
                             let mut item = Item::from_message(&m);
                             self.shared.ownership.seen(&mut item);
                             self.accept(item, consumer);
                         }
                         Err(e) => {
-                            tracing::warn!(destination = %self.shared.destination, error = %e, "consumer error");
+                            // librdkafka reconnects on its own; say so once per spell.
+                            if !self.consumer_failing {
+                                tracing::warn!(destination = %self.shared.destination, error = %e, "consumer error; reading on once the broker answers");
+                            }
+                            self.consumer_failing = true;
                             self.read_again_at = Some(Instant::now() + Duration::from_millis(200));
                         }
                     }
@@ -842,8 +851,12 @@ impl Engine {
                     .map(|d| Done {
                         kind: match d.kind {
                             DoneKind::Parked {
-                                retry_partition, ..
-                            } => DoneKind::Followed { retry_partition },
+                                due,
+                                retry_partition,
+                            } => DoneKind::Followed {
+                                due,
+                                retry_partition,
+                            },
                             other => other,
                         },
                         ..d
@@ -855,6 +868,17 @@ impl Engine {
     }
 
     fn on_done(&mut self, d: Done) {
+        if let DoneKind::Parked {
+            due,
+            retry_partition,
+        }
+        | DoneKind::Followed {
+            due,
+            retry_partition,
+        } = d.kind
+        {
+            self.wake_for(retry_partition, due);
+        }
         if !self.shared.settings.ordering || d.anchor.is_empty() {
             return;
         }
@@ -893,7 +917,9 @@ impl Engine {
                     self.follow(item, due);
                 }
             }
-            DoneKind::Followed { retry_partition } => {
+            DoneKind::Followed {
+                retry_partition, ..
+            } => {
                 if let Some(p) = self.parked.get_mut(&d.anchor) {
                     p.retry_partition = Some(retry_partition);
                 }
@@ -903,6 +929,18 @@ impl Engine {
                 self.release_next(&d.anchor);
             }
             DoneKind::Requeued => {}
+        }
+    }
+
+    /// This instance just parked a record due at `due` on a retry partition
+    /// that waits out a lap: read on in time for it.
+    fn wake_for(&mut self, partition: i32, due: DateTime<Utc>) {
+        let horizon = chrono::Duration::from_std(self.shared.settings.retry.park_after)
+            .unwrap_or(chrono::Duration::MAX);
+        if let Some(rp) = self.retries.get_mut(&partition)
+            && let Some(resume) = rp.lap_pause
+        {
+            rp.lap_pause = Some(resume.min(instant_at(due - horizon)));
         }
     }
 

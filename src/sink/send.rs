@@ -76,7 +76,10 @@ pub enum DoneKind {
         retry_partition: i32,
     },
     /// Moved to the retry topic to stay behind an earlier parked event.
-    Followed { retry_partition: i32 },
+    Followed {
+        due: DateTime<Utc>,
+        retry_partition: i32,
+    },
     /// Written back to the end of its retry partition, not due yet.
     Requeued,
 }
