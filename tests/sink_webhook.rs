@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use switchyard::delivery::Delivery;
@@ -482,4 +482,256 @@ async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() 
     );
     assert!(metric("switchyard_sink_consumer_lag_records", &by_dest).is_some());
     sink.stop().await;
+}
+
+/// Request start times at the fake, in order, with each request's status and
+/// when it was answered.
+fn request_starts(fake: &FakeVendor) -> Vec<common::fake_vendor::Received> {
+    let mut r = fake.received();
+    r.sort_by_key(|r| r.arrived);
+    r
+}
+
+fn mean_gap(starts: &[Instant]) -> Duration {
+    (starts[starts.len() - 1] - starts[0]) / (starts.len() as u32 - 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_follow_the_configured_rate_and_slow_down_after_a_429() {
+    let fake = FakeVendor::start(SECRET).await;
+    let mut script = vec![Reply::Status(200); 30];
+    script.push(Reply::TooMany { retry_after_s: 1 });
+    fake.script(script);
+    // One event per request, several in flight: only the pace spaces them.
+    let s = setup(
+        &fake,
+        "batch_max_events = 1\nlinger = \"1ms\"\nmax_in_flight = 4\n\
+         [destinations.hook.delivery.rate_limit]\nrequests_per_second = 10\n",
+    );
+    ensure_topics(&s.config).await;
+    let evs = events(&common::unique("rate"), 70, 7);
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+    let want = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&want)
+    })
+    .await;
+    sink.stop().await;
+
+    let r = request_starts(&fake);
+    let starts: Vec<Instant> = r.iter().map(|r| r.arrived).collect();
+    let interval = Duration::from_millis(100);
+    // A second's worth of burst, then the configured rate.
+    let burst = starts[9] - starts[0];
+    let steady_rate = 19.0 / (starts[29] - starts[10]).as_secs_f64();
+    let i429 = r.iter().position(|r| r.status == 429).unwrap();
+    assert_eq!(i429, 30);
+    let pause = starts[i429 + 1] - r[i429].answered.unwrap();
+    let after = &starts[i429 + 1..];
+    let gaps: Vec<u128> = after
+        .windows(2)
+        .take(12)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    let slowed = mean_gap(&after[..4]);
+    let recovered = mean_gap(&after[12..after.len().min(30)]);
+    println!(
+        "rate figures: burst of 10 in {burst:?}; steady {steady_rate:.2} requests/s (configured 10); \
+         after the 429: pause {pause:?}, gaps (ms) {gaps:?}, mean gap of the first 3 {slowed:?}, later {recovered:?}"
+    );
+    assert!(burst < Duration::from_millis(300), "{burst:?}");
+    assert!(
+        (8.5..=10.5).contains(&steady_rate),
+        "requests/s {steady_rate:.2}"
+    );
+    assert!(pause >= Duration::from_secs(1), "Retry-After: {pause:?}");
+    assert!(
+        slowed >= interval * 3 / 2,
+        "the pace drops after a 429: {gaps:?}"
+    );
+    assert!(
+        recovered >= interval * 9 / 10 && recovered <= interval * 6 / 5,
+        "and recovers to the configured rate: {recovered:?} ({gaps:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_per_second_caps_the_events_sent() {
+    let fake = FakeVendor::start(SECRET).await;
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"50ms\"\nmax_in_flight = 2\n\
+         [destinations.hook.delivery.rate_limit]\nevents_per_second = 40\n",
+    );
+    ensure_topics(&s.config).await;
+    let evs = events(&common::unique("eps"), 200, 20);
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+    let want = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&want)
+    })
+    .await;
+    sink.stop().await;
+
+    let r = request_starts(&fake);
+    // After the first second's worth (40 events), 40 events/s: measure from
+    // the first request past the burst to the last.
+    let mut sent = 0;
+    let first = r
+        .iter()
+        .position(|x| {
+            sent += x.events.len();
+            sent > 40
+        })
+        .unwrap();
+    let events_after: usize = r[first + 1..].iter().map(|x| x.events.len()).sum();
+    let span = r.last().unwrap().arrived - r[first].arrived;
+    let rate = events_after as f64 / span.as_secs_f64();
+    println!(
+        "events/s figures: {} requests, {events_after} events after the burst in {span:?}: {rate:.1} events/s (configured 40)",
+        r.len()
+    );
+    assert!((34.0..=42.0).contains(&rate), "events/s {rate:.1}");
+}
+
+/// Writes deliveries straight onto the destination's retry topic (partition
+/// 0), each due at its time, as a sink parks them.
+async fn park(
+    config: &switchyard::config::Config,
+    records: &[(String, chrono::DateTime<chrono::Utc>)],
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .create()
+        .unwrap();
+    let name = dest(config);
+    let topic = config.topics.retry(&name);
+    for (id, due) in records {
+        let payload = serde_json::to_vec(&delivery(&name, id, "person-r")).unwrap();
+        let first = (chrono::Utc::now() - chrono::Duration::seconds(30)).to_rfc3339();
+        let due = due.to_rfc3339();
+        fn h<'a>(key: &'a str, v: &'a str) -> Header<'a, &'a [u8]> {
+            Header {
+                key,
+                value: Some(v.as_bytes()),
+            }
+        }
+        let headers = OwnedHeaders::new()
+            .insert(h(header::DUE, &due))
+            .insert(h(header::ATTEMPTS, "1"))
+            .insert(h(header::FIRST_ATTEMPT, &first))
+            .insert(h(header::LAST_ATTEMPT, &first))
+            .insert(h(header::REASON, "HTTP 503"));
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key("person-r")
+                    .payload(&payload)
+                    .headers(headers),
+                rdkafka::util::Timeout::After(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_off_retry_does_not_hold_up_the_nearer_ones_behind_it() {
+    let fake = FakeVendor::start(SECRET).await;
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"20ms\"\n\
+         [destinations.hook.delivery.retry]\npark_after = \"5s\"\n",
+    );
+    let sink = start(&s.config).await;
+    // The sink is up once a first delivery went through.
+    let tag = common::unique("retry-order");
+    let probe = events(&format!("{tag}-probe"), 1, 1);
+    produce(&s.config, &probe).await;
+    let probe = ids(&probe);
+    wait_until("the sink is up", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&probe)
+    })
+    .await;
+
+    // One partition, in this order: one due in 25 s, three due in 3 s, three
+    // already due. Read in order, the far one used to hold up the rest.
+    let now = chrono::Utc::now();
+    let at = |s: i64| now + chrono::Duration::seconds(s);
+    let far = format!("{tag}-far");
+    let near: Vec<String> = (0..3).map(|i| format!("{tag}-near{i}")).collect();
+    let due: Vec<String> = (0..3).map(|i| format!("{tag}-due{i}")).collect();
+    let mut records = vec![(far.clone(), at(25))];
+    records.extend(near.iter().map(|id| (id.clone(), at(3))));
+    records.extend(due.iter().map(|id| (id.clone(), at(-1))));
+    let t0 = Instant::now();
+    park(&s.config, &records).await;
+
+    let sent_at = |id: &str| {
+        fake.received()
+            .iter()
+            .filter(|r| r.events.iter().any(|(e, _)| e == id))
+            .map(|r| r.arrived)
+            .min()
+    };
+    wait_until("the due ones delivered", Duration::from_secs(5), || {
+        fake.delivered().is_superset(&due.iter().cloned().collect())
+    })
+    .await;
+    let due_after = t0.elapsed();
+    wait_until("the near ones delivered", Duration::from_secs(10), || {
+        fake.delivered()
+            .is_superset(&near.iter().cloned().collect())
+    })
+    .await;
+    let near_after = near.iter().filter_map(|id| sent_at(id)).min().unwrap() - t0;
+    // The far record went back to the end of the partition, so the
+    // partition's offsets commit past it long before it is due.
+    let retry_topic = s.config.topics.retry(&dest(&s.config));
+    wait_until("retry offsets committed", Duration::from_secs(5), || {
+        committed(&s.config, &retry_topic)[0] >= records.len() as i64
+    })
+    .await;
+    let committed_after = t0.elapsed();
+    assert!(sent_at(&far).is_none(), "not sent before it is due");
+
+    let far_set: HashSet<String> = [far.clone()].into();
+    wait_until("the far one delivered", Duration::from_secs(40), || {
+        fake.delivered().is_superset(&far_set)
+    })
+    .await;
+    let far_after = sent_at(&far).unwrap() - t0;
+    sink.stop().await;
+    let kafka = s.config.kafka.clone();
+    let copies = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        sink::scan::scan_topic(&kafka, &common::brokers(), &retry_topic, |m| {
+            use rdkafka::message::Headers;
+            n += usize::from(
+                m.headers()
+                    .is_some_and(|h| h.iter().any(|h| h.key == header::REQUEUED_AT)),
+            );
+        })
+        .unwrap();
+        n
+    })
+    .await
+    .unwrap();
+    println!(
+        "retry order figures: due ones delivered after {due_after:?}, near ones (due at 3 s) sent at {near_after:?}, \
+         retry offsets committed past the far one after {committed_after:?}, far one (due at 25 s) sent at {far_after:?}, \
+         {copies} copies written back while it waited"
+    );
+    assert!(near_after >= Duration::from_millis(2900), "not before due");
+    assert!(far_after >= Duration::from_secs(25) - Duration::from_millis(100));
+    assert!(far_after <= Duration::from_secs(30), "{far_after:?}");
+    assert!(
+        (1..=4).contains(&copies),
+        "written back once per lap, not in a loop: {copies}"
+    );
 }
