@@ -16,6 +16,8 @@ struct Track {
     /// One past the highest offset seen.
     next: i64,
     committed: i64,
+    /// The first offset read in this assignment (where its reading began).
+    first: i64,
     epoch: u64,
     /// Being given up: batches drop its records instead of retrying them.
     revoking: bool,
@@ -42,6 +44,7 @@ impl OffsetTracker {
                     in_flight: BTreeSet::new(),
                     next: offset,
                     committed: offset,
+                    first: offset,
                     epoch: *epochs,
                     revoking: false,
                 }
@@ -115,11 +118,16 @@ impl OffsetTracker {
         self.parts.get(part).map_or(0, |t| t.in_flight.len())
     }
 
-    /// Stops tracking a partition; returns its last commit point if it moved
-    /// since the last commit, and how many records were still in flight.
+    /// Stops tracking a partition; returns its durable point if anything
+    /// was made durable in this assignment (committed again even when an
+    /// earlier, asynchronous commit may have carried it: that one can have
+    /// failed), and how many records were still in flight.
     pub fn revoke(&mut self, part: &Part) -> (Option<i64>, usize) {
         match self.parts.remove(part) {
-            Some(mut t) => (t.commit_point(), t.in_flight.len()),
+            Some(t) => {
+                let point = t.pending.first().copied().unwrap_or(t.next);
+                ((point > t.first).then_some(point), t.in_flight.len())
+            }
             None => (None, 0),
         }
     }
