@@ -37,7 +37,7 @@ pub struct DeliverySettings {
     #[serde(deserialize_with = "de_duration")]
     pub ledger_window: Duration,
     /// Destinations without vendor dedup: the most event_ids remembered
-    /// (about 60 bytes each); the oldest are forgotten first.
+    /// (80–100 bytes each); the oldest are forgotten first.
     pub ledger_max_entries: usize,
 }
 
