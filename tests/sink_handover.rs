@@ -46,11 +46,12 @@ async fn sigterm(mut p: Proc) -> Option<std::process::ExitStatus> {
 }
 
 /// Samples the group's committed offsets until stopped; returns every
-/// partition's samples in order.
+/// partition's changes in order, with when they were seen (since `t0`).
 fn watch_commits(
     config: &switchyard::config::Config,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<HashMap<i32, Vec<i64>>> {
+    t0: Instant,
+) -> std::thread::JoinHandle<HashMap<i32, Vec<(Duration, i64)>>> {
     let name = dest(config);
     let topic = config.topics.deliver(&name);
     let group = switchyard::sink::group_id(config, &name);
@@ -60,7 +61,7 @@ fn watch_commits(
             .set("group.id", &group)
             .create()
             .unwrap();
-        let mut seen: HashMap<i32, Vec<i64>> = HashMap::new();
+        let mut seen: HashMap<i32, Vec<(Duration, i64)>> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             let mut tpl = rdkafka::TopicPartitionList::new();
             for p in 0..PARTITIONS {
@@ -70,8 +71,8 @@ fn watch_commits(
                 for e in c.elements() {
                     if let Some(o) = e.offset().to_raw().filter(|o| *o >= 0) {
                         let v = seen.entry(e.partition()).or_default();
-                        if v.last() != Some(&o) {
-                            v.push(o);
+                        if v.last().map(|(_, last)| *last) != Some(o) {
+                            v.push((t0.elapsed(), o));
                         }
                     }
                 }
@@ -135,9 +136,10 @@ async fn partitions_move_between_instances_without_loss_or_rewinds() {
     let want = ids(&all);
     let t0 = Instant::now();
     let stop_watch = Arc::new(AtomicBool::new(false));
-    let watcher = watch_commits(&s.config, stop_watch.clone());
+    let watcher = watch_commits(&s.config, stop_watch.clone(), t0);
 
-    // A steady stream: 20 events every 300 ms, about 9 s in all.
+    // A steady stream: 20 events every 300 ms, about 10 s in all (faster than
+    // A drains while its batches are held, so it is paused at the handover).
     let feeder = {
         let config = s.config.clone();
         let all = all.clone();
@@ -213,11 +215,16 @@ async fn partitions_move_between_instances_without_loss_or_rewinds() {
     let joined_at = t0.elapsed();
     let b = spawn("b");
     let logs = [log("a"), log("b")];
-    wait_or_show("B delivers too", Duration::from_secs(60), &logs, || {
-        std::fs::read_to_string(log("b")).is_ok_and(|l| l.contains("partitions assigned"))
-            && fake.delivered().len() >= EVENTS / 2
-    })
+    wait_or_show(
+        "B is assigned partitions",
+        Duration::from_secs(60),
+        &logs,
+        || std::fs::read_to_string(log("b")).is_ok_and(|l| l.contains("partitions assigned")),
+    )
     .await;
+    let shared_at = t0.elapsed();
+    // Both work side by side for a while, the stream still coming.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let left_at = t0.elapsed();
     let a_status = sigterm(a).await;
     // Back under its id, as after a deploy: static membership gives it its
@@ -265,11 +272,12 @@ async fn partitions_move_between_instances_without_loss_or_rewinds() {
         .map(|(id, _)| id.to_string())
         .collect();
     println!(
-        "handover figures: {} events, {} requests, B joined at {:.1}s, A stopped at {:.1}s (back 2 s later), all delivered at {:.1}s; \
+        "handover figures: {} events, {} requests, B started at {:.1}s and was assigned at {:.1}s, A stopped at {:.1}s (back 2 s later), all delivered at {:.1}s; \
          {} events in the 2 batches held over the handover, {} events sent twice; commit samples per partition: {:?}",
         EVENTS,
         received.len(),
         joined_at.as_secs_f64(),
+        shared_at.as_secs_f64(),
         left_at.as_secs_f64(),
         done_at.as_secs_f64(),
         slow.len(),
@@ -297,8 +305,21 @@ async fn partitions_move_between_instances_without_loss_or_rewinds() {
     // in the end everything read is committed.
     for (p, samples) in &commits {
         assert!(
-            samples.windows(2).all(|w| w[0] <= w[1]),
+            samples.windows(2).all(|w| w[0].1 <= w[1].1),
             "partition {p}'s committed offset went back: {samples:?}"
+        );
+    }
+    // While both were assigned, both worked: every partition's commits
+    // moved (none was left paused or unread after the handover).
+    for p in 0..PARTITIONS {
+        let moved = commits.get(&p).is_some_and(|s| {
+            s.iter()
+                .any(|(at, _)| *at > shared_at + Duration::from_secs(1) && *at < left_at)
+        });
+        assert!(
+            moved,
+            "partition {p} made no progress between the handover and A's stop: {:?}\n{a_log}",
+            commits.get(&p)
         );
     }
     let ends = high_watermarks(&s.config.topics.deliver(&name));

@@ -565,46 +565,49 @@ impl Engine {
 
     /// Pauses every assigned partition while too much is buffered, and
     /// resumes them (but retry partitions waiting on their own) once half of
-    /// it is gone; partitions assigned meanwhile are paused too.
+    /// it is gone. After an assignment the state is applied again to all of
+    /// them: librdkafka keeps a partition's pause across a revoke and a new
+    /// assignment of it.
     fn back_pressure(&mut self, consumer: &SinkConsumer) {
         let buffered = self.buffered();
         let assigned = self.shared.ownership.take_assignment();
-        let pause = if self.throttled {
-            if buffered > self.max_buffered / 2 {
-                if !assigned {
-                    return;
-                }
-                true
-            } else {
-                false
-            }
-        } else if buffered >= self.max_buffered {
-            true
+        let throttle = if self.throttled {
+            buffered > self.max_buffered / 2
         } else {
-            return;
+            buffered >= self.max_buffered
         };
-        self.throttled = pause;
+        if throttle == self.throttled && !assigned {
+            return;
+        }
+        self.throttled = throttle;
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
-        let mut tpl = TopicPartitionList::new();
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
         for e in assignment.elements() {
             let waits_on_its_own = e.topic() == self.shared.retry_topic
                 && self
                     .retries
                     .get(&e.partition())
                     .is_some_and(RetryPartition::is_paused);
-            if pause || !waits_on_its_own {
-                tpl.add_partition(e.topic(), e.partition());
+            if throttle || waits_on_its_own {
+                pause.add_partition(e.topic(), e.partition());
+            } else {
+                resume.add_partition(e.topic(), e.partition());
             }
         }
-        let result = if pause {
-            consumer.pause(&tpl)
-        } else {
-            consumer.resume(&tpl)
-        };
-        if let Err(e) = result {
-            tracing::warn!(destination = %self.shared.destination, pause, error = %e, "cannot pause or resume reading");
+        for (tpl, paused) in [(pause, true), (resume, false)] {
+            if tpl.count() == 0 {
+                continue;
+            }
+            let result = if paused {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(destination = %self.shared.destination, pause = paused, error = %e, "cannot pause or resume reading");
+            }
         }
     }
 
