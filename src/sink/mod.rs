@@ -419,19 +419,23 @@ fn retry_step(due: Option<DateTime<Utc>>, now: DateTime<Utc>, horizon: Duration)
 
 /// How long to pause a retry partition once reading came round to records
 /// requeued this lap: until the earliest of them is within `horizon`, but at
-/// most 4 × `horizon`, so records other instances park meanwhile are read at
-/// most that late (this instance's own parks wake the partition in time, see
-/// `Engine::wake_for`), and a partition of far-off records is rewritten at
-/// most once per pause.
+/// most `horizon`, so a record parked meanwhile (by any instance) is read at
+/// most `horizon` after it is due, and each far-off record is rewritten
+/// about once per `horizon` while it waits (the one ending a lap twice).
 fn lap_pause(
     min_due: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
     horizon: Duration,
 ) -> Option<Duration> {
     let until = min_due? - chrono::Duration::from_std(horizon).ok()?;
-    let pause = (until - now).to_std().ok()?.min(horizon * 4);
-    (!pause.is_zero()).then_some(pause)
+    let pause = (until - now).to_std().ok()?;
+    // A little past the point, so the record read then is within the
+    // horizon and held rather than written back once more.
+    (!pause.is_zero()).then(|| (pause + LAP_MARGIN).min(horizon))
 }
+
+/// See [`lap_pause`].
+const LAP_MARGIN: Duration = Duration::from_millis(100);
 
 impl Engine {
     async fn run(
@@ -638,9 +642,8 @@ impl Engine {
         let p = item.source.partition;
         let rp = self.retries.entry(p).or_default();
         let mut pause = false;
-        if let (Some(started), Some(at)) = (rp.lap_started, item.requeued_at)
-            && at >= started
-        {
+        let lap_done = matches!((rp.lap_started, item.requeued_at), (Some(started), Some(at)) if at >= started);
+        if lap_done {
             // Came round to records this lap wrote back: the rest of the
             // partition is not due soon; read on once the earliest nears.
             if let Some(wait) = lap_pause(rp.lap_min_due, now, horizon) {
@@ -660,8 +663,13 @@ impl Engine {
                 }
             }
             RetryStep::Requeue(due) => {
-                rp.lap_started.get_or_insert(now);
-                rp.lap_min_due = Some(rp.lap_min_due.map_or(due, |m| m.min(due)));
+                // The record that ended a lap does not start the next one:
+                // its copy lands before anything parked during the pause,
+                // and reading it must not end the next lap at once.
+                if !lap_done {
+                    rp.lap_started.get_or_insert(now);
+                    rp.lap_min_due = Some(rp.lap_min_due.map_or(due, |m| m.min(due)));
+                }
                 let reason = item.reason.clone().unwrap_or_default();
                 self.requeue.push((
                     item,
@@ -1093,12 +1101,16 @@ mod tests {
         let h = Duration::from_secs(30);
         let at = |s: i64| Some(now + chrono::Duration::seconds(s));
         assert_eq!(lap_pause(None, now, h), None);
-        // Due in 50 s: read on 30 s before, in 20 s.
-        assert_eq!(lap_pause(at(50), now, h), Some(Duration::from_secs(20)));
+        // Due in 50 s: read on 30 s before, in 20 s (and a margin).
+        assert_eq!(
+            lap_pause(at(50), now, h),
+            Some(Duration::from_secs(20) + LAP_MARGIN)
+        );
         // Already within the horizon: no pause.
         assert_eq!(lap_pause(at(20), now, h), None);
-        // Far off: at most four horizons, so new records are not read late.
-        assert_eq!(lap_pause(at(3600), now, h), Some(Duration::from_secs(120)));
+        // Far off: at most one horizon, so records parked meanwhile are not
+        // read more than that late.
+        assert_eq!(lap_pause(at(3600), now, h), Some(h));
     }
 
     #[test]

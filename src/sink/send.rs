@@ -400,6 +400,9 @@ pub async fn persist(
         /// Index into `finals`.
         owner: usize,
         topic: String,
+        /// A requeued record goes back to its own partition, whatever the
+        /// partitioner would say about its key.
+        partition: Option<i32>,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         headers: Option<rdkafka::message::OwnedHeaders>,
@@ -412,15 +415,17 @@ pub async fn persist(
             outs.push(Out {
                 owner,
                 topic: shared.outcomes_topic.clone(),
+                partition: None,
                 key: Some(ledger_key(&entry.event_id, name).into_bytes()),
                 payload: serde_json::to_vec(&entry).expect("ledger entries serialise"),
                 headers: None,
                 acked: None,
             });
         }
-        let retry_record = |headers| Out {
+        let retry_record = |headers, partition| Out {
             owner,
             topic: shared.retry_topic.clone(),
+            partition,
             key: item.key.clone(),
             payload: item.raw.clone(),
             headers: Some(headers),
@@ -432,6 +437,7 @@ pub async fn persist(
                 outs.push(Out {
                     owner,
                     topic: shared.dlq_topic.clone(),
+                    partition: None,
                     key: item.key.clone(),
                     payload: item.raw.clone(),
                     headers: Some(item.dlq_headers(name, r)),
@@ -439,15 +445,16 @@ pub async fn persist(
                 });
             }
             Final::Parked { due, reason } => {
-                outs.push(retry_record(item.retry_headers(name, *due, reason, None)));
+                outs.push(retry_record(
+                    item.retry_headers(name, *due, reason, None),
+                    None,
+                ));
             }
             Final::Requeued { due, reason, at } => {
-                outs.push(retry_record(item.retry_headers(
-                    name,
-                    *due,
-                    reason,
-                    Some(*at),
-                )));
+                outs.push(retry_record(
+                    item.retry_headers(name, *due, reason, Some(*at)),
+                    Some(item.source.partition),
+                ));
             }
             Final::Delivered { .. } => {}
         }
@@ -466,6 +473,9 @@ pub async fn persist(
         let sends = todo.iter().map(|&i| {
             let o = &outs[i];
             let mut r = FutureRecord::<[u8], [u8]>::to(&o.topic).payload(&o.payload);
+            if let Some(p) = o.partition {
+                r = r.partition(p);
+            }
             if let Some(k) = &o.key {
                 r = r.key(k);
             }
