@@ -3,197 +3,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message};
-use switchyard::config::Config;
+use rdkafka::Message;
 use switchyard::delivery::Delivery;
-use switchyard::kafka::{Cluster, topics};
-use switchyard::run::RoleContext;
-use switchyard::sink::{self, SinkError, dlq, records::header};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use switchyard::sink::{self, dlq, records::header};
 
 use common::fake_vendor::{FakeVendor, Reply};
-
-const SECRET: &str = "0123456789abcdef-test";
-
-struct Setup {
-    config: Arc<Config>,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Unique names per test: the prefix and destination name make the
-/// consumer group (`<prefix>-sink-<NAME>`), which tests must not share.
-fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
-    let prefix = common::unique("sink");
-    let name = common::unique("hook");
-    let text = format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-
-[topics]
-prefix = "{prefix}"
-canonical = "{prefix}.canonical"
-partitions = 2
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[destinations.{name}]
-type = "webhook"
-url = "{url}"
-secret = "{SECRET}"
-consent = "analytics"
-
-[destinations.{name}.delivery]
-{delivery}
-"#,
-        delivery = delivery.replace("destinations.hook", &format!("destinations.{name}")),
-        brokers = common::brokers(),
-        url = fake.url(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::write_config(dir.path(), &text);
-    Setup {
-        config: Arc::new(Config::load(&path).unwrap()),
-        path,
-        _dir: dir,
-    }
-}
-
-fn dest(config: &Config) -> String {
-    config.destinations.keys().next().unwrap().clone()
-}
-
-async fn ensure_topics(config: &Config) {
-    let cluster = Cluster::connect(config).unwrap();
-    topics::ensure(&cluster, config).await.unwrap();
-}
-
-fn delivery(dest: &str, id: &str, user: &str) -> Delivery {
-    serde_json::from_value(serde_json::json!({
-        "v": 1,
-        "destination": dest,
-        "name": "purchase",
-        "event": {
-            "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
-            "user_id": user, "value": 10.0, "currency": "EUR"
-        },
-        "origin": {"topic": "events.canonical", "partition": 0, "offset": 1},
-        "routed_at": "2026-11-26T14:03:12Z"
-    }))
-    .unwrap()
-}
-
-/// Publishes (event_id, user) deliveries in order, keyed by user like the router.
-async fn produce(config: &Config, events: &[(String, String)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    let name = dest(config);
-    let topic = config.topics.deliver(&name);
-    for (id, user) in events {
-        let payload = serde_json::to_vec(&delivery(&name, id, user)).unwrap();
-        producer
-            .send(
-                FutureRecord::to(&topic).key(user).payload(&payload),
-                Timeout::After(Duration::from_secs(10)),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-fn events(tag: &str, n: usize, users: usize) -> Vec<(String, String)> {
-    (0..n)
-        .map(|i| (format!("{tag}-{i}"), format!("user-{}", i % users)))
-        .collect()
-}
-
-struct InProcess {
-    shutdown: CancellationToken,
-    handle: JoinHandle<Result<(), SinkError>>,
-}
-
-async fn start(config: &Arc<Config>) -> InProcess {
-    ensure_topics(config).await;
-    let shutdown = CancellationToken::new();
-    let ctx = RoleContext {
-        config: config.clone(),
-        bootstrap: common::brokers(),
-        instance_id: common::unique("inproc"),
-        shutdown: shutdown.clone(),
-    };
-    let name = dest(config);
-    let handle = tokio::spawn(async move { sink::run(ctx, &name).await });
-    InProcess { shutdown, handle }
-}
-
-impl InProcess {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("sink stops within its deadline")
-            .unwrap()
-            .expect("sink ends cleanly");
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn ids(events: &[(String, String)]) -> HashSet<String> {
-    events.iter().map(|(id, _)| id.clone()).collect()
-}
-
-fn assert_keys_are_event_ids(fake: &FakeVendor) {
-    for r in fake.received() {
-        for (id, key) in &r.events {
-            assert_eq!(
-                id, key,
-                "every event carries its event_id as idempotency key"
-            );
-        }
-        if let [(id, _)] = r.events.as_slice() {
-            assert_eq!(&r.idempotency_header, id);
-        }
-    }
-}
-
-async fn ledger(config: &Config) -> Vec<serde_json::Value> {
-    let kafka = config.kafka.clone();
-    let topic = config.topics.outcomes();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        sink::scan::scan_topic(&kafka, &common::brokers(), &topic, |m| {
-            out.push(serde_json::from_slice(m.payload().unwrap()).unwrap());
-        })
-        .unwrap();
-        out
-    })
-    .await
-    .unwrap()
-}
+use common::sink::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_through_failures_and_waits_out_retry_after() {
@@ -461,24 +279,6 @@ async fn a_retrying_event_holds_back_the_same_persons_later_events() {
     sink.stop().await;
 }
 
-fn spawn_sink(path: &Path, name: &str, instance: &str) -> Child {
-    common::switchyard()
-        .args([
-            "run",
-            "--role",
-            "sink",
-            "--destination",
-            name,
-            "--instance-id",
-            instance,
-            "--config",
-        ])
-        .arg(path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
     let fake = FakeVendor::start(SECRET).await;
@@ -548,30 +348,6 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
     assert_keys_are_event_ids(&fake);
 }
 
-/// Committed offsets of the sink's group on its deliver topic, summed over partitions.
-fn committed_on_deliver(config: &Config) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let name = dest(config);
-    let topic = config.topics.deliver(&name);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("group.id", switchyard::sink::group_id(config, &name))
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..config.topics.partitions {
-        tpl.add_partition(&topic, p);
-    }
-    consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .filter_map(|e| e.offset().to_raw())
-        .filter(|o| *o >= 0)
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
     let fake = FakeVendor::start(SECRET).await;
@@ -613,15 +389,22 @@ async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() 
                     .find(|h| h.key == k)
                     .map(|h| String::from_utf8_lossy(h.value.unwrap()).into_owned())
             };
-            out.push((get(header::DUE), get(header::ATTEMPTS)));
+            out.push((
+                get(header::DUE),
+                get(header::ATTEMPTS),
+                get(header::REQUEUED_AT).is_some(),
+            ));
         })
         .unwrap();
         out
     })
     .await
     .unwrap();
-    assert_eq!(parked.len(), evs.len(), "the whole batch was parked");
-    for (due, attempts) in parked {
+    // Read back before they are due (6 s is beyond park_after), the records
+    // are written back to the end of the partition, unchanged.
+    let parked_first = parked.iter().filter(|(_, _, requeued)| !requeued).count();
+    assert_eq!(parked_first, evs.len(), "the whole batch was parked");
+    for (due, attempts, _) in &parked {
         assert!(due.is_some());
         assert_eq!(attempts.as_deref(), Some("1"));
     }
@@ -699,4 +482,285 @@ async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() 
     );
     assert!(metric("switchyard_sink_consumer_lag_records", &by_dest).is_some());
     sink.stop().await;
+}
+
+/// Request start times at the fake, in order, with each request's status and
+/// when it was answered.
+fn request_starts(fake: &FakeVendor) -> Vec<common::fake_vendor::Received> {
+    let mut r = fake.received();
+    r.sort_by_key(|r| r.arrived);
+    r
+}
+
+fn mean_gap(starts: &[Instant]) -> Duration {
+    (starts[starts.len() - 1] - starts[0]) / (starts.len() as u32 - 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_follow_the_configured_rate_and_slow_down_after_a_429() {
+    let fake = FakeVendor::start(SECRET).await;
+    let mut script = vec![Reply::Status(200); 30];
+    script.push(Reply::TooMany { retry_after_s: 1 });
+    fake.script(script);
+    // One event per request, several in flight: only the pace spaces them.
+    let s = setup(
+        &fake,
+        "batch_max_events = 1\nlinger = \"1ms\"\nmax_in_flight = 4\n\
+         [destinations.hook.delivery.rate_limit]\nrequests_per_second = 10\n",
+    );
+    ensure_topics(&s.config).await;
+    let evs = events(&common::unique("rate"), 70, 7);
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+    let want = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&want)
+    })
+    .await;
+    sink.stop().await;
+
+    let r = request_starts(&fake);
+    let starts: Vec<Instant> = r.iter().map(|r| r.arrived).collect();
+    let interval = Duration::from_millis(100);
+    // A second's worth of burst, then the configured rate.
+    let burst = starts[9] - starts[0];
+    let steady_rate = 19.0 / (starts[29] - starts[10]).as_secs_f64();
+    let i429 = r.iter().position(|r| r.status == 429).unwrap();
+    assert_eq!(i429, 30);
+    let pause = starts[i429 + 1] - r[i429].answered.unwrap();
+    let after = &starts[i429 + 1..];
+    let gaps: Vec<u128> = after
+        .windows(2)
+        .take(12)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    let slowed = mean_gap(&after[..4]);
+    let recovered = mean_gap(&after[12..after.len().min(30)]);
+    println!(
+        "rate figures: burst of 10 in {burst:?}; steady {steady_rate:.2} requests/s (configured 10); \
+         after the 429: pause {pause:?}, gaps (ms) {gaps:?}, mean gap of the first 3 {slowed:?}, later {recovered:?}"
+    );
+    assert!(burst < Duration::from_millis(300), "{burst:?}");
+    assert!(
+        (8.5..=10.5).contains(&steady_rate),
+        "requests/s {steady_rate:.2}"
+    );
+    assert!(pause >= Duration::from_secs(1), "Retry-After: {pause:?}");
+    assert!(
+        slowed >= interval * 3 / 2,
+        "the pace drops after a 429: {gaps:?}"
+    );
+    assert!(
+        recovered >= interval * 9 / 10 && recovered <= interval * 6 / 5,
+        "and recovers to the configured rate: {recovered:?} ({gaps:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_per_second_caps_the_events_sent() {
+    let fake = FakeVendor::start(SECRET).await;
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"50ms\"\nmax_in_flight = 2\n\
+         [destinations.hook.delivery.rate_limit]\nevents_per_second = 40\n",
+    );
+    ensure_topics(&s.config).await;
+    let evs = events(&common::unique("eps"), 200, 20);
+    produce(&s.config, &evs).await;
+    let sink = start(&s.config).await;
+    let want = ids(&evs);
+    wait_until("every event delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&want)
+    })
+    .await;
+    sink.stop().await;
+
+    let r = request_starts(&fake);
+    // After the first second's worth (40 events), 40 events/s: measure from
+    // the first request past the burst to the last.
+    let mut sent = 0;
+    let first = r
+        .iter()
+        .position(|x| {
+            sent += x.events.len();
+            sent > 40
+        })
+        .unwrap();
+    let events_after: usize = r[first + 1..].iter().map(|x| x.events.len()).sum();
+    let span = r.last().unwrap().arrived - r[first].arrived;
+    let rate = events_after as f64 / span.as_secs_f64();
+    println!(
+        "events/s figures: {} requests, {events_after} events after the burst in {span:?}: {rate:.1} events/s (configured 40)",
+        r.len()
+    );
+    assert!((34.0..=42.0).contains(&rate), "events/s {rate:.1}");
+}
+
+/// Writes deliveries straight onto the destination's retry topic (partition
+/// 0, in order, together), each due at its time, as a sink parks them.
+async fn park(
+    config: &switchyard::config::Config,
+    records: &[(String, chrono::DateTime<chrono::Utc>)],
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .create()
+        .unwrap();
+    let name = dest(config);
+    let topic = config.topics.retry(&name);
+    let mut acks = Vec::new();
+    for (id, due) in records {
+        let payload = serde_json::to_vec(&delivery(&name, id, "person-r")).unwrap();
+        let first = (chrono::Utc::now() - chrono::Duration::seconds(30)).to_rfc3339();
+        let due = due.to_rfc3339();
+        fn h<'a>(key: &'a str, v: &'a str) -> Header<'a, &'a [u8]> {
+            Header {
+                key,
+                value: Some(v.as_bytes()),
+            }
+        }
+        let headers = OwnedHeaders::new()
+            .insert(h(header::DUE, &due))
+            .insert(h(header::ATTEMPTS, "1"))
+            .insert(h(header::FIRST_ATTEMPT, &first))
+            .insert(h(header::LAST_ATTEMPT, &first))
+            .insert(h(header::REASON, "HTTP 503"));
+        acks.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .partition(0)
+                        .key("person-r")
+                        .payload(&payload)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_off_retry_does_not_hold_up_the_nearer_ones_behind_it() {
+    let fake = FakeVendor::start(SECRET).await;
+    let s = setup(
+        &fake,
+        "batch_max_events = 10\nlinger = \"20ms\"\n\
+         [destinations.hook.delivery.retry]\npark_after = \"5s\"\n",
+    );
+    let sink = start(&s.config).await;
+    // The sink is up once a first delivery went through.
+    let tag = common::unique("retry-order");
+    let probe = events(&format!("{tag}-probe"), 1, 1);
+    produce(&s.config, &probe).await;
+    let probe = ids(&probe);
+    wait_until("the sink is up", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&probe)
+    })
+    .await;
+
+    // One partition, in this order: one due in 25 s, three due in 3 s, three
+    // already due. Read in order, the far one used to hold up the rest.
+    let now = chrono::Utc::now();
+    let at = |s: i64| now + chrono::Duration::seconds(s);
+    let far = format!("{tag}-far");
+    let near: Vec<String> = (0..3).map(|i| format!("{tag}-near{i}")).collect();
+    let due: Vec<String> = (0..3).map(|i| format!("{tag}-due{i}")).collect();
+    let mut records = vec![(far.clone(), at(25))];
+    records.extend(near.iter().map(|id| (id.clone(), at(3))));
+    records.extend(due.iter().map(|id| (id.clone(), at(-1))));
+    let t0 = Instant::now();
+    park(&s.config, &records).await;
+
+    let sent_at = |id: &str| {
+        fake.received()
+            .iter()
+            .filter(|r| r.events.iter().any(|(e, _)| e == id))
+            .map(|r| r.arrived)
+            .min()
+    };
+    wait_until("the due ones delivered", Duration::from_secs(5), || {
+        fake.delivered().is_superset(&due.iter().cloned().collect())
+    })
+    .await;
+    let due_after = t0.elapsed();
+    wait_until("the near ones delivered", Duration::from_secs(10), || {
+        fake.delivered()
+            .is_superset(&near.iter().cloned().collect())
+    })
+    .await;
+    let near_after = near.iter().filter_map(|id| sent_at(id)).min().unwrap() - t0;
+    // The far record went back to the end of the partition, so the
+    // partition's offsets commit past it long before it is due.
+    let retry_topic = s.config.topics.retry(&dest(&s.config));
+    wait_until("retry offsets committed", Duration::from_secs(5), || {
+        committed(&s.config, &retry_topic)[0] >= records.len() as i64
+    })
+    .await;
+    let committed_after = t0.elapsed();
+    assert!(sent_at(&far).is_none(), "not sent before it is due");
+
+    // A record parked behind the far one's copy while the partition waits
+    // out a lap is read at most park_after (5 s) after it is due.
+    let late = format!("{tag}-late");
+    let late_due = Instant::now() + Duration::from_secs(1);
+    park(
+        &s.config,
+        &[(
+            late.clone(),
+            chrono::Utc::now() + chrono::Duration::seconds(1),
+        )],
+    )
+    .await;
+    let late_set: HashSet<String> = [late.clone()].into();
+    wait_until("the later one delivered", Duration::from_secs(10), || {
+        fake.delivered().is_superset(&late_set)
+    })
+    .await;
+    let late_by = sent_at(&late).unwrap().saturating_duration_since(late_due);
+
+    let far_set: HashSet<String> = [far.clone()].into();
+    wait_until("the far one delivered", Duration::from_secs(40), || {
+        fake.delivered().is_superset(&far_set)
+    })
+    .await;
+    let far_after = sent_at(&far).unwrap() - t0;
+    sink.stop().await;
+    let kafka = s.config.kafka.clone();
+    let copies = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        sink::scan::scan_topic(&kafka, &common::brokers(), &retry_topic, |m| {
+            use rdkafka::message::Headers;
+            n += usize::from(
+                m.headers()
+                    .is_some_and(|h| h.iter().any(|h| h.key == header::REQUEUED_AT)),
+            );
+        })
+        .unwrap();
+        n
+    })
+    .await
+    .unwrap();
+    println!(
+        "retry order figures: due ones delivered after {due_after:?}, near ones (due at 3 s) sent at {near_after:?}, \
+         retry offsets committed past the far one after {committed_after:?}, far one (due at 25 s) sent at {far_after:?}, \
+         {copies} copies written back while it waited; a record parked during a lap was sent {late_by:?} after due"
+    );
+    assert!(late_by <= Duration::from_secs(6), "{late_by:?}");
+    assert!(near_after >= Duration::from_millis(2900), "not before due");
+    assert!(far_after >= Duration::from_secs(25) - Duration::from_millis(100));
+    assert!(far_after <= Duration::from_secs(30), "{far_after:?}");
+    // Written back when first read, then per lap (a pause of at most
+    // park_after, 5 s) until it is within park_after of due: a lap writes
+    // back every far record once, plus once more the one that ends it (here
+    // the same record), so about 2 × 20 s / 5 s.
+    assert!(
+        (1..=12).contains(&copies),
+        "written back once or twice per lap, not in a loop: {copies}"
+    );
 }

@@ -2,25 +2,24 @@
 //! awaited until the broker acked it, within a bounded time, plus a
 //! background probe of broker connectivity for `/readyz`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::kafka::client::ProducerGuard;
 
 /// How often `/readyz` re-checks that the broker answers.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Publisher {
-    /// The producer in use and its generation (see [`Publisher::replace`]).
-    current: Arc<RwLock<(u64, FutureProducer)>>,
-    settings: ClientConfig,
+    /// Replaced after failed records (tansu 0.6 panics on an epoch bump).
+    producer: Arc<ProducerGuard>,
     timeout: Duration,
     ready: Arc<AtomicBool>,
 }
@@ -40,8 +39,7 @@ impl Publisher {
         // waits longer than the configured produce timeout for its answer.
         c.set("message.timeout.ms", timeout.as_millis().to_string());
         Ok(Publisher {
-            current: Arc::new(RwLock::new((0, c.create()?))),
-            settings: c,
+            producer: Arc::new(ProducerGuard::new(c, "ingest")?),
             timeout,
             ready: Arc::new(AtomicBool::new(false)),
         })
@@ -53,7 +51,7 @@ impl Publisher {
         topic: &str,
         records: &[(String, Vec<u8>)],
     ) -> Vec<Result<(), NotAcked>> {
-        let (generation, producer) = self.producer();
+        let (generation, producer) = self.producer.current();
         let deadline = Instant::now() + self.timeout;
         let mut pending = Vec::with_capacity(records.len());
         for (key, payload) in records {
@@ -92,40 +90,9 @@ impl Publisher {
         }
         if out.iter().any(Result::is_err) {
             self.ready.store(false, Ordering::Relaxed);
-            self.replace(generation);
+            self.producer.replace(generation);
         }
         out
-    }
-
-    fn producer(&self) -> (u64, FutureProducer) {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Swaps in a fresh producer after records failed. A producer whose
-    /// records timed out must bump its idempotence epoch (or is left fatally
-    /// failed on a sequence gap) and tansu 0.6 panics on that bump; a new
-    /// producer id costs nothing, because nothing it replaces was acked to a
-    /// client. Requests still holding the old producer finish with it.
-    fn replace(&self, failed_generation: u64) {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.0 != failed_generation {
-            return; // another request replaced it already
-        }
-        match self.settings.create::<FutureProducer>() {
-            Ok(p) => {
-                *current = (failed_generation + 1, p);
-                tracing::info!(
-                    generation = failed_generation + 1,
-                    "ingest producer replaced after failed records"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create a new ingest producer; keeping the old one")
-            }
-        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -135,10 +102,10 @@ impl Publisher {
     /// Probes the broker for `topic`'s metadata until `shutdown`.
     pub fn spawn_probe(&self, topic: String, shutdown: CancellationToken) {
         let ready = Arc::clone(&self.ready);
-        let current = Arc::clone(&self.current);
+        let guard = Arc::clone(&self.producer);
         tokio::spawn(async move {
             loop {
-                let producer = current.read().unwrap_or_else(|p| p.into_inner()).1.clone();
+                let producer = guard.current().1;
                 let t = topic.clone();
                 let ok = tokio::task::spawn_blocking(move || {
                     producer
@@ -165,7 +132,7 @@ impl Publisher {
 
     /// Waits for records still queued (after the server stopped taking requests).
     pub fn flush(&self) {
-        if let Err(e) = self.producer().1.flush(self.timeout) {
+        if let Err(e) = self.producer.flush(self.timeout) {
             tracing::warn!(error = %e, "ingest producer did not flush before shutdown");
         }
     }

@@ -99,3 +99,72 @@ pub async fn acked(
     }
     Ok(())
 }
+
+/// An idempotent producer that is swapped for a fresh one after any of its
+/// records failed.
+///
+/// A producer whose records timed out must bump its idempotence epoch (or is
+/// left fatally failed on a sequence gap), and tansu 0.6 panics on that bump
+/// and then serves nothing. The bump is only sent once the broker answers
+/// again, so dropping the failed producer before then avoids it; a new
+/// producer id costs nothing, because whatever failed is retried by its
+/// caller. Callers still holding the old producer finish with it.
+pub struct ProducerGuard {
+    /// The producer in use and its generation (bumped by each replacement).
+    current: std::sync::RwLock<(u64, rdkafka::producer::FutureProducer)>,
+    settings: ClientConfig,
+    /// Who uses it, for the log line.
+    role: String,
+}
+
+impl ProducerGuard {
+    pub fn new(
+        settings: ClientConfig,
+        role: impl Into<String>,
+    ) -> Result<ProducerGuard, rdkafka::error::KafkaError> {
+        Ok(ProducerGuard {
+            current: std::sync::RwLock::new((0, settings.create()?)),
+            settings,
+            role: role.into(),
+        })
+    }
+
+    /// The producer to use and its generation (pass that to [`Self::replace`]).
+    pub fn current(&self) -> (u64, rdkafka::producer::FutureProducer) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the producer of `failed_generation` after records failed;
+    /// a no-op when another caller replaced it already. Returns whether the
+    /// producer in use is now newer than `failed_generation`.
+    pub fn replace(&self, failed_generation: u64) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != failed_generation {
+            return true;
+        }
+        match self.settings.create::<rdkafka::producer::FutureProducer>() {
+            Ok(p) => {
+                *current = (failed_generation + 1, p);
+                tracing::info!(
+                    role = %self.role,
+                    generation = failed_generation + 1,
+                    "producer replaced after failed records"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(role = %self.role, error = %e, "cannot create a new producer; keeping the old one");
+                false
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for records still queued in the current producer.
+    pub fn flush(&self, timeout: std::time::Duration) -> Result<(), rdkafka::error::KafkaError> {
+        use rdkafka::producer::Producer;
+        self.current().1.flush(timeout)
+    }
+}

@@ -28,6 +28,17 @@ pub struct DeliverySettings {
     /// While one of a person's events waits to retry, their later events wait
     /// behind it (CRMs apply updates in arrival order; ad platforms do not care).
     pub ordering: bool,
+    /// How long a partition being handed to another instance (rebalance)
+    /// waits for its batches in flight before it is given up without them.
+    #[serde(deserialize_with = "de_duration")]
+    pub handover_timeout: Duration,
+    /// Destinations without vendor dedup: how long a delivered event_id is
+    /// remembered, so a resend of it is skipped.
+    #[serde(deserialize_with = "de_duration")]
+    pub ledger_window: Duration,
+    /// Destinations without vendor dedup: the most event_ids remembered
+    /// (80–100 bytes each); the oldest are forgotten first.
+    pub ledger_max_entries: usize,
 }
 
 impl Default for DeliverySettings {
@@ -41,6 +52,10 @@ impl Default for DeliverySettings {
             retry: RetrySettings::default(),
             rate_limit: RateLimitSettings::default(),
             ordering: false,
+            handover_timeout: Duration::from_secs(15),
+            // The router's dedup window, the span in which a resend is likely.
+            ledger_window: Duration::from_secs(48 * 3600),
+            ledger_max_entries: 1_000_000,
         }
     }
 }
@@ -106,6 +121,17 @@ impl DeliverySettings {
         if self.request_timeout < Duration::from_millis(10) {
             bad("request_timeout", "must be at least 10ms");
         }
+        if self.handover_timeout > Duration::from_secs(240) {
+            // librdkafka's default max.poll.interval.ms is 300 s: a longer
+            // wait in the rebalance callback would get the member evicted.
+            bad("handover_timeout", "must be at most 240s");
+        }
+        if self.ledger_window < Duration::from_secs(60) {
+            bad("ledger_window", "must be at least 1m");
+        }
+        if self.ledger_max_entries < 1000 {
+            bad("ledger_max_entries", "must be at least 1000");
+        }
         let r = &self.retry;
         if r.max_attempts == 0 {
             bad("retry.max_attempts", "must be at least 1");
@@ -160,13 +186,16 @@ mod tests {
     #[test]
     fn nested_table_is_read() {
         let c = parse(
-            "[destinations.hook.delivery]\nbatch_max_events = 7\nlinger = \"5ms\"\nordering = true\n[destinations.hook.delivery.retry]\npark_after = \"2m\"\n[destinations.hook.delivery.rate_limit]\nrequests_per_second = 3\n",
+            "[destinations.hook.delivery]\nbatch_max_events = 7\nlinger = \"5ms\"\nordering = true\nledger_window = \"2h\"\nhandover_timeout = \"3s\"\n[destinations.hook.delivery.retry]\npark_after = \"2m\"\n[destinations.hook.delivery.rate_limit]\nrequests_per_second = 3\n",
         )
         .unwrap();
         let d = &c.destinations["hook"].delivery;
         assert_eq!(d.batch_max_events, 7);
         assert_eq!(d.linger.as_millis(), 5);
         assert!(d.ordering);
+        assert_eq!(d.ledger_window.as_secs(), 7200);
+        assert_eq!(d.handover_timeout.as_secs(), 3);
+        assert_eq!(d.ledger_max_entries, 1_000_000);
         assert_eq!(d.retry.park_after.as_secs(), 120);
         assert_eq!(d.rate_limit.requests_per_second.unwrap().get(), 3);
         assert_eq!(d.max_in_flight, 4);
@@ -185,6 +214,10 @@ mod tests {
         assert_eq!(
             keys("[destinations.hook.delivery.retry]\nmax_elapsed = \"soon\"\n"),
             ["destinations.hook.delivery.retry.max_elapsed"]
+        );
+        assert_eq!(
+            keys("[destinations.hook.delivery]\nledger_window = \"5s\"\n"),
+            ["destinations.hook.delivery.ledger_window"]
         );
         assert_eq!(
             keys("[destinations.hook.delivery.retry]\nmax_attempts = 0\n"),

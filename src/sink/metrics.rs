@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounterVec, IntGaugeVec, exponential_buckets, register_histogram_vec,
-    register_int_counter_vec, register_int_gauge_vec,
+    GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, exponential_buckets, register_gauge_vec,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
 };
 
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -19,7 +19,7 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "switchyard_sink_events_total",
-        "Events by destination and outcome (delivered, retried, parked, rejected, skipped_duplicate)",
+        "Events by destination and outcome (delivered, retried, parked, requeued, rejected, skipped_duplicate)",
         &["destination", "outcome"]
     )
     .expect("metric registers once")
@@ -59,6 +59,33 @@ pub static DLQ_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "switchyard_dlq_writes_total",
         "Dead letters written by the sink, by destination and error class",
         &["destination", "error_class"]
+    )
+    .expect("metric registers once")
+});
+
+pub static PACE_SHARE: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "switchyard_sink_pace_share",
+        "Share of the configured rate limits in use (1 = full; halved by each throttle, restored by successes)",
+        &["destination"]
+    )
+    .expect("metric registers once")
+});
+
+pub static LEDGER_INDEX: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "switchyard_sink_ledger_index_events",
+        "Delivered event ids remembered to skip resends (destinations without vendor dedup)",
+        &["destination"]
+    )
+    .expect("metric registers once")
+});
+
+pub static LEDGER_EVICTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "switchyard_sink_ledger_index_evicted",
+        "Delivered event ids forgotten before their window ended to stay within ledger_max_entries, since start",
+        &["destination"]
     )
     .expect("metric registers once")
 });

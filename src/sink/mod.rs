@@ -13,6 +13,7 @@ pub mod bench;
 pub mod config;
 pub mod destination;
 pub mod dlq;
+pub mod handover;
 pub mod metrics;
 pub mod offsets;
 pub mod pace;
@@ -21,14 +22,16 @@ pub mod retry;
 pub mod scan;
 pub mod send;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
@@ -36,11 +39,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::client;
+use crate::kafka::client::{self, ProducerGuard};
 use crate::run::{RoleContext, SHUTDOWN_DEADLINE};
+use config::DeliverySettings;
 use destination::Limits;
+use handover::Ownership;
 use metrics::RETRY_QUEUE;
-use offsets::OffsetTracker;
 use pace::Pace;
 use records::{Final, Item, LedgerIndex};
 use send::{Done, DoneKind, Shared};
@@ -86,20 +90,28 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     let ledger = if vendor.vendor_dedup() {
         None
     } else {
-        let index = load_ledger(&ctx, destination).await?;
+        let index = load_ledger(&ctx, destination, &settings).await?;
         tracing::info!(
             destination,
             delivered = index.len(),
+            oldest = ?index.oldest(),
             "delivery ledger loaded"
         );
         Some(Mutex::new(index))
     };
-    let producer: FutureProducer =
-        client::idempotent_producer(&config.kafka, &ctx.bootstrap).create()?;
+    let mut producer_config = client::idempotent_producer(&config.kafka, &ctx.bootstrap);
+    if !config.kafka.properties.contains_key("message.timeout.ms") {
+        producer_config.set(
+            "message.timeout.ms",
+            send::PRODUCE_TIMEOUT.as_millis().to_string(),
+        );
+    }
+    let producer = ProducerGuard::new(producer_config, format!("sink {destination}"))?;
     let http = reqwest::Client::builder()
         .timeout(settings.request_timeout)
         .pool_max_idle_per_host(settings.max_in_flight)
         .build()?;
+    let ownership = Arc::new(Ownership::default());
     let shared = Arc::new(Shared {
         destination: destination.to_string(),
         vendor,
@@ -108,6 +120,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         limits,
         http,
         producer,
+        ownership: ownership.clone(),
         dlq_topic: topics.dlq(),
         outcomes_topic: topics.outcomes(),
         retry_topic: topics.retry(destination),
@@ -130,42 +143,57 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     if !config.kafka.properties.contains_key("fetch.wait.max.ms") {
         consumer_config.set("fetch.wait.max.ms", "20");
     }
-    let consumer: SinkConsumer = consumer_config.create_with_context(LagReporter {
+    let consumer: SinkConsumer = consumer_config.create_with_context(SinkContext {
         destination: destination.to_string(),
+        ownership: ownership.clone(),
+        handover_timeout: shared.settings.handover_timeout,
     })?;
     let deliver_topic = topics.deliver(destination);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
 
+    let max_buffered = shared.limits.max_events * (shared.settings.max_in_flight + 2);
     let mut engine = Engine {
-        max_buffered: shared.limits.max_events * (shared.settings.max_in_flight + 2),
+        max_buffered,
+        hold_max: (max_buffered / 4).max(16),
         shared: shared.clone(),
-        tracker: OffsetTracker::default(),
         ready: VecDeque::new(),
         ready_bytes: 0,
         ready_since: None,
         active: HashMap::new(),
         held: 0,
         parked: HashMap::new(),
-        delayed: BTreeMap::new(),
-        inflight: JoinSet::new(),
+        retries: BTreeMap::new(),
+        requeue: Vec::new(),
+        batches: JoinSet::new(),
+        writes: JoinSet::new(),
+        writing: 0,
+        read_again_at: None,
+        consumer_failing: false,
+        throttled: false,
         cancel: CancellationToken::new(),
     };
     let result = engine.run(&consumer, &ctx.shutdown).await;
-    // Whatever is durable is committed, also when stopping on an error.
+    // Whatever is durable is committed, also when stopping on an error; then
+    // nothing is tracked, so the consumer's closing revoke waits for nothing.
     engine.commit(&consumer, CommitMode::Sync);
+    ownership.release_all();
+    drop(consumer);
     let _ = shared.producer.flush(Duration::from_secs(5));
     RETRY_QUEUE.with_label_values(&[destination]).set(0);
     tracing::info!(destination, "sink stopped");
     result
 }
 
-/// Publishes consumer lag from librdkafka's statistics.
-struct LagReporter {
+/// The consumer's context: hands partitions over on a rebalance, and
+/// publishes consumer lag from librdkafka's statistics.
+struct SinkContext {
     destination: String,
+    ownership: Arc<Ownership>,
+    handover_timeout: Duration,
 }
 
-impl ClientContext for LagReporter {
+impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
         for (name, topic) in &statistics.topics {
             let lag: i64 = topic
@@ -181,49 +209,231 @@ impl ClientContext for LagReporter {
     }
 }
 
-impl ConsumerContext for LagReporter {}
+impl ConsumerContext for SinkContext {
+    /// Runs before librdkafka gives the partitions up (and before the group
+    /// assigns them to anyone else): their durable progress is committed
+    /// here, and nothing of them is committed by this instance afterwards.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let report = self.ownership.hand_over(&parts, self.handover_timeout);
+                let mut commits = TopicPartitionList::new();
+                for (topic, partition, offset) in &report.commits {
+                    if let Err(e) =
+                        commits.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    {
+                        tracing::warn!(error = %e, "bad commit offset");
+                    }
+                }
+                if commits.count() > 0
+                    && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
+                {
+                    // The next owner re-reads from the previous commit: duplicates, no loss.
+                    tracing::warn!(destination = %self.destination, error = %e, "final commit of the partitions handed over failed");
+                }
+                if report.abandoned > 0 {
+                    tracing::warn!(destination = %self.destination, events = report.abandoned, "handover deadline passed: events in flight were let go uncommitted (their next owner resends them)");
+                }
+                tracing::info!(
+                    destination = %self.destination,
+                    partitions = ?parts,
+                    waited_ms = report.waited.as_millis() as u64,
+                    committed = ?report.commits,
+                    "partitions handed over"
+                );
+            }
+            Rebalance::Assign(tpl) => {
+                self.ownership.note_assignment();
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                tracing::info!(destination = %self.destination, partitions = ?parts, "partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(destination = %self.destination, error = %e, "rebalance error")
+            }
+        }
+    }
+}
 
-type SinkConsumer = StreamConsumer<LagReporter>;
+type SinkConsumer = StreamConsumer<SinkContext>;
 
-async fn load_ledger(ctx: &RoleContext, destination: &str) -> Result<LedgerIndex, SinkError> {
+async fn load_ledger(
+    ctx: &RoleContext,
+    destination: &str,
+    settings: &DeliverySettings,
+) -> Result<LedgerIndex, SinkError> {
     let kafka = ctx.config.kafka.clone();
     let bootstrap = ctx.bootstrap.clone();
     let topic = ctx.config.topics.outcomes();
     let destination = destination.to_string();
+    let (window, max_entries) = (settings.ledger_window, settings.ledger_max_entries);
     tokio::task::spawn_blocking(move || {
-        let mut index = LedgerIndex::default();
-        scan::scan_topic(&kafka, &bootstrap, &topic, |m| {
-            use rdkafka::Message;
-            if let Some(key) = m.key() {
-                index.apply(&destination, key, m.payload());
-            }
-        })?;
+        let now = Utc::now();
+        let mut index = LedgerIndex::new(window, max_entries);
+        // Outcomes older than the window are not even read.
+        let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+        scan::scan_topic_since(
+            &kafka,
+            &bootstrap,
+            &topic,
+            Some(since.timestamp_millis()),
+            |m| {
+                use rdkafka::Message;
+                if let Some(key) = m.key() {
+                    index.apply(&destination, key, m.payload(), now);
+                }
+            },
+        )?;
+        index.loaded(Utc::now());
         Ok(index)
     })
     .await
     .map_err(|e| SinkError::Task(e.to_string()))?
 }
 
+/// What a task reports when it ends.
+type TaskResult = Result<Vec<Done>, SinkError>;
+
 struct Engine {
     shared: Arc<Shared>,
-    tracker: OffsetTracker,
     ready: VecDeque<Item>,
     ready_bytes: usize,
     /// When the oldest item in `ready` arrived (the linger clock).
     ready_since: Option<Instant>,
     /// With ordering: people with an event in `ready` or in flight, and their
     /// later events waiting behind it.
-    active: HashMap<String, VecDeque<Item>>,
+    active: HashMap<String, Person>,
     held: usize,
     /// With ordering: people with events on the retry topic.
     parked: HashMap<String, ParkedPerson>,
-    /// Retry-topic records read before they are due, per partition (paused).
-    delayed: BTreeMap<i32, VecDeque<Item>>,
-    inflight: JoinSet<Result<Vec<Done>, SinkError>>,
+    /// Retry-topic partitions: records read before they are due.
+    retries: BTreeMap<i32, RetryPartition>,
+    /// Retry records to write back to the end of their partition.
+    requeue: Vec<(Item, Final)>,
+    /// Delivery batches (at most `max_in_flight`).
+    batches: JoinSet<TaskResult>,
+    /// Writes to the retry topic (parked followers, requeued records), with
+    /// how many items each holds.
+    writes: JoinSet<(usize, TaskResult)>,
+    writing: usize,
     max_buffered: usize,
+    /// The most not-yet-due records held per retry partition.
+    hold_max: usize,
+    /// After a consumer error, reading resumes then.
+    read_again_at: Option<Instant>,
+    /// The last read failed (logged once until a record arrives).
+    consumer_failing: bool,
+    /// Every assigned partition is paused: too much is buffered. The
+    /// consumer is still polled, so rebalances are served at once.
+    throttled: bool,
     /// Tells batches to stop retrying (shutdown).
     cancel: CancellationToken,
 }
+
+/// A person with an event out (in `ready` or in flight) and the later ones
+/// waiting behind it.
+struct Person {
+    /// The partition the event out was read from.
+    head: (String, i32),
+    waiting: VecDeque<Item>,
+}
+
+#[derive(Default)]
+struct RetryPartition {
+    /// Records due within the hold horizon, earliest first.
+    held: BinaryHeap<Reverse<Held>>,
+    /// Paused until then: reading came round to records requeued this lap.
+    lap_pause: Option<Instant>,
+    /// Paused because `held` is full.
+    full: bool,
+    /// When this lap's first record was requeued; reading a record requeued
+    /// since then means the lap is complete.
+    lap_started: Option<DateTime<Utc>>,
+    /// The earliest due among the records requeued this lap.
+    lap_min_due: Option<DateTime<Utc>>,
+}
+
+impl RetryPartition {
+    fn is_paused(&self) -> bool {
+        self.full || self.lap_pause.is_some()
+    }
+}
+
+/// A held retry record, ordered by due time, then offset.
+struct Held(Item);
+
+impl Held {
+    fn key(&self) -> (Option<DateTime<Utc>>, i64) {
+        (self.0.due, self.0.source.offset)
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Held {}
+
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// What to do with a retry record just read.
+enum RetryStep {
+    Now,
+    Hold,
+    Requeue(DateTime<Utc>),
+}
+
+/// The step for a retry record due at `due`, read at `now`: due ones go
+/// now, those due within `horizon` wait in memory, the rest go back to the
+/// end of the partition so they hold up neither nearer records nor commits.
+fn retry_step(due: Option<DateTime<Utc>>, now: DateTime<Utc>, horizon: Duration) -> RetryStep {
+    let horizon = chrono::Duration::from_std(horizon).unwrap_or(chrono::Duration::MAX);
+    match due {
+        Some(d) if d > now + horizon => RetryStep::Requeue(d),
+        Some(d) if d > now => RetryStep::Hold,
+        _ => RetryStep::Now,
+    }
+}
+
+/// How long to pause a retry partition once reading came round to records
+/// requeued this lap: until the earliest of them is within `horizon`, but at
+/// most `horizon`, so a record parked meanwhile (by any instance) is read at
+/// most `horizon` after it is due, and each far-off record is rewritten
+/// about once per `horizon` while it waits (the one ending a lap twice).
+fn lap_pause(
+    min_due: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    horizon: Duration,
+) -> Option<Duration> {
+    let until = min_due? - chrono::Duration::from_std(horizon).ok()?;
+    let pause = (until - now).to_std().ok()?;
+    // A little past the point, so the record read then is within the
+    // horizon and held rather than written back once more.
+    (!pause.is_zero()).then(|| (pause + LAP_MARGIN).min(horizon))
+}
+
+/// See [`lap_pause`].
+const LAP_MARGIN: Duration = Duration::from_millis(100);
 
 impl Engine {
     async fn run(
@@ -237,10 +447,12 @@ impl Engine {
             let max_in_flight = self.shared.settings.max_in_flight;
             let linger_at = self
                 .ready_since
-                .filter(|_| self.inflight.len() < max_in_flight && stop_by.is_none())
+                .filter(|_| self.batches.len() < max_in_flight && stop_by.is_none())
                 .map(|t| t + self.shared.settings.linger);
             let due_at = self.next_due();
-            let can_read = stop_by.is_none() && self.buffered() < self.max_buffered;
+            let can_read =
+                stop_by.is_none() && self.read_again_at.is_none_or(|t| t <= Instant::now());
+            let read_again_at = self.read_again_at.filter(|_| stop_by.is_none());
             tokio::select! {
                 _ = shutdown.cancelled(), if stop_by.is_none() => {
                     // Batches stop retrying and report what is durable; the
@@ -248,7 +460,7 @@ impl Engine {
                     self.cancel.cancel();
                     stop_by = Some(Instant::now() + SHUTDOWN_DEADLINE - Duration::from_secs(5));
                 }
-                joined = self.inflight.join_next(), if !self.inflight.is_empty() => {
+                joined = self.batches.join_next(), if !self.batches.is_empty() => {
                     match joined {
                         Some(Ok(Ok(done))) => done.into_iter().for_each(|d| self.on_done(d)),
                         Some(Ok(Err(e))) => return Err(e),
@@ -256,31 +468,60 @@ impl Engine {
                         None => {}
                     }
                 }
+                joined = self.writes.join_next(), if !self.writes.is_empty() => {
+                    match joined {
+                        Some(Ok((items, result))) => {
+                            self.writing -= items;
+                            result?.into_iter().for_each(|d| self.on_done(d));
+                        }
+                        Some(Err(e)) => return Err(SinkError::Task(e.to_string())),
+                        None => {}
+                    }
+                }
                 msg = consumer.recv(), if can_read => {
-                    let item = Item::from_message(&msg?);
-                    self.tracker.seen(&item.source.topic, item.source.partition, item.source.offset);
-                    self.accept(item, consumer);
+                    match msg {
+                        Ok(m) => {
+                            self.consumer_failing = false;
+                            let mut item = Item::from_message(&m);
+                            self.shared.ownership.seen(&mut item);
+                            self.accept(item, consumer);
+                        }
+                        Err(e) => {
+                            // librdkafka reconnects on its own; say so once per spell.
+                            if !self.consumer_failing {
+                                tracing::warn!(destination = %self.shared.destination, error = %e, "consumer error; reading on once the broker answers");
+                            }
+                            self.consumer_failing = true;
+                            self.read_again_at = Some(Instant::now() + Duration::from_millis(200));
+                        }
+                    }
+                }
+                _ = sleep_until_opt(read_again_at), if read_again_at.is_some() && !can_read => {
+                    self.read_again_at = None;
                 }
                 _ = sleep_until_opt(linger_at), if linger_at.is_some() => {}
                 _ = sleep_until_opt(due_at), if due_at.is_some() => self.release_due(consumer),
                 _ = commit_tick.tick() => {
                     self.commit(consumer, CommitMode::Async);
-                    RETRY_QUEUE
-                        .with_label_values(&[&self.shared.destination])
-                        .set(i64::try_from(self.delayed.values().map(VecDeque::len).sum::<usize>()).unwrap_or(i64::MAX));
+                    self.report();
                 }
                 _ = sleep_until_opt(stop_by), if stop_by.is_some() => {
-                    tracing::warn!(destination = %self.shared.destination, batches = self.inflight.len(), "shutdown deadline passed; abandoning in-flight batches (their offsets stay uncommitted)");
-                    self.inflight.abort_all();
+                    tracing::warn!(destination = %self.shared.destination, batches = self.batches.len(), "shutdown deadline passed; abandoning in-flight batches (their offsets stay uncommitted)");
+                    self.batches.abort_all();
+                    self.writes.abort_all();
                     return Ok(());
                 }
             }
+            // A rebalance callback may have run inside `recv`.
+            self.drop_handed_over();
+            self.back_pressure(consumer);
             if stop_by.is_some() {
-                if self.inflight.is_empty() {
+                if self.batches.is_empty() && self.writes.is_empty() {
                     return Ok(());
                 }
                 continue;
             }
+            self.write_requeued();
             while self.should_flush() {
                 self.flush();
             }
@@ -288,77 +529,268 @@ impl Engine {
     }
 
     fn buffered(&self) -> usize {
-        self.ready.len() + self.held + self.delayed.values().map(VecDeque::len).sum::<usize>()
+        self.ready.len()
+            + self.held
+            + self.writing
+            + self.requeue.len()
+            + self.retries.values().map(|r| r.held.len()).sum::<usize>()
+    }
+
+    fn report(&self) {
+        let name = &self.shared.destination;
+        let held: usize = self.retries.values().map(|r| r.held.len()).sum();
+        RETRY_QUEUE
+            .with_label_values(&[name])
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+        if let Some(ledger) = &self.shared.ledger {
+            let mut l = ledger.lock().expect("ledger lock");
+            l.expire(Utc::now());
+            metrics::LEDGER_INDEX
+                .with_label_values(&[name])
+                .set(i64::try_from(l.len()).unwrap_or(i64::MAX));
+            metrics::LEDGER_EVICTIONS
+                .with_label_values(&[name])
+                .set(i64::try_from(l.evicted()).unwrap_or(i64::MAX));
+        }
     }
 
     fn next_due(&self) -> Option<Instant> {
-        self.delayed
+        self.retries
             .values()
-            .filter_map(|q| q.front().and_then(|i| i.due))
+            .flat_map(|r| {
+                let due = r.held.peek().and_then(|h| h.0.0.due).map(instant_at);
+                [due, r.lap_pause]
+            })
+            .flatten()
             .min()
-            .map(instant_at)
+    }
+
+    /// Pauses every assigned partition while too much is buffered, and
+    /// resumes them (but retry partitions waiting on their own) once half of
+    /// it is gone. After an assignment the state is applied again to all of
+    /// them: librdkafka keeps a partition's pause across a revoke and a new
+    /// assignment of it.
+    fn back_pressure(&mut self, consumer: &SinkConsumer) {
+        let buffered = self.buffered();
+        let assigned = self.shared.ownership.take_assignment();
+        let throttle = if self.throttled {
+            buffered > self.max_buffered / 2
+        } else {
+            buffered >= self.max_buffered
+        };
+        if throttle == self.throttled && !assigned {
+            return;
+        }
+        self.throttled = throttle;
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for e in assignment.elements() {
+            let waits_on_its_own = e.topic() == self.shared.retry_topic
+                && self
+                    .retries
+                    .get(&e.partition())
+                    .is_some_and(RetryPartition::is_paused);
+            if throttle || waits_on_its_own {
+                pause.add_partition(e.topic(), e.partition());
+            } else {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        for (tpl, paused) in [(pause, true), (resume, false)] {
+            if tpl.count() == 0 {
+                continue;
+            }
+            let result = if paused {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(destination = %self.shared.destination, pause = paused, error = %e, "cannot pause or resume reading");
+            }
+        }
+    }
+
+    fn pause(&self, consumer: &SinkConsumer, partition: i32, resume: bool) {
+        if resume && self.throttled {
+            return; // resumed with the rest
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.shared.retry_topic, partition);
+        let result = if resume {
+            consumer.resume(&tpl)
+        } else {
+            consumer.pause(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(destination = %self.shared.destination, partition, resume, error = %e, "cannot pause or resume the retry partition");
+        }
     }
 
     /// Routes a record just read.
     fn accept(&mut self, item: Item, consumer: &SinkConsumer) {
-        let p = item.source.partition;
-        let waiting = item.source.topic == self.shared.retry_topic
-            && self.delayed.get(&p).is_some_and(|q| !q.is_empty());
-        // A record behind one that is not due yet waits too, even if it is
-        // due itself: the retry partition keeps each person's order.
-        if waiting || item.due.is_some_and(|due| due > Utc::now()) {
-            let queue = self.delayed.entry(p).or_default();
-            if queue.is_empty() {
-                // Reading on would only pile up records that are not due either.
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&item.source.topic, p);
-                if let Err(e) = consumer.pause(&tpl) {
-                    tracing::warn!(destination = %self.shared.destination, partition = p, error = %e, "cannot pause the retry partition");
-                }
-            }
-            queue.push_back(item);
+        if item.source.topic != self.shared.retry_topic {
+            self.admit(item);
             return;
         }
-        self.admit(item);
+        let now = Utc::now();
+        let horizon = self.shared.settings.retry.park_after;
+        let p = item.source.partition;
+        let rp = self.retries.entry(p).or_default();
+        let mut pause = false;
+        let lap_done = matches!((rp.lap_started, item.requeued_at), (Some(started), Some(at)) if at >= started);
+        if lap_done {
+            // Came round to records this lap wrote back: the rest of the
+            // partition is not due soon; read on once the earliest nears.
+            if let Some(wait) = lap_pause(rp.lap_min_due, now, horizon) {
+                pause = rp.lap_pause.is_none() && !rp.full;
+                rp.lap_pause = Some(Instant::now() + wait);
+            }
+            rp.lap_started = None;
+            rp.lap_min_due = None;
+        }
+        match retry_step(item.due, now, horizon) {
+            RetryStep::Now => self.admit(item),
+            RetryStep::Hold => {
+                rp.held.push(Reverse(Held(item)));
+                if rp.held.len() >= self.hold_max && !rp.full {
+                    pause |= rp.lap_pause.is_none();
+                    rp.full = true;
+                }
+            }
+            RetryStep::Requeue(due) => {
+                // The record that ended a lap does not start the next one:
+                // its copy lands before anything parked during the pause,
+                // and reading it must not end the next lap at once.
+                if !lap_done {
+                    rp.lap_started.get_or_insert(now);
+                    rp.lap_min_due = Some(rp.lap_min_due.map_or(due, |m| m.min(due)));
+                }
+                let reason = item.reason.clone().unwrap_or_default();
+                self.requeue.push((
+                    item,
+                    Final::Requeued {
+                        due,
+                        reason,
+                        at: now,
+                    },
+                ));
+            }
+        }
+        if pause {
+            self.pause(consumer, p, false);
+        }
+    }
+
+    /// Writes the retry records read before they were due back to the end of
+    /// their partitions (one task per engine round).
+    fn write_requeued(&mut self) {
+        if self.requeue.is_empty() {
+            return;
+        }
+        let finals = std::mem::take(&mut self.requeue);
+        self.shared
+            .ownership
+            .dispatched(finals.iter().map(|(i, _)| i));
+        let n = finals.len();
+        self.writing += n;
+        let shared = self.shared.clone();
+        let cancel = self.cancel.clone();
+        self.writes
+            .spawn(async move { (n, send::persist(&shared, finals, &cancel).await) });
     }
 
     fn release_due(&mut self, consumer: &SinkConsumer) {
         let now = Utc::now();
+        let now_i = Instant::now();
         let mut released = Vec::new();
-        let mut emptied = Vec::new();
-        for (p, q) in &mut self.delayed {
-            while q.front().is_some_and(|i| i.due.is_none_or(|d| d <= now)) {
-                released.extend(q.pop_front());
+        let mut resume = Vec::new();
+        for (p, rp) in &mut self.retries {
+            while rp
+                .held
+                .peek()
+                .is_some_and(|h| h.0.0.due.is_none_or(|d| d <= now))
+            {
+                released.extend(rp.held.pop().map(|h| h.0.0));
             }
-            if q.is_empty() {
-                emptied.push(*p);
+            let was_paused = rp.is_paused();
+            if rp.lap_pause.is_some_and(|t| t <= now_i) {
+                rp.lap_pause = None;
+            }
+            if rp.full && rp.held.len() < self.hold_max / 2 {
+                rp.full = false;
+            }
+            if was_paused && !rp.is_paused() {
+                resume.push(*p);
             }
         }
-        for p in emptied {
-            self.delayed.remove(&p);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.shared.retry_topic, p);
-            if let Err(e) = consumer.resume(&tpl) {
-                tracing::warn!(destination = %self.shared.destination, partition = p, error = %e, "cannot resume the retry partition");
-            }
+        for p in resume {
+            self.pause(consumer, p, true);
         }
         for item in released {
             self.admit(item);
         }
     }
 
+    /// Drops what is buffered of partitions handed to another instance: it
+    /// was never sent, and their next owner reads it again.
+    fn drop_handed_over(&mut self) {
+        let revoked = self.shared.ownership.take_revoked();
+        if revoked.is_empty() {
+            return;
+        }
+        let gone: HashSet<(String, i32)> = revoked.into_iter().collect();
+        let is_gone = |p: &records::Position| gone.contains(&(p.topic.clone(), p.partition));
+        let before = self.buffered();
+        self.ready.retain(|i| !is_gone(&i.source));
+        self.ready_bytes = self.ready.iter().map(|i| i.raw.len()).sum();
+        if self.ready.is_empty() {
+            self.ready_since = None;
+        }
+        let retry_topic = self.shared.retry_topic.clone();
+        let retry_gone = |p: i32| gone.contains(&(retry_topic.clone(), p));
+        self.retries.retain(|p, _| !retry_gone(*p));
+        self.requeue.retain(|(i, _)| !is_gone(&i.source));
+        // Their parked events are read by the retry partition's new owner.
+        self.parked
+            .retain(|_, pp| pp.retry_partition.is_none_or(|p| !retry_gone(p)));
+        let mut release = Vec::new();
+        for (anchor, person) in &mut self.active {
+            let n = person.waiting.len();
+            person.waiting.retain(|i| !is_gone(&i.source));
+            self.held -= n - person.waiting.len();
+            if gone.contains(&person.head) {
+                release.push(anchor.clone());
+            }
+        }
+        for anchor in release {
+            self.release_next(&anchor);
+        }
+        tracing::info!(
+            destination = %self.shared.destination,
+            dropped = before.saturating_sub(self.buffered()),
+            "buffered records of handed-over partitions dropped"
+        );
+    }
+
     /// An item that may be sent now (subject to ordering and the ledger).
     fn admit(&mut self, item: Item) {
         if let (Some(ledger), Some(id)) = (&self.shared.ledger, item.event_id())
-            && ledger.lock().expect("ledger lock").is_delivered(id)
+            && ledger
+                .lock()
+                .expect("ledger lock")
+                .is_delivered(id, Utc::now())
         {
             tracing::debug!(destination = %self.shared.destination, event_id = id, "already delivered; skipped");
             metrics::EVENTS
                 .with_label_values(&[&self.shared.destination, "skipped_duplicate"])
                 .inc();
             let source = &item.source;
-            self.tracker
-                .done(&source.topic, source.partition, source.offset);
+            self.shared
+                .ownership
+                .done(&source.topic, source.partition, source.offset, item.epoch);
             // Not sent, so it releases nobody waiting behind an event in
             // flight; but if it was parked, it no longer holds anyone back.
             self.unpark(item.anchor(), item.origin.offset);
@@ -369,13 +801,19 @@ impl Engine {
             self.push_ready(item);
             return;
         }
-        if let Some(queue) = self.active.get_mut(&anchor) {
-            queue.push_back(item);
+        if let Some(person) = self.active.get_mut(&anchor) {
+            person.waiting.push_back(item);
             self.held += 1;
         } else if let Some(due) = self.must_follow(&item) {
             self.follow(item, due);
         } else {
-            self.active.insert(anchor, VecDeque::new());
+            self.active.insert(
+                anchor,
+                Person {
+                    head: (item.source.topic.clone(), item.source.partition),
+                    waiting: VecDeque::new(),
+                },
+            );
             self.push_ready(item);
         }
     }
@@ -401,51 +839,117 @@ impl Engine {
             .or_insert_with(|| ParkedPerson {
                 origins: BTreeSet::new(),
                 due,
+                retry_partition: None,
             });
         entry.origins.insert(item.origin.offset);
         entry.due = entry.due.max(due);
+        self.shared.ownership.dispatched([&item]);
+        self.writing += 1;
         let shared = self.shared.clone();
+        let cancel = self.cancel.clone();
         let reason = "waiting behind an earlier event of the same person".to_string();
-        self.inflight.spawn(async move {
-            let done = send::persist(&shared, vec![(item, Final::Parked { due, reason })]).await?;
-            Ok(done
-                .into_iter()
-                .map(|d| Done {
-                    kind: DoneKind::Followed,
-                    ..d
-                })
-                .collect())
+        self.writes.spawn(async move {
+            let done = send::persist(
+                &shared,
+                vec![(item, Final::Parked { due, reason })],
+                &cancel,
+            )
+            .await
+            .map(|done| {
+                done.into_iter()
+                    .map(|d| Done {
+                        kind: match d.kind {
+                            DoneKind::Parked {
+                                due,
+                                retry_partition,
+                            } => DoneKind::Followed {
+                                due,
+                                retry_partition,
+                            },
+                            other => other,
+                        },
+                        ..d
+                    })
+                    .collect()
+            });
+            (1, done)
         });
     }
 
     fn on_done(&mut self, d: Done) {
-        self.tracker
-            .done(&d.source.topic, d.source.partition, d.source.offset);
+        if let DoneKind::Parked {
+            due,
+            retry_partition,
+        }
+        | DoneKind::Followed {
+            due,
+            retry_partition,
+        } = d.kind
+        {
+            self.wake_for(retry_partition, due);
+        }
         if !self.shared.settings.ordering || d.anchor.is_empty() {
             return;
         }
+        // An outcome from before a handover of its partition: the ordering
+        // state it would update was dropped with the partition.
+        if !self
+            .shared
+            .ownership
+            .is_current(&d.source.topic, d.source.partition, d.epoch)
+        {
+            return;
+        }
         match d.kind {
-            DoneKind::Parked(due) => {
+            DoneKind::Parked {
+                due,
+                retry_partition,
+            } => {
                 let entry = self
                     .parked
                     .entry(d.anchor.clone())
                     .or_insert_with(|| ParkedPerson {
                         origins: BTreeSet::new(),
                         due,
+                        retry_partition: None,
                     });
                 entry.origins.insert(d.origin_offset);
                 entry.due = entry.due.max(due);
-                let waiting = self.active.remove(&d.anchor).unwrap_or_default();
+                entry.retry_partition = Some(retry_partition);
+                let waiting = self
+                    .active
+                    .remove(&d.anchor)
+                    .map(|p| p.waiting)
+                    .unwrap_or_default();
                 self.held -= waiting.len();
                 for item in waiting {
                     self.follow(item, due);
+                }
+            }
+            DoneKind::Followed {
+                retry_partition, ..
+            } => {
+                if let Some(p) = self.parked.get_mut(&d.anchor) {
+                    p.retry_partition = Some(retry_partition);
                 }
             }
             DoneKind::Resolved => {
                 self.unpark(&d.anchor, d.origin_offset);
                 self.release_next(&d.anchor);
             }
-            DoneKind::Followed => {}
+            DoneKind::Requeued => {}
+        }
+    }
+
+    /// This instance just parked a record due at `due` on a retry partition
+    /// that waits out a lap: read on in time for it.
+    fn wake_for(&mut self, partition: i32, due: DateTime<Utc>) {
+        let horizon = chrono::Duration::from_std(self.shared.settings.retry.park_after)
+            .unwrap_or(chrono::Duration::MAX);
+        if let Some(rp) = self.retries.get_mut(&partition)
+            && let Some(resume) = rp.lap_pause
+        {
+            rp.lap_pause = Some(resume.min(instant_at(due - horizon)));
         }
     }
 
@@ -458,11 +962,16 @@ impl Engine {
         }
     }
 
-    /// The person's event in flight is resolved: the next one waiting goes
-    /// out, unless an older one of theirs is still parked.
+    /// The person's event out is resolved (or was dropped with its
+    /// partition): the next one waiting goes out, unless an older one of
+    /// theirs is still parked.
     fn release_next(&mut self, anchor: &str) {
         loop {
-            let Some(next) = self.active.get_mut(anchor).and_then(VecDeque::pop_front) else {
+            let Some(next) = self
+                .active
+                .get_mut(anchor)
+                .and_then(|p| p.waiting.pop_front())
+            else {
                 self.active.remove(anchor);
                 return;
             };
@@ -470,6 +979,9 @@ impl Engine {
             match self.must_follow(&next) {
                 Some(due) => self.follow(next, due),
                 None => {
+                    if let Some(p) = self.active.get_mut(anchor) {
+                        p.head = (next.source.topic.clone(), next.source.partition);
+                    }
                     self.push_ready(next);
                     return;
                 }
@@ -487,7 +999,7 @@ impl Engine {
         let Some(since) = self.ready_since else {
             return false;
         };
-        self.inflight.len() < self.shared.settings.max_in_flight
+        self.batches.len() < self.shared.settings.max_in_flight
             && (self.ready.len() >= self.shared.limits.max_events
                 || self.ready_bytes >= self.shared.limits.max_bytes
                 || since.elapsed() >= self.shared.settings.linger)
@@ -512,14 +1024,15 @@ impl Engine {
         } else {
             Some(Instant::now())
         };
+        self.shared.ownership.dispatched(&batch);
         let shared = self.shared.clone();
         let cancel = self.cancel.clone();
-        self.inflight
+        self.batches
             .spawn(async move { send::deliver(shared, batch, cancel).await });
     }
 
     fn commit(&mut self, consumer: &SinkConsumer, mode: CommitMode) {
-        let commits = self.tracker.take_commits();
+        let commits = self.shared.ownership.take_commits();
         if commits.is_empty() {
             return;
         }
@@ -530,8 +1043,8 @@ impl Engine {
             }
         }
         if let Err(e) = consumer.commit(&tpl, mode) {
-            // A revoked partition refuses commits; its new owner re-reads from
-            // the last committed offset, so nothing is lost.
+            // Only owned partitions are ever committed; a failure means the
+            // next owner re-reads from the previous commit (duplicates, no loss).
             tracing::warn!(destination = %self.shared.destination, error = %e, "offset commit failed");
         }
     }
@@ -542,6 +1055,8 @@ struct ParkedPerson {
     origins: BTreeSet<i64>,
     /// The latest due time among them.
     due: DateTime<Utc>,
+    /// The retry partition holding them, once a write of theirs was acked.
+    retry_partition: Option<i32>,
 }
 
 fn instant_at(at: DateTime<Utc>) -> Instant {
@@ -559,4 +1074,76 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// deployments (and tests) with different topic prefixes never share groups.
 pub fn group_id(config: &crate::config::Config, destination: &str) -> String {
     format!("{}-sink-{destination}", config.topics.prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_records_go_now_wait_in_memory_or_go_back_to_the_end() {
+        let now = Utc::now();
+        let h = Duration::from_secs(30);
+        let at = |s: i64| Some(now + chrono::Duration::seconds(s));
+        assert!(matches!(retry_step(None, now, h), RetryStep::Now));
+        assert!(matches!(retry_step(at(-5), now, h), RetryStep::Now));
+        assert!(matches!(retry_step(at(0), now, h), RetryStep::Now));
+        assert!(matches!(retry_step(at(10), now, h), RetryStep::Hold));
+        assert!(matches!(retry_step(at(30), now, h), RetryStep::Hold));
+        assert!(matches!(retry_step(at(31), now, h), RetryStep::Requeue(d) if Some(d) == at(31)));
+    }
+
+    #[test]
+    fn a_complete_lap_pauses_until_the_earliest_nears_within_bounds() {
+        let now = Utc::now();
+        let h = Duration::from_secs(30);
+        let at = |s: i64| Some(now + chrono::Duration::seconds(s));
+        assert_eq!(lap_pause(None, now, h), None);
+        // Due in 50 s: read on 30 s before, in 20 s (and a margin).
+        assert_eq!(
+            lap_pause(at(50), now, h),
+            Some(Duration::from_secs(20) + LAP_MARGIN)
+        );
+        // Already within the horizon: no pause.
+        assert_eq!(lap_pause(at(20), now, h), None);
+        // Far off: at most one horizon, so records parked meanwhile are not
+        // read more than that late.
+        assert_eq!(lap_pause(at(3600), now, h), Some(h));
+    }
+
+    #[test]
+    fn held_records_come_out_by_due_time_then_offset() {
+        let item = |offset: i64, due_s: i64| {
+            let mut i = Item {
+                delivery: None,
+                raw: Vec::new(),
+                key: None,
+                headers: Vec::new(),
+                source: records::Position {
+                    topic: "r".into(),
+                    partition: 0,
+                    offset,
+                },
+                origin: records::Position {
+                    topic: "d".into(),
+                    partition: 0,
+                    offset,
+                },
+                attempts: 1,
+                first_attempt: None,
+                last_attempt: None,
+                due: None,
+                reason: None,
+                requeued_at: None,
+                epoch: 1,
+            };
+            i.due = DateTime::from_timestamp(due_s, 0);
+            Reverse(Held(i))
+        };
+        let mut heap = BinaryHeap::new();
+        heap.extend([item(1, 50), item(2, 10), item(3, 50), item(4, 30)]);
+        let order: Vec<i64> =
+            std::iter::from_fn(|| heap.pop().map(|h| h.0.0.source.offset)).collect();
+        assert_eq!(order, [2, 4, 1, 3]);
+    }
 }

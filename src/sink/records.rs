@@ -1,7 +1,7 @@
 //! The records a sink writes: dead letters, delivery-ledger outcomes and
 //! parked retries, and the in-flight event they are built from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -27,6 +27,9 @@ pub mod header {
     pub const ORIGIN_PARTITION: &str = "switchyard-origin-partition";
     pub const ORIGIN_OFFSET: &str = "switchyard-origin-offset";
     pub const DUE: &str = "switchyard-due";
+    /// When a sink wrote a not-yet-due retry record back to the end of its
+    /// partition (so one far-off record does not hold up the nearer ones).
+    pub const REQUEUED_AT: &str = "switchyard-requeued-at";
     pub const REDRIVEN_FROM: &str = "switchyard-redriven-from";
     /// Router dead letters: when the record failed, and the input record's
     /// own timestamp and size (oversize payloads are cut).
@@ -72,6 +75,13 @@ pub struct Item {
     pub last_attempt: Option<DateTime<Utc>>,
     /// When a parked record may be tried again.
     pub due: Option<DateTime<Utc>>,
+    /// Why it was parked (retry records).
+    pub reason: Option<String>,
+    /// When a sink last wrote it back unchanged because it was not due yet.
+    pub requeued_at: Option<DateTime<Utc>>,
+    /// The assignment of its source partition it was read in (see
+    /// [`super::offsets`]); set by the engine.
+    pub epoch: u64,
 }
 
 impl Item {
@@ -118,6 +128,9 @@ impl Item {
             first_attempt: time(header::FIRST_ATTEMPT),
             last_attempt: time(header::LAST_ATTEMPT),
             due: time(header::DUE),
+            reason: own.get(header::REASON).cloned(),
+            requeued_at: time(header::REQUEUED_AT),
+            epoch: 0,
             raw,
             headers,
             source,
@@ -164,26 +177,34 @@ impl Item {
         put(h, header::ORIGIN_OFFSET, self.origin.offset.to_string())
     }
 
-    /// Headers of this item's record on the retry topic.
+    /// Headers of this item's record on the retry topic; `requeued_at` marks
+    /// a record written back unchanged because it was not due yet.
     pub fn retry_headers(
         &self,
         destination: &str,
         due: DateTime<Utc>,
         reason: &str,
+        requeued_at: Option<DateTime<Utc>>,
     ) -> OwnedHeaders {
-        self.history_headers()
-            .insert(Header {
-                key: header::DESTINATION,
-                value: Some(destination),
-            })
-            .insert(Header {
-                key: header::DUE,
-                value: Some(&due.to_rfc3339()),
-            })
-            .insert(Header {
-                key: header::REASON,
-                value: Some(reason),
-            })
+        let mut h = self.history_headers();
+        if let Some(t) = requeued_at {
+            h = h.insert(Header {
+                key: header::REQUEUED_AT,
+                value: Some(&t.to_rfc3339()),
+            });
+        }
+        h.insert(Header {
+            key: header::DESTINATION,
+            value: Some(destination),
+        })
+        .insert(Header {
+            key: header::DUE,
+            value: Some(&due.to_rfc3339()),
+        })
+        .insert(Header {
+            key: header::REASON,
+            value: Some(reason),
+        })
     }
 
     /// Headers of this item's dead letter.
@@ -235,9 +256,22 @@ pub struct Rejection {
 /// How one item ended in this sink.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Final {
-    Delivered { status: u16, latency: Duration },
+    Delivered {
+        status: u16,
+        latency: Duration,
+    },
     Rejected(Rejection),
-    Parked { due: DateTime<Utc>, reason: String },
+    Parked {
+        due: DateTime<Utc>,
+        reason: String,
+    },
+    /// A retry record read before it was due, written back unchanged to the
+    /// end of its partition at `at`.
+    Requeued {
+        due: DateTime<Utc>,
+        reason: String,
+        at: DateTime<Utc>,
+    },
 }
 
 /// A delivery-ledger record on `<prefix>.outcomes`, key `event_id/destination`.
@@ -276,7 +310,7 @@ impl LedgerEntry {
                 None,
             ),
             Final::Rejected(r) => ("rejected", r.status, None, Some(r.class.clone())),
-            Final::Parked { .. } => return None,
+            Final::Parked { .. } | Final::Requeued { .. } => return None,
         };
         Some(LedgerEntry {
             event_id,
@@ -293,15 +327,54 @@ impl LedgerEntry {
     }
 }
 
-/// Event ids the ledger records as delivered to one destination.
-#[derive(Debug, Default)]
+/// Event ids the ledger records as delivered to one destination, for the
+/// last `window` and at most `max_entries` of them (the oldest go first).
+///
+/// Ids are kept as 128-bit digests, 80–100 bytes an entry with the expiry
+/// queue: a resend is caught as long as its first delivery is in the index.
+#[derive(Debug)]
 pub struct LedgerIndex {
-    delivered: HashSet<String>,
+    window: chrono::Duration,
+    max_entries: usize,
+    /// Digest → when it was recorded delivered (unix seconds).
+    delivered: HashMap<IdDigest, i64>,
+    /// (recorded, digest), oldest first; may hold pairs already replaced or
+    /// removed in `delivered`, which expiry skips.
+    order: VecDeque<(i64, IdDigest)>,
+    /// Entries dropped before their window ended, to stay within `max_entries`.
+    evicted: u64,
+}
+
+type IdDigest = [u8; 16];
+
+fn digest(event_id: &str) -> IdDigest {
+    use sha2::{Digest, Sha256};
+    let full = Sha256::digest(event_id.as_bytes());
+    let mut out = [0; 16];
+    out.copy_from_slice(&full[..16]);
+    out
 }
 
 impl LedgerIndex {
-    /// Folds one ledger record (key `event_id/destination`) into the index.
-    pub fn apply(&mut self, destination: &str, key: &[u8], value: Option<&[u8]>) {
+    pub fn new(window: Duration, max_entries: usize) -> LedgerIndex {
+        LedgerIndex {
+            window: chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX),
+            max_entries: max_entries.max(1),
+            delivered: HashMap::new(),
+            order: VecDeque::new(),
+            evicted: 0,
+        }
+    }
+
+    /// Folds one ledger record (key `event_id/destination`) into the index;
+    /// records older than the window at `now` are left out.
+    pub fn apply(
+        &mut self,
+        destination: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        now: DateTime<Utc>,
+    ) {
         let Some(event_id) = std::str::from_utf8(key)
             .ok()
             .and_then(|k| k.strip_suffix(destination))
@@ -311,20 +384,67 @@ impl LedgerIndex {
         };
         match value.and_then(|v| serde_json::from_slice::<LedgerEntry>(v).ok()) {
             Some(e) if e.status == "delivered" => {
-                self.delivered.insert(event_id.to_string());
+                if e.recorded_at > now - self.window {
+                    self.record(digest(event_id), e.recorded_at.timestamp());
+                    // Records arrive partition by partition, not in time
+                    // order: trim in sorted rounds, not on every insert.
+                    if self.order.len() >= self.max_entries.saturating_add(self.max_entries / 2) {
+                        self.trim(now);
+                    }
+                }
             }
             _ => {
-                self.delivered.remove(event_id);
+                self.delivered.remove(&digest(event_id));
             }
         }
     }
 
-    pub fn insert(&mut self, event_id: &str) {
-        self.delivered.insert(event_id.to_string());
+    /// Call once every record is applied: sorts by time and drops what is
+    /// beyond the window or the size limit.
+    pub fn loaded(&mut self, now: DateTime<Utc>) {
+        self.trim(now);
     }
 
-    pub fn is_delivered(&self, event_id: &str) -> bool {
-        self.delivered.contains(event_id)
+    fn trim(&mut self, now: DateTime<Utc>) {
+        self.order.make_contiguous().sort_unstable();
+        self.expire(now);
+    }
+
+    fn record(&mut self, id: IdDigest, at: i64) {
+        self.delivered.insert(id, at);
+        self.order.push_back((at, id));
+    }
+
+    pub fn insert(&mut self, event_id: &str, now: DateTime<Utc>) {
+        self.record(digest(event_id), now.timestamp());
+        if self.order.len() > self.max_entries {
+            self.expire(now);
+        }
+    }
+
+    /// Drops entries older than the window, then the oldest beyond `max_entries`.
+    pub fn expire(&mut self, now: DateTime<Utc>) {
+        let cutoff = (now - self.window).timestamp();
+        while let Some(&(at, id)) = self.order.front() {
+            let over = self.order.len() > self.max_entries;
+            if at > cutoff && !over {
+                break;
+            }
+            self.order.pop_front();
+            if self.delivered.get(&id) == Some(&at) {
+                self.delivered.remove(&id);
+                if at > cutoff {
+                    self.evicted += 1;
+                }
+            }
+        }
+    }
+
+    pub fn is_delivered(&self, event_id: &str, now: DateTime<Utc>) -> bool {
+        let cutoff = (now - self.window).timestamp();
+        self.delivered
+            .get(&digest(event_id))
+            .is_some_and(|at| *at > cutoff)
     }
 
     pub fn len(&self) -> usize {
@@ -333,6 +453,19 @@ impl LedgerIndex {
 
     pub fn is_empty(&self) -> bool {
         self.delivered.is_empty()
+    }
+
+    /// Entries dropped early to stay within `max_entries`, since start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// When the oldest entry still held was recorded.
+    pub fn oldest(&self) -> Option<DateTime<Utc>> {
+        self.order
+            .iter()
+            .find(|(at, id)| self.delivered.get(id) == Some(at))
+            .and_then(|(at, _)| DateTime::from_timestamp(*at, 0))
     }
 }
 
@@ -356,17 +489,102 @@ mod tests {
         .unwrap()
     }
 
+    fn entry_at(status: &str, at: DateTime<Utc>) -> Vec<u8> {
+        let mut e: LedgerEntry = serde_json::from_slice(&entry(status)).unwrap();
+        e.recorded_at = at;
+        serde_json::to_vec(&e).unwrap()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn index_keeps_delivered_ids_of_its_destination() {
-        let mut idx = LedgerIndex::default();
-        idx.apply("hook", b"e1/hook", Some(&entry("delivered")));
-        idx.apply("hook", b"e2/other", Some(&entry("delivered")));
-        idx.apply("hook", b"e3/hook", Some(&entry("rejected")));
-        assert!(idx.is_delivered("e1"));
-        assert!(!idx.is_delivered("e2"));
-        assert!(!idx.is_delivered("e3"));
-        idx.apply("hook", b"e1/hook", None);
+        let now = Utc::now();
+        let mut idx = LedgerIndex::new(48 * HOUR, 1000);
+        idx.apply("hook", b"e1/hook", Some(&entry("delivered")), now);
+        idx.apply("hook", b"e2/other", Some(&entry("delivered")), now);
+        idx.apply("hook", b"e3/hook", Some(&entry("rejected")), now);
+        idx.loaded(now);
+        assert!(idx.is_delivered("e1", now));
+        assert!(!idx.is_delivered("e2", now));
+        assert!(!idx.is_delivered("e3", now));
+        idx.apply("hook", b"e1/hook", None, now);
         assert!(idx.is_empty(), "a tombstone forgets the event");
         assert_eq!(ledger_key("e1", "hook"), "e1/hook");
+    }
+
+    #[test]
+    fn entries_older_than_the_window_are_left_out_on_load_and_expire_while_running() {
+        let now = Utc::now();
+        let h = |n: i64| now - chrono::Duration::hours(n);
+        let mut idx = LedgerIndex::new(48 * HOUR, 1000);
+        // Out of time order, as partitions interleave.
+        idx.apply("hook", b"new/hook", Some(&entry_at("delivered", h(1))), now);
+        idx.apply(
+            "hook",
+            b"old/hook",
+            Some(&entry_at("delivered", h(49))),
+            now,
+        );
+        idx.apply(
+            "hook",
+            b"mid/hook",
+            Some(&entry_at("delivered", h(47))),
+            now,
+        );
+        idx.loaded(now);
+        assert_eq!(idx.len(), 2, "the 49 h old outcome is not loaded");
+        assert!(!idx.is_delivered("old", now));
+        assert!(idx.is_delivered("mid", now));
+        assert_eq!(idx.oldest().map(|t| t.timestamp()), Some(h(47).timestamp()));
+
+        // Two hours later `mid` is past the window: not delivered any more,
+        // even before expiry runs, and expiry frees it.
+        let later = now + chrono::Duration::hours(2);
+        assert!(!idx.is_delivered("mid", later));
+        idx.insert("fresh", later);
+        idx.expire(later);
+        assert_eq!(idx.len(), 2);
+        assert!(idx.is_delivered("new", later));
+        assert!(idx.is_delivered("fresh", later));
+        assert_eq!(idx.evicted(), 0, "expired, not evicted");
+        // Everything expires eventually; nothing is left in the queue.
+        idx.expire(later + chrono::Duration::hours(48));
+        assert!(idx.is_empty());
+        assert!(idx.order.is_empty());
+    }
+
+    #[test]
+    fn the_index_never_holds_more_than_its_limit() {
+        let now = Utc::now();
+        let mut idx = LedgerIndex::new(48 * HOUR, 100);
+        for i in 0..1000 {
+            let at = now - chrono::Duration::seconds(1000 - i);
+            let key = format!("e{i}/hook");
+            idx.apply(
+                "hook",
+                key.as_bytes(),
+                Some(&entry_at("delivered", at)),
+                now,
+            );
+            assert!(idx.order.len() <= 150, "bounded while loading");
+        }
+        idx.loaded(now);
+        assert_eq!(idx.len(), 100);
+        assert!(idx.is_delivered("e999", now), "the newest are kept");
+        assert!(!idx.is_delivered("e899", now));
+        for i in 0..500 {
+            idx.insert(&format!("run{i}"), now);
+            assert!(idx.order.len() <= 100);
+        }
+        assert_eq!(idx.len(), 100);
+        assert!(idx.is_delivered("run499", now));
+        assert!(idx.evicted() >= 1300);
+        // The same event delivered again replaces its entry rather than
+        // growing the index.
+        for _ in 0..50 {
+            idx.insert("again", now);
+        }
+        assert!(idx.len() <= 100 && idx.order.len() <= 100);
     }
 }

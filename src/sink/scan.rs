@@ -21,6 +21,18 @@ pub fn scan_topic(
     kafka: &KafkaConfig,
     bootstrap: &str,
     topic: &str,
+    each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), SinkError> {
+    scan_topic_since(kafka, bootstrap, topic, None, each)
+}
+
+/// [`scan_topic`] from the first record with a timestamp at or after
+/// `since_ms` (unix milliseconds) in each partition, when given.
+pub fn scan_topic_since(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+    topic: &str,
+    since_ms: Option<i64>,
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<(), SinkError> {
     let fail = |message: String| SinkError::Scan {
@@ -44,13 +56,29 @@ pub fn scan_topic(
             "topic does not exist (run `switchyard topics create`)".into(),
         ));
     }
+    let mut starts = HashMap::new();
+    if let Some(ms) = since_ms {
+        let mut query = TopicPartitionList::new();
+        for p in &partitions {
+            query.add_partition_offset(topic, *p, Offset::Offset(ms))?;
+        }
+        for e in consumer.offsets_for_times(query, ADMIN_TIMEOUT)?.elements() {
+            starts.insert(e.partition(), e.offset());
+        }
+    }
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?;
-        if high > low {
+        let start = match starts.get(&p) {
+            // No record that recent in this partition.
+            Some(Offset::End) => continue,
+            Some(Offset::Offset(o)) => (*o).max(low),
+            _ => low,
+        };
+        if high > start {
             ends.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
         }
     }
     if ends.is_empty() {

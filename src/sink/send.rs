@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,14 +17,22 @@ use super::SinkError;
 use super::auth::TokenSource;
 use super::config::DeliverySettings;
 use super::destination::{Destination, Limits, Outcome, Request, Response};
-use super::metrics::{BATCH_EVENTS, DLQ_WRITES, EVENTS, REQUEST_SECONDS, REQUESTS, status_class};
+use super::handover::Ownership;
+use super::metrics::{
+    BATCH_EVENTS, DLQ_WRITES, EVENTS, PACE_SHARE, REQUEST_SECONDS, REQUESTS, status_class,
+};
 use super::pace::Pace;
 use super::records::{Final, Item, LedgerEntry, LedgerIndex, Position, Rejection, ledger_key};
 use super::retry::{Next, excerpt, next_step, retry_after};
 use crate::delivery::Delivery;
+use crate::kafka::client::ProducerGuard;
 
-/// How long a produce may wait in the producer's queue before it counts as failed.
-const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a record may wait for its ack (librdkafka's `message.timeout.ms`
+/// for the sink's producer unless configured): a write that fails is retried
+/// with a fresh producer instead of holding the batch for librdkafka's 5 min.
+pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest pause between attempts to make outcomes durable.
+const MAX_PERSIST_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Everything one destination's batches share.
 pub struct Shared {
@@ -34,7 +43,10 @@ pub struct Shared {
     pub limits: Limits,
     pub http: reqwest::Client,
     pub pace: Pace,
-    pub producer: FutureProducer,
+    /// Replaced after failed writes (tansu 0.6 panics on an epoch bump).
+    pub producer: ProducerGuard,
+    /// Owned partitions and their durable progress.
+    pub ownership: Arc<Ownership>,
     pub dlq_topic: String,
     pub outcomes_topic: String,
     pub retry_topic: String,
@@ -44,10 +56,13 @@ pub struct Shared {
     pub tokens: Option<TokenSource>,
 }
 
-/// What the engine learns when an item's outcome is durable.
+/// What the engine learns when an item's outcome is durable (its offset is
+/// already marked done in [`Ownership`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Done {
     pub source: Position,
+    /// The assignment of the source partition the item was read in.
+    pub epoch: u64,
     pub anchor: String,
     /// The deliver-topic offset, which orders one person's events.
     pub origin_offset: i64,
@@ -58,21 +73,31 @@ pub struct Done {
 pub enum DoneKind {
     /// Delivered or dead-lettered.
     Resolved,
-    /// Moved to the retry topic, due then.
-    Parked(DateTime<Utc>),
+    /// Moved to the retry topic (that partition of it), due then.
+    Parked {
+        due: DateTime<Utc>,
+        retry_partition: i32,
+    },
     /// Moved to the retry topic to stay behind an earlier parked event.
-    Followed,
+    Followed {
+        due: DateTime<Utc>,
+        retry_partition: i32,
+    },
+    /// Written back to the end of its retry partition, not due yet.
+    Requeued,
 }
 
 /// Delivers `items`, retrying failures in memory; returns once every item
 /// that reached an outcome has it durably written. Items still waiting to
-/// retry when `cancel` fires are left out: their offsets stay uncommitted, so
-/// the partition's next owner sends them again.
+/// retry when `cancel` fires, or whose partition is being handed to another
+/// instance, are let go without an outcome: their offsets stay uncommitted,
+/// so the partition's next owner sends them again.
 pub async fn deliver(
     shared: Arc<Shared>,
     items: Vec<Item>,
     cancel: CancellationToken,
 ) -> Result<Vec<Done>, SinkError> {
+    let mut handovers = shared.ownership.subscribe();
     let mut finals = Vec::with_capacity(items.len());
     let mut pending: Vec<(Item, Delivery)> = Vec::with_capacity(items.len());
     let now = Utc::now();
@@ -113,12 +138,33 @@ pub async fn deliver(
         .with_label_values(&[name])
         .observe(pending.len() as f64);
 
-    while !pending.is_empty() {
+    'rounds: while !pending.is_empty() {
+        let_go_of_handed_over(&shared, &mut pending);
+        if pending.is_empty() {
+            break;
+        }
         let batch: Vec<Delivery> = pending.iter().map(|(_, d)| d.clone()).collect();
         let mut outcomes: Vec<Option<Answer>> = vec![None; batch.len()];
-        for req in shared.vendor.map(&batch) {
+        // Events of requests not sent this round (a handover or shutdown
+        // came while they waited for the pace): no attempt is counted.
+        let mut unsent = vec![false; batch.len()];
+        let requests = shared.vendor.map(&batch);
+        let mut interrupted = false;
+        for req in requests {
             let events = req.events.clone();
-            shared.pace.acquire(events.len()).await;
+            if interrupted {
+                unsent[events.clone()].fill(true);
+                continue;
+            }
+            tokio::select! {
+                _ = shared.pace.acquire(events.len()) => {}
+                _ = cancel.cancelled() => interrupted = true,
+                _ = handovers.changed() => interrupted = true,
+            }
+            if interrupted {
+                unsent[events.clone()].fill(true);
+                continue;
+            }
             let at = Utc::now();
             for (item, _) in &mut pending[events.clone()] {
                 item.attempts += 1;
@@ -145,6 +191,9 @@ pub async fn deliver(
                     } else if (200..300).contains(&resp.status) {
                         shared.pace.succeeded();
                     }
+                    PACE_SHARE
+                        .with_label_values(&[name])
+                        .set(shared.pace.share());
                     let body = excerpt(&resp.body, super::records::RESPONSE_EXCERPT_BYTES);
                     shared
                         .vendor
@@ -183,7 +232,11 @@ pub async fn deliver(
         let now = Utc::now();
         let mut wait = Duration::ZERO;
         let mut again = Vec::new();
-        for ((mut item, d), outcome) in pending.drain(..).zip(outcomes) {
+        for (((mut item, d), outcome), unsent) in pending.drain(..).zip(outcomes).zip(unsent) {
+            if unsent {
+                again.push((item, d));
+                continue;
+            }
             let Answer {
                 outcome,
                 status,
@@ -244,20 +297,45 @@ pub async fn deliver(
             finals.push((item, fin));
         }
         pending = again;
-        if !pending.is_empty() {
-            tracing::debug!(
-                destination = name,
-                events = pending.len(),
-                wait_ms = wait.as_millis() as u64,
-                "retrying"
-            );
+        if pending.is_empty() || cancel.is_cancelled() {
+            break;
+        }
+        tracing::debug!(
+            destination = name,
+            events = pending.len(),
+            wait_ms = wait.as_millis() as u64,
+            "retrying"
+        );
+        let wake = Instant::now() + wait;
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = cancel.cancelled() => break 'rounds,
+                _ = handovers.changed() => {
+                    let_go_of_handed_over(&shared, &mut pending);
+                    if pending.is_empty() {
+                        break 'rounds;
+                    }
+                }
             }
         }
     }
-    persist(&shared, finals).await
+    for (item, _) in &pending {
+        shared.ownership.abandoned(item);
+    }
+    persist(&shared, finals, &cancel).await
+}
+
+/// Drops the items whose partition is being handed over (or was): the next
+/// owner sends them, so retrying them here would only add duplicates.
+fn let_go_of_handed_over(shared: &Shared, pending: &mut Vec<(Item, Delivery)>) {
+    pending.retain(|(item, _)| {
+        let live = shared.ownership.is_live(item);
+        if !live {
+            shared.ownership.abandoned(item);
+        }
+        live
+    });
 }
 
 /// One event's answer from its request.
@@ -354,86 +432,201 @@ async fn send(
     })
 }
 
-/// Writes every outcome (ledger, dead letter, retry record) and waits for the
-/// broker's acks.
-pub async fn persist(shared: &Shared, finals: Vec<(Item, Final)>) -> Result<Vec<Done>, SinkError> {
+/// Writes every outcome (ledger, dead letter, retry record), waits for the
+/// broker's acks and marks the items' offsets done. A failed write is
+/// retried with a fresh producer until it succeeds; items whose partition is
+/// handed over meanwhile, or all of them once `cancel` fires, are let go
+/// without an outcome.
+pub async fn persist(
+    shared: &Shared,
+    finals: Vec<(Item, Final)>,
+    cancel: &CancellationToken,
+) -> Result<Vec<Done>, SinkError> {
     let name = shared.destination.as_str();
     struct Out {
+        /// Index into `finals`.
+        owner: usize,
         topic: String,
+        /// A requeued record goes back to its own partition, whatever the
+        /// partitioner would say about its key.
+        partition: Option<i32>,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         headers: Option<rdkafka::message::OwnedHeaders>,
+        /// Where it was written, once acked.
+        acked: Option<i32>,
     }
     let mut outs = Vec::new();
-    for (item, fin) in &finals {
+    for (owner, (item, fin)) in finals.iter().enumerate() {
         if let Some(entry) = LedgerEntry::new(item, name, fin) {
             outs.push(Out {
+                owner,
                 topic: shared.outcomes_topic.clone(),
+                partition: None,
                 key: Some(ledger_key(&entry.event_id, name).into_bytes()),
                 payload: serde_json::to_vec(&entry).expect("ledger entries serialise"),
                 headers: None,
+                acked: None,
             });
         }
+        let retry_record = |headers, partition| Out {
+            owner,
+            topic: shared.retry_topic.clone(),
+            partition,
+            key: item.key.clone(),
+            payload: item.raw.clone(),
+            headers: Some(headers),
+            acked: None,
+        };
         match fin {
             Final::Rejected(r) => {
                 tracing::warn!(destination = name, event_id = item.event_id().unwrap_or(""), partition = item.source.partition, error_class = %r.class, reason = %r.reason, "dead-lettered");
-                DLQ_WRITES.with_label_values(&[name, &r.class]).inc();
                 outs.push(Out {
+                    owner,
                     topic: shared.dlq_topic.clone(),
+                    partition: None,
                     key: item.key.clone(),
                     payload: item.raw.clone(),
                     headers: Some(item.dlq_headers(name, r)),
+                    acked: None,
                 });
             }
             Final::Parked { due, reason } => {
-                outs.push(Out {
-                    topic: shared.retry_topic.clone(),
-                    key: item.key.clone(),
-                    payload: item.raw.clone(),
-                    headers: Some(item.retry_headers(name, *due, reason)),
-                });
+                outs.push(retry_record(
+                    item.retry_headers(name, *due, reason, None),
+                    None,
+                ));
+            }
+            Final::Requeued { due, reason, at } => {
+                outs.push(retry_record(
+                    item.retry_headers(name, *due, reason, Some(*at)),
+                    Some(item.source.partition),
+                ));
             }
             Final::Delivered { .. } => {}
         }
     }
-    let sends = outs.iter().map(|o| {
-        let mut r = FutureRecord::<[u8], [u8]>::to(&o.topic).payload(&o.payload);
-        if let Some(k) = &o.key {
-            r = r.key(k);
+
+    let mut dropped = vec![false; finals.len()];
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (generation, producer) = shared.producer.current();
+        let todo: Vec<usize> = (0..outs.len())
+            .filter(|&i| outs[i].acked.is_none() && !dropped[outs[i].owner])
+            .collect();
+        if todo.is_empty() {
+            break;
         }
-        if let Some(h) = &o.headers {
-            r = r.headers(h.clone());
+        let sends = todo.iter().map(|&i| {
+            let o = &outs[i];
+            let mut r = FutureRecord::<[u8], [u8]>::to(&o.topic).payload(&o.payload);
+            if let Some(p) = o.partition {
+                r = r.partition(p);
+            }
+            if let Some(k) = &o.key {
+                r = r.key(k);
+            }
+            if let Some(h) = &o.headers {
+                r = r.headers(h.clone());
+            }
+            producer.send(r, Timeout::After(PRODUCE_TIMEOUT))
+        });
+        let mut failure = None;
+        for (&i, result) in todo.iter().zip(join_all(sends).await) {
+            match result {
+                Ok(d) => outs[i].acked = Some(d.partition),
+                Err((e, _)) => failure = Some(e),
+            }
         }
-        shared.producer.send(r, Timeout::After(PRODUCE_TIMEOUT))
-    });
-    for result in join_all(sends).await {
-        result.map_err(|(e, _)| SinkError::Produce(e))?;
+        drop(producer);
+        let Some(e) = failure else {
+            break;
+        };
+        if is_permanent(&e) {
+            return Err(SinkError::Produce(e));
+        }
+        let unacked = outs.iter().filter(|o| o.acked.is_none()).count();
+        tracing::warn!(destination = name, error = %e, records = unacked, retry_in_ms = backoff.as_millis() as u64, "writing outcomes failed; retrying with a fresh producer");
+        shared.producer.replace(generation);
+        for o in outs.iter().filter(|o| o.acked.is_none()) {
+            let (item, _) = &finals[o.owner];
+            if !dropped[o.owner] && (cancel.is_cancelled() || !shared.ownership.is_live(item)) {
+                dropped[o.owner] = true;
+                shared.ownership.abandoned(item);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(MAX_PERSIST_BACKOFF);
     }
 
+    let mut written: Vec<Option<i32>> = vec![None; finals.len()];
+    for o in &outs {
+        if o.topic == shared.retry_topic {
+            written[o.owner] = o.acked;
+        }
+    }
     let mut done = Vec::with_capacity(finals.len());
-    for (item, fin) in finals {
+    for (((item, fin), dropped), written) in finals.into_iter().zip(dropped).zip(written) {
+        if dropped {
+            continue;
+        }
         let outcome = match &fin {
             Final::Delivered { .. } => "delivered",
-            Final::Rejected(_) => "rejected",
+            Final::Rejected(r) => {
+                DLQ_WRITES.with_label_values(&[name, &r.class]).inc();
+                "rejected"
+            }
             Final::Parked { .. } => "parked",
+            Final::Requeued { .. } => "requeued",
         };
         EVENTS.with_label_values(&[name, outcome]).inc();
         if let (Final::Delivered { .. }, Some(ledger), Some(id)) =
             (&fin, &shared.ledger, item.event_id())
         {
-            ledger.lock().expect("ledger lock").insert(id);
+            ledger.lock().expect("ledger lock").insert(id, Utc::now());
         }
+        let s = &item.source;
+        shared
+            .ownership
+            .done(&s.topic, s.partition, s.offset, item.epoch);
+        let retry_partition = written.unwrap_or(-1);
         done.push(Done {
             anchor: item.anchor().to_string(),
             origin_offset: item.origin.offset,
+            epoch: item.epoch,
             source: item.source,
             kind: match fin {
-                Final::Parked { due, .. } => DoneKind::Parked(due),
+                Final::Parked { due, .. } => DoneKind::Parked {
+                    due,
+                    retry_partition,
+                },
+                Final::Requeued { .. } => DoneKind::Requeued,
                 _ => DoneKind::Resolved,
             },
         });
     }
     Ok(done)
+}
+
+/// Produce errors that a retry (or a fresh producer) cannot fix.
+fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidArgument
+        )
+    )
 }
 
 #[cfg(test)]

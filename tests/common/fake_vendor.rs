@@ -28,6 +28,8 @@ pub enum Reply {
     Hang(Duration),
     /// Close the connection without answering.
     Drop,
+    /// Hold the request this long, then answer it the default way.
+    Slow(Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +187,10 @@ async fn handle(State(fake): State<FakeVendor>, headers: HeaderMap, body: Bytes)
         i.received[index].status = status;
         i.received[index].answered = Some(Instant::now());
     };
+    let (reply, delay) = match reply {
+        Some(Reply::Slow(d)) => (None, d),
+        other => (other, delay),
+    };
     match reply {
         Some(Reply::Status(s)) => {
             answer(s);
@@ -212,6 +218,7 @@ async fn handle(State(fake): State<FakeVendor>, headers: HeaderMap, body: Bytes)
         // Unwinding without the panic hook ends the connection's task, so
         // the socket closes with no answer and no noise on stderr.
         Some(Reply::Drop) => std::panic::resume_unwind(Box::new("drop the connection")),
+        Some(Reply::Slow(_)) => unreachable!("answered the default way"),
         None => {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

@@ -80,3 +80,4 @@ pub fn switchyard() -> Command {
 }
 
 pub mod kafka;
+pub mod sink;
