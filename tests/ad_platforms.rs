@@ -238,7 +238,6 @@ async fn canonical_events_reach_the_four_ad_platforms_exactly_as_expected() {
     records.push(records[3].clone());
     records.push((Some("wrong-key".into()), records[10].1.clone()));
     let canonical = format!("{prefix}.canonical");
-    produce(&brokers, &canonical, &records).await;
 
     let log = dir.path().join("switchyard.log");
     let mut child = spawn_switchyard(
@@ -246,6 +245,17 @@ async fn canonical_events_reach_the_four_ad_platforms_exactly_as_expected() {
         &config,
         &log,
     );
+    // A's browsing and sign-up first, as in life: the later server-side
+    // purchases name only the user and are enriched from what the sign-up
+    // taught. Published together, partitions would be read in any order
+    // and a purchase could be routed before the sign-up it depends on.
+    produce(&brokers, &canonical, &records[..3]).await;
+    assert!(
+        fakes[META].wait_accepted(3, Duration::from_secs(120)).await,
+        "sign-up not delivered; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    produce(&brokers, &canonical, &records[3..]).await;
     for dest in ALL {
         let want = cases.iter().filter(|c| c.expect.contains(&dest)).count();
         let ok = fakes[dest]

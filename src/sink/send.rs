@@ -133,6 +133,10 @@ pub async fn deliver(
             pending.push((item, d));
         }
     }
+    // Each person's events side by side (a stable sort keeps their order),
+    // so vendors whose requests carry one person at a time (GA4) fill them
+    // instead of sending one request per interleaved event.
+    pending.sort_by(|(_, a), (_, b)| a.key().cmp(b.key()));
     let name = shared.destination.as_str();
     BATCH_EVENTS
         .with_label_values(&[name])
