@@ -100,6 +100,11 @@ enum BenchCommand {
         broker_events: usize,
         #[arg(long, default_value_t = 1_000_000)]
         dedup_keys: usize,
+        /// Alternating end-to-end / raw-copy rounds on fresh topics; the
+        /// medians are reported (tansu's multi-second write stalls make one
+        /// round a coin toss, but each round adds about a minute).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Accepted events/s per core and latency of `POST /v1/events` batches,
     /// against the embedded mock cluster (and `--brokers` for reference).
@@ -207,6 +212,7 @@ fn main() -> ExitCode {
                     chain_events,
                     broker_events,
                     dedup_keys,
+                    rounds,
                 },
         } => runtime().and_then(|rt| {
             rt.block_on(bench_router(switchyard::router::bench::BenchOptions {
@@ -214,6 +220,7 @@ fn main() -> ExitCode {
                 chain_events: chain_events.max(1),
                 broker_events: broker_events.max(1),
                 dedup_keys: dedup_keys.max(1),
+                rounds: rounds.max(1),
             }))
         }),
         Command::Bench {
