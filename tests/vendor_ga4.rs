@@ -2,6 +2,8 @@
 //! and PII-shaped by the router's own code, mapped, sent over HTTP, and the
 //! fake's validation messages classified per event.
 
+mod common;
+
 use std::path::Path;
 
 use chrono::{Duration, Utc};
@@ -13,8 +15,10 @@ use switchyard::event::normalize::parse_country;
 use switchyard::event::parse_event;
 use switchyard::router::identity::{Profile, Resolved};
 use switchyard::router::route;
-use switchyard::sink::destination::{Destination, Outcome, Request, Response};
+use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::ga4::Settings as Fake;
+
+use common::vendor::{deliver, deliver_tampered};
 
 const EMAILS: &[&str] = &["Jane.Doe@Gmail.com", "buyer@example.com"];
 const PHONES: &[&str] = &["+1 650 253 0000"];
@@ -91,54 +95,6 @@ fn batch(config: &Config) -> Vec<Delivery> {
     raws.into_iter().map(|r| routed(config, r)).collect()
 }
 
-async fn send(http: &reqwest::Client, r: &Request) -> Response {
-    let mut rb = http.post(&r.url).body(r.body.clone());
-    for (k, v) in &r.headers {
-        rb = rb.header(k, v);
-    }
-    let resp = rb.send().await.expect("fake answers");
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_ascii_lowercase(),
-                v.to_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    let body = resp.bytes().await.expect("body").to_vec();
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn deliver(
-    dest: &dyn Destination,
-    batch: &[Delivery],
-    tamper: &dyn Fn(&mut Request),
-) -> Vec<Outcome> {
-    let http = reqwest::Client::new();
-    let mut out = vec![None; batch.len()];
-    for mut r in dest.map(batch) {
-        tamper(&mut r);
-        let resp = send(&http, &r).await;
-        for (i, o) in r
-            .events
-            .clone()
-            .zip(dest.classify(&resp, &batch[r.events.clone()]))
-        {
-            out[i] = Some(o);
-        }
-    }
-    out.into_iter()
-        .map(|o| o.expect("every event is in a request"))
-        .collect()
-}
-
 #[tokio::test]
 async fn batch_is_delivered_per_person_and_resends_count_again() {
     let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
@@ -162,7 +118,7 @@ async fn batch_is_delivered_per_person_and_resends_count_again() {
         vec![0..2, 2..3, 3..4, 4..6, 6..7]
     );
 
-    let outcomes = deliver(dest.as_ref(), &batch, &|_| {}).await;
+    let outcomes = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(outcomes, vec![Outcome::Delivered; batch.len()]);
     let accepted = fake.accepted();
     assert_eq!(
@@ -219,7 +175,7 @@ async fn batch_is_delivered_per_person_and_resends_count_again() {
     );
 
     // GA4 counts a resend again; that is why the ledger is consulted first.
-    deliver(dest.as_ref(), &batch, &|_| {}).await;
+    deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(fake.accepted().len(), 2 * batch.len());
 
     for e in fake.exchanges() {
@@ -238,7 +194,7 @@ async fn the_debug_endpoint_validates_and_records_nothing() {
     let config = config(&fake.base_url(), "debug_endpoint = true");
     let dest = destinations::build(&config.destinations["ga4"]);
     let batch = batch(&config);
-    let outcomes = deliver(dest.as_ref(), &batch, &|_| {}).await;
+    let outcomes = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(outcomes, vec![Outcome::Delivered; batch.len()]);
     assert!(fake.accepted().is_empty());
     assert!(
@@ -406,7 +362,13 @@ async fn broken_requests_get_validation_messages_and_per_event_outcomes() {
         let config = config(&fake.base_url(), extra);
         let dest = destinations::build(&config.destinations["ga4"]);
         let batch = batch(&config);
-        let got = deliver(dest.as_ref(), &batch, tamper.as_ref()).await;
+        let got = deliver_tampered(
+            dest.as_ref(),
+            &reqwest::Client::new(),
+            &batch,
+            tamper.as_ref(),
+        )
+        .await;
         assert_eq!(got.len(), want.len(), "{name}");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let ok = match (g, w) {

@@ -2,6 +2,8 @@
 //! routed and PII-shaped by the router's own code, mapped, sent over HTTP,
 //! and the fake's answers classified per event.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -14,8 +16,10 @@ use switchyard::event::normalize::parse_country;
 use switchyard::event::parse_event;
 use switchyard::router::identity::{Profile, Resolved};
 use switchyard::router::route;
-use switchyard::sink::destination::{Destination, Outcome, Request, Response};
+use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::google_ads::Settings as Fake;
+
+use common::vendor::{deliver, deliver_tampered, send};
 
 const EMAILS: &[&str] = &[
     "Jane.Doe@Gmail.com",
@@ -90,52 +94,6 @@ fn batch(config: &Config) -> Vec<Delivery> {
     raws.into_iter().map(|r| routed(config, r)).collect()
 }
 
-async fn send(http: &reqwest::Client, r: &Request) -> Response {
-    let mut rb = http.post(&r.url).body(r.body.clone());
-    for (k, v) in &r.headers {
-        rb = rb.header(k, v);
-    }
-    let resp = rb.send().await.expect("fake answers");
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_ascii_lowercase(),
-                v.to_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    let body = resp.bytes().await.expect("body").to_vec();
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Maps, sends (after `tamper`) and classifies; one outcome per event.
-async fn deliver(
-    dest: &dyn Destination,
-    batch: &[Delivery],
-    tamper: &dyn Fn(&mut Request),
-) -> Vec<Outcome> {
-    let http = reqwest::Client::new();
-    let mut out = vec![None; batch.len()];
-    for mut r in dest.map(batch) {
-        tamper(&mut r);
-        let resp = send(&http, &r).await;
-        let slice = &batch[r.events.clone()];
-        for (i, o) in r.events.clone().zip(dest.classify(&resp, slice)) {
-            out[i] = Some(o);
-        }
-    }
-    out.into_iter()
-        .map(|o| o.expect("every event is in a request"))
-        .collect()
-}
-
 fn no_raw_contact(bodies: &[Vec<u8>]) {
     for b in bodies {
         let text = String::from_utf8_lossy(b).to_lowercase();
@@ -161,7 +119,7 @@ async fn batch_is_delivered_once_and_resends_are_already_there() {
         assert_eq!(dest.refuse(d), None, "{}", d.event.event_id);
     }
 
-    let outcomes = deliver(dest.as_ref(), &batch, &|_| {}).await;
+    let outcomes = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(outcomes, vec![Outcome::Delivered; batch.len()]);
     let accepted = fake.accepted();
     let keys: BTreeSet<String> = accepted.iter().filter_map(|a| a.key.clone()).collect();
@@ -207,7 +165,7 @@ async fn batch_is_delivered_once_and_resends_are_already_there() {
     assert!(lead.payload.get("gclid").is_none());
 
     // A resend (a retry after a lost answer, a replay) is "already there".
-    let again = deliver(dest.as_ref(), &batch, &|_| {}).await;
+    let again = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(again, vec![Outcome::Delivered; batch.len()]);
     assert_eq!(fake.accepted().len(), batch.len(), "nothing counted twice");
     let last = fake.exchanges().pop().unwrap();
@@ -438,7 +396,13 @@ async fn broken_requests_get_googles_answers_and_per_event_outcomes() {
         let config = config(&fake.base_url(), case.extra_config);
         let dest = destinations::build(&config.destinations["gads"]);
         let batch = batch(&config);
-        let got = deliver(dest.as_ref(), &batch, case.tamper.as_ref()).await;
+        let got = deliver_tampered(
+            dest.as_ref(),
+            &reqwest::Client::new(),
+            &batch,
+            case.tamper.as_ref(),
+        )
+        .await;
         check(case.name, &got, &case.want);
         let delivered = case
             .want

@@ -2,6 +2,8 @@
 //! it maps is what TikTok takes, a resend is harmless, and every way TikTok
 //! refuses a request is classified the way it should be. No Kafka needed.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,8 +16,10 @@ use switchyard::delivery::{DELIVERY_VERSION, Delivery, Origin};
 use switchyard::event::normalize::{PhoneFormat, hash_email, hash_phone, parse_country};
 use switchyard::event::{CanonicalEvent, EventName};
 use switchyard::router::route::preset_name;
-use switchyard::sink::destination::{Destination, Outcome, Request, Response};
+use switchyard::sink::destination::{Destination, Outcome};
 use switchyard_fakes::{Fake, Scripted, serve, tiktok};
+
+use common::vendor::{deliver, send, send_raw};
 
 const PIXEL: &str = "CDEMO0000000001";
 
@@ -127,58 +131,6 @@ fn batch(kind: &DestinationKind, n: usize) -> Vec<Delivery> {
             let at = now - chrono::Duration::minutes((i % 90) as i64 + 1);
             delivery(kind, i, names[i % names.len()], at)
         })
-        .collect()
-}
-
-async fn send(http: &reqwest::Client, req: &Request) -> Response {
-    send_raw(http, &req.url, &req.headers, req.body.clone()).await
-}
-
-async fn send_raw(
-    http: &reqwest::Client,
-    url: &str,
-    headers: &[(String, String)],
-    body: Vec<u8>,
-) -> Response {
-    let mut rb = http.post(url).body(body);
-    for (k, v) in headers {
-        rb = rb.header(k, v);
-    }
-    let resp = rb.send().await.expect("the fake answers");
-    Response {
-        status: resp.status().as_u16(),
-        headers: resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    v.to_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect(),
-        body: resp.bytes().await.unwrap().to_vec(),
-    }
-}
-
-/// Maps, sends and classifies `batch`; returns one outcome per event.
-async fn deliver(
-    dest: &dyn Destination,
-    http: &reqwest::Client,
-    batch: &[Delivery],
-) -> Vec<Outcome> {
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-    for req in dest.map(batch) {
-        let resp = send(http, &req).await;
-        let got = dest.classify(&resp, &batch[req.events.clone()]);
-        assert_eq!(got.len(), req.events.len());
-        for (slot, o) in outcomes[req.events.clone()].iter_mut().zip(got) {
-            *slot = Some(o);
-        }
-    }
-    outcomes
-        .into_iter()
-        .map(|o| o.expect("every event is in a request"))
         .collect()
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod fake_vendor;
+pub mod vendor;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
