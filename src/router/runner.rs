@@ -21,6 +21,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 use tracing::{Instrument, info, info_span, warn};
 
+use backon::{ExponentialBuilder, Retryable};
+
 use super::dedup::{self, PartitionDedup};
 use super::identity::Profile;
 use super::metrics as m;
@@ -36,6 +38,8 @@ const LINGER: Duration = Duration::from_millis(20);
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(60);
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// Tries at restoring one partition's dedup state before the router gives up.
+const RESTORE_ATTEMPTS: usize = 6;
 
 #[derive(Debug, Error)]
 pub enum RouterError {
@@ -169,7 +173,21 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
             .collect();
         for p in msgs.iter().map(|m| m.partition()).collect::<HashSet<_>>() {
             if !pipeline.is_restored(p) {
-                let state = restore_partition(&config, &ctx.bootstrap, p, &pipeline).await?;
+                // A broker slow to answer (a metadata or fetch timeout) is
+                // no reason to stop routing every other partition too.
+                let state = (|| restore_partition(&config, &ctx.bootstrap, p, &pipeline))
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(500))
+                            .with_max_delay(Duration::from_secs(10))
+                            .with_max_times(RESTORE_ATTEMPTS - 1)
+                            .with_jitter(),
+                    )
+                    .when(|e| matches!(e, RouterError::Restore { .. }))
+                    .notify(|e, wait| {
+                        warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "dedup restore failed; retrying");
+                    })
+                    .await?;
                 info!(partition = p, keys = state.len(), "dedup state restored");
                 pipeline.install(p, state);
             }
