@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    FUTURE_TOLERANCE, future_refusal, hash_refusal, hashed_external_ids, pack, vendor_hash, wrap,
+    FUTURE_TOLERANCE, future_refusal, hash_refusal, hashed_external_ids, requests, vendor_hash,
 };
 use crate::config::{MetaCapiSettings, TokenPlacement};
 use crate::delivery::Delivery;
@@ -152,15 +152,14 @@ impl MetaCapi {
         .expect("envelope serialises");
         let url = self.url();
         let headers = self.headers();
-        pack(&events, envelope.len(), MAX_EVENTS, MAX_BODY_BYTES)
-            .into_iter()
-            .map(|range| Request {
-                url: url.clone(),
-                headers: headers.clone(),
-                body: wrap(&envelope, &events[range.clone()]),
-                events: range,
-            })
-            .collect()
+        requests(
+            &url,
+            &headers,
+            &envelope,
+            &events,
+            MAX_EVENTS,
+            MAX_BODY_BYTES,
+        )
     }
 
     fn refuse_at(&self, d: &Delivery, now: DateTime<Utc>) -> Option<Refusal> {
@@ -701,21 +700,6 @@ pub(crate) mod tests {
         for r in &reqs {
             assert_eq!(body(r)["data"].as_array().unwrap().len(), r.events.len());
         }
-        let sizes = vec![vec![b'x'; 40]; 5];
-        // Envelope 10 + 40 + (1 + 40) = 91 fits 100; a third would not.
-        assert_eq!(pack(&sizes, 10, 1000, 100), vec![0..2, 2..4, 4..5]);
-        assert_eq!(
-            pack(&sizes, 10, 1000, 20),
-            vec![0..1, 1..2, 2..3, 3..4, 4..5]
-        );
-        assert_eq!(
-            pack(&[], 10, 1000, 100),
-            Vec::<std::ops::Range<usize>>::new()
-        );
-        assert_eq!(
-            wrap(b"{\"data\":[]}", &[b"1".to_vec(), b"2".to_vec()]),
-            b"{\"data\":[1,2]}"
-        );
     }
 
     #[test]

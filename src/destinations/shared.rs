@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::event::CanonicalEvent;
 use crate::event::normalize::hash_identifier;
-use crate::sink::destination::Refusal;
+use crate::sink::destination::{Refusal, Request};
 
 /// How far ahead of our clock an event time may be before it is refused:
 /// vendors reject future times and document no tolerance, and publishers'
@@ -110,4 +110,55 @@ pub(crate) fn wrap(envelope: &[u8], events: &[Vec<u8>]) -> Vec<u8> {
     }
     body.extend_from_slice(b"]}");
     body
+}
+
+/// One request per run of `events` that fits `max_events` and `max_bytes`,
+/// each body being `envelope` with its run inside (see [`wrap`]).
+pub(crate) fn requests(
+    url: &str,
+    headers: &[(String, String)],
+    envelope: &[u8],
+    events: &[Vec<u8>],
+    max_events: usize,
+    max_bytes: usize,
+) -> Vec<Request> {
+    pack(events, envelope.len(), max_events, max_bytes)
+        .into_iter()
+        .map(|range| Request {
+            url: url.to_string(),
+            headers: headers.to_vec(),
+            body: wrap(envelope, &events[range.clone()]),
+            events: range,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_packed_under_both_limits_and_wrapped_in_the_envelope() {
+        let sizes = vec![vec![b'x'; 40]; 5];
+        // Envelope 10 + 40 + (1 + 40) = 91 fits 100; a third would not.
+        assert_eq!(pack(&sizes, 10, 1000, 100), vec![0..2, 2..4, 4..5]);
+        // An event larger than the limit alone still travels, alone.
+        assert_eq!(
+            pack(&sizes, 10, 1000, 20),
+            vec![0..1, 1..2, 2..3, 3..4, 4..5]
+        );
+        assert_eq!(pack(&sizes, 10, 2, 10_000), vec![0..2, 2..4, 4..5]);
+        assert_eq!(pack(&[], 10, 1000, 100), Vec::<Range<usize>>::new());
+        assert_eq!(
+            wrap(b"{\"data\":[]}", &[b"1".to_vec(), b"2".to_vec()]),
+            b"{\"data\":[1,2]}"
+        );
+        let reqs = requests("http://v/e", &[], b"{\"data\":[]}", &sizes, 2, 10_000);
+        assert_eq!(reqs.len(), 3);
+        assert_eq!(reqs[2].events, 4..5);
+        assert_eq!(
+            reqs[2].body,
+            [b"{\"data\":[".as_slice(), &[b'x'; 40], b"]}"].concat()
+        );
+    }
 }

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::meta_capi::{event_time, search_query};
-use super::shared::{future_refusal, hash_refusal, hashed_external_ids, pack, vendor_hash, wrap};
+use super::shared::{future_refusal, hash_refusal, hashed_external_ids, requests, vendor_hash};
 use crate::config::TiktokSettings;
 use crate::delivery::Delivery;
 use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
@@ -133,15 +133,14 @@ impl TiktokEvents {
                 self.settings.access_token.expose().to_string(),
             ),
         ];
-        pack(&events, envelope.len(), MAX_EVENTS, MAX_BODY_BYTES)
-            .into_iter()
-            .map(|range| Request {
-                url: url.clone(),
-                headers: headers.clone(),
-                body: wrap(&envelope, &events[range.clone()]),
-                events: range,
-            })
-            .collect()
+        requests(
+            &url,
+            &headers,
+            &envelope,
+            &events,
+            MAX_EVENTS,
+            MAX_BODY_BYTES,
+        )
     }
 
     fn refuse_at(&self, d: &Delivery, now: DateTime<Utc>) -> Option<Refusal> {
