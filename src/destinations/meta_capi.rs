@@ -690,7 +690,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn batches_split_by_count_and_by_bytes() {
+    fn batches_split_at_the_event_limit() {
         let batch: Vec<Delivery> = (0..2500)
             .map(|i| delivery(&format!("e{i}"), "Lead", json!({})))
             .collect();
