@@ -9,16 +9,12 @@ use std::path::Path;
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use switchyard::config::Config;
-use switchyard::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use switchyard::delivery::Delivery;
 use switchyard::destinations;
-use switchyard::event::normalize::parse_country;
-use switchyard::event::parse_event;
-use switchyard::router::identity::{Profile, Resolved};
-use switchyard::router::route;
 use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::ga4::Settings as Fake;
 
-use common::vendor::{deliver, deliver_tampered};
+use common::vendor::{deliver, deliver_tampered, routed};
 
 const EMAILS: &[&str] = &["Jane.Doe@Gmail.com", "buyer@example.com"];
 const PHONES: &[&str] = &["+1 650 253 0000"];
@@ -37,28 +33,6 @@ base_url = "{base_url}"
     Config::parse(&text, Path::new("ga4.toml"), &|_| None).expect("config parses")
 }
 
-fn routed(config: &Config, raw: Value) -> Delivery {
-    let dest = &config.destinations["ga4"];
-    let ev = parse_event(raw.to_string().as_bytes()).expect("valid canonical event");
-    let name = route::select(dest, &ev).expect("routed to ga4");
-    let who = Resolved {
-        user_id: ev.user_id.clone(),
-        profile: Profile::from_event(&ev, parse_country("US").unwrap()),
-    };
-    Delivery {
-        v: DELIVERY_VERSION,
-        destination: "ga4".into(),
-        name,
-        event: route::shape(dest, &ev, &who),
-        origin: Origin {
-            topic: "events.canonical".into(),
-            partition: 0,
-            offset: 0,
-        },
-        routed_at: Utc::now(),
-    }
-}
-
 fn ago(minutes: i64) -> String {
     (Utc::now() - Duration::minutes(minutes)).to_rfc3339()
 }
@@ -69,7 +43,7 @@ fn batch(config: &Config) -> Vec<Delivery> {
     let c = json!({"analytics": "granted", "ads": "granted", "ad_personalization": "denied"});
     let page =
         json!({"page_url": "https://shop.example/p/1", "referrer": "https://www.google.com/"});
-    let raws = vec![
+    let raws = [
         json!({"event": "view_content", "event_id": "g-1", "occurred_at": ago(60), "user_id": "u-1",
                "anonymous_id": "1234567.7654321", "email": EMAILS[0], "phone": PHONES[0], "consent": c,
                "context": page, "items": [{"id": "sku-1", "name": "Shoe", "price": 60.0}],
@@ -92,7 +66,7 @@ fn batch(config: &Config) -> Vec<Delivery> {
                "anonymous_id": "1234567.7654321", "email": EMAILS[0], "consent": c, "value": 60.0, "currency": "EUR",
                "order_id": "ord-9"}),
     ];
-    raws.into_iter().map(|r| routed(config, r)).collect()
+    raws.iter().map(|r| routed(config, "ga4", r)).collect()
 }
 
 #[tokio::test]

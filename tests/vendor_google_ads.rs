@@ -10,16 +10,12 @@ use std::path::Path;
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use switchyard::config::Config;
-use switchyard::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use switchyard::delivery::Delivery;
 use switchyard::destinations;
-use switchyard::event::normalize::parse_country;
-use switchyard::event::parse_event;
-use switchyard::router::identity::{Profile, Resolved};
-use switchyard::router::route;
 use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::google_ads::Settings as Fake;
 
-use common::vendor::{deliver, deliver_tampered, send};
+use common::vendor::{deliver, deliver_tampered, routed, send};
 
 const EMAILS: &[&str] = &[
     "Jane.Doe@Gmail.com",
@@ -44,29 +40,6 @@ base_url = "{base_url}"
     Config::parse(&text, Path::new("gads.toml"), &|_| None).expect("config parses")
 }
 
-/// An event as the router would deliver it to `gads`.
-fn routed(config: &Config, raw: Value) -> Delivery {
-    let dest = &config.destinations["gads"];
-    let ev = parse_event(raw.to_string().as_bytes()).expect("valid canonical event");
-    let name = route::select(dest, &ev).expect("routed to gads");
-    let who = Resolved {
-        user_id: ev.user_id.clone(),
-        profile: Profile::from_event(&ev, parse_country("US").unwrap()),
-    };
-    Delivery {
-        v: DELIVERY_VERSION,
-        destination: "gads".into(),
-        name,
-        event: route::shape(dest, &ev, &who),
-        origin: Origin {
-            topic: "events.canonical".into(),
-            partition: 0,
-            offset: 0,
-        },
-        routed_at: Utc::now(),
-    }
-}
-
 fn ago(minutes: i64) -> String {
     (Utc::now() - Duration::minutes(minutes)).to_rfc3339()
 }
@@ -75,7 +48,7 @@ fn ago(minutes: i64) -> String {
 /// its hashed contact data, a sign-up, a purchase without an order id.
 fn batch(config: &Config) -> Vec<Delivery> {
     let consent = json!({"ads": "granted", "ad_personalization": "denied", "analytics": "granted"});
-    let raws = vec![
+    let raws = [
         json!({"event": "purchase", "event_id": "ev-1", "occurred_at": ago(90), "user_id": "u-1",
                "email": EMAILS[0], "phone": PHONES[0], "value": 120.0, "currency": "EUR", "order_id": "ord-1",
                "click_ids": {"gclid": "Cj0KCQ-gclid-1"}, "consent": consent,
@@ -91,7 +64,7 @@ fn batch(config: &Config) -> Vec<Delivery> {
                "email": EMAILS[1], "value": 9.99, "currency": "GBP",
                "click_ids": {"gclid": "Cj0KCQ-gclid-5", "wbraid": "wbraid-5"}, "consent": consent}),
     ];
-    raws.into_iter().map(|r| routed(config, r)).collect()
+    raws.iter().map(|r| routed(config, "gads", r)).collect()
 }
 
 fn no_raw_contact(bodies: &[Vec<u8>]) {

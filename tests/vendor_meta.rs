@@ -105,7 +105,9 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     Delivery {
         v: DELIVERY_VERSION,
         destination: "meta".into(),
-        name: preset_name(kind, &name).expect("Meta maps this event"),
+        name: preset_name(kind, &name)
+            .expect("Meta maps this event")
+            .to_string(),
         event,
         origin: Origin {
             topic: "switchyard.deliver.meta".into(),

@@ -102,7 +102,9 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     Delivery {
         v: DELIVERY_VERSION,
         destination: "tiktok".into(),
-        name: preset_name(kind, &name).expect("TikTok maps this event"),
+        name: preset_name(kind, &name)
+            .expect("TikTok maps this event")
+            .to_string(),
         event,
         origin: Origin {
             topic: "switchyard.deliver.tiktok".into(),

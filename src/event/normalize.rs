@@ -77,6 +77,14 @@ pub fn normalize_phone(
     default_country: PhoneCountry,
     format: PhoneFormat,
 ) -> Option<String> {
+    let e164 = phone_e164(raw, default_country)?;
+    match format {
+        PhoneFormat::E164 => Some(e164),
+        PhoneFormat::DigitsOnly => Some(e164.trim_start_matches('+').to_owned()),
+    }
+}
+
+fn phone_e164(raw: &str, default_country: PhoneCountry) -> Option<String> {
     let raw = raw.trim();
     // Only the contract's phone shape reaches the parser: trait values are
     // free-form, and the parser has panicked on odd input in the past.
@@ -87,11 +95,7 @@ pub fn normalize_phone(
     if !phonenumber::is_valid(&number) {
         return None;
     }
-    let e164 = number.format().mode(Mode::E164).to_string();
-    match format {
-        PhoneFormat::E164 => Some(e164),
-        PhoneFormat::DigitsOnly => Some(e164.trim_start_matches('+').to_owned()),
-    }
+    Some(number.format().mode(Mode::E164).to_string())
 }
 
 /// An ISO 3166-1 alpha-2 code in any case, e.g. "us" or "GB".
@@ -106,6 +110,34 @@ pub fn parse_country(code: &str) -> Option<PhoneCountry> {
 /// SHA-256 of the normalised email, or the given digest lowercased.
 pub fn hash_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
     pre_hashed(raw).or_else(|| normalize_email(raw, gmail_dot_rule).map(|e| sha256_hex(&e)))
+}
+
+/// The email's SHA-256 for most vendors, and under Google's gmail dot rule
+/// when that differs: one normalisation for both.
+pub fn hash_email_variants(raw: &str) -> Option<(String, Option<String>)> {
+    if let Some(h) = pre_hashed(raw) {
+        return Some((h, None));
+    }
+    let plain = normalize_email(raw, false)?;
+    let google = match plain.split_once('@') {
+        Some((local, domain @ ("gmail.com" | "googlemail.com"))) if local.contains('.') => {
+            let local = local.replace('.', "");
+            (!local.is_empty()).then(|| sha256_hex(&format!("{local}@{domain}")))
+        }
+        _ => None,
+    };
+    Some((sha256_hex(&plain), google))
+}
+
+/// The phone number's SHA-256 in E.164 and as digits only, from one parse
+/// (the parse is what costs); a given digest is passed through as both,
+/// since nobody can tell which format was hashed.
+pub fn hash_phone_variants(raw: &str, default_country: PhoneCountry) -> Option<(String, String)> {
+    if let Some(h) = pre_hashed(raw) {
+        return Some((h.clone(), h));
+    }
+    let e164 = phone_e164(raw, default_country)?;
+    Some((sha256_hex(&e164), sha256_hex(&e164[1..])))
 }
 
 /// SHA-256 of the normalised phone number, or the given digest lowercased.
@@ -206,6 +238,44 @@ mod tests {
             Some("john.smith@example.com")
         );
         assert_eq!(normalize_email("...@gmail.com", true), None);
+    }
+
+    #[test]
+    fn variants_equal_the_single_rule_hashes() {
+        for raw in [
+            "John.Smith@Gmail.com",
+            " jane@example.com",
+            "j.d@googlemail.com",
+            "...@gmail.com",
+            TEST_EXAMPLE_COM,
+            "not an email",
+        ] {
+            let got = hash_email_variants(raw);
+            let plain = hash_email(raw, false);
+            let google = hash_email(raw, true);
+            assert_eq!(got.as_ref().map(|v| &v.0), plain.as_ref(), "{raw}");
+            let google_or_plain = got.and_then(|(p, g)| g.or(Some(p)));
+            assert_eq!(google_or_plain, google.or(plain), "{raw}");
+        }
+        for raw in [
+            "(650) 253-0000",
+            "+44 20 7946 0958",
+            PLUS_16502530000,
+            "12",
+            "+1 999",
+        ] {
+            let got = hash_phone_variants(raw, us());
+            assert_eq!(
+                got.as_ref().map(|v| v.0.clone()),
+                hash_phone(raw, us(), PhoneFormat::E164),
+                "{raw}"
+            );
+            assert_eq!(
+                got.map(|v| v.1),
+                hash_phone(raw, us(), PhoneFormat::DigitsOnly),
+                "{raw}"
+            );
+        }
     }
 
     #[test]

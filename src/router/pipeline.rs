@@ -3,18 +3,17 @@
 //! written goes into a [`Batch`]; dedup marks stay staged until the batch's
 //! writes are durable, so an aborted batch leaves no trace in memory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::Utc;
 
 use super::dedup::{self, ChunkId, DedupKey, PartitionDedup};
-use super::identity::{IdentityTable, Profile};
-use super::route::{self, Skip};
+use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile};
+use super::route::{self, DeliveryWriter, Skip, Stamp};
 use crate::config::Config;
-use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
-use crate::event::normalize::PhoneCountry;
-use crate::event::{CanonicalEvent, InvalidEvent, parse_event};
+use crate::event::{InvalidEvent, parse_event};
 use crate::sink::records::header;
 
 /// One consumed record, borrowed from the consumer.
@@ -27,38 +26,42 @@ pub struct InRecord<'a> {
     pub timestamp_ms: Option<i64>,
 }
 
-/// One record to produce.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutRecord {
+/// One record to produce; its key and payload live in the batch's buffer.
+#[derive(Debug, Clone)]
+struct OutRecord {
     /// Shared: one allocation per topic, not per record.
-    pub topic: Arc<str>,
+    topic: Arc<str>,
+    partition: Option<i32>,
+    key: Option<Range<usize>>,
+    /// `None` is a tombstone.
+    payload: Option<Range<usize>>,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// One record to produce, as the producer takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Out<'a> {
+    pub topic: &'a str,
     /// Set for state that must be co-partitioned with the input.
     pub partition: Option<i32>,
-    pub key: Option<Vec<u8>>,
+    pub key: Option<&'a [u8]>,
     /// `None` is a tombstone.
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(&'static str, String)>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [(&'static str, String)],
 }
 
 /// What happened to one record.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Invalid {
         class: &'static str,
-        reason: String,
     },
     /// Keyed by something other than its event_id: re-published under it.
-    Rekeyed {
-        event_id: String,
-    },
-    Duplicate {
-        event_id: String,
-    },
+    Rekeyed,
+    Duplicate,
+    /// Routed to this many destinations (possibly none).
     Routed {
-        event_id: String,
-        event: String,
-        delivered: Vec<String>,
-        skipped: Vec<(String, Skip)>,
+        destinations: usize,
     },
 }
 
@@ -67,8 +70,8 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Invalid { .. } => "invalid",
-            Outcome::Rekeyed { .. } => "rekeyed",
-            Outcome::Duplicate { .. } => "duplicate",
+            Outcome::Rekeyed => "rekeyed",
+            Outcome::Duplicate => "duplicate",
             Outcome::Routed { .. } => "routed",
         }
     }
@@ -77,17 +80,27 @@ impl Outcome {
 /// (input partition, chunk id, its keys with their first-seen seconds)
 type SealedChunk = (i32, ChunkId, Vec<(DedupKey, u32)>);
 
-/// Everything one batch of input records produces.
+/// Everything one batch of input records produces. Reuse one with `clear`:
+/// its buffers keep their capacity, so a steady stream of batches stops
+/// allocating (and faulting in fresh pages) after the first few.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub out: Vec<OutRecord>,
-    staged: HashSet<(i32, DedupKey)>,
+    out: Vec<OutRecord>,
+    /// Keys and payloads of `out`, back to back.
+    buf: Vec<u8>,
+    staged: foldhash::HashSet<(i32, DedupKey)>,
     staged_order: Vec<(i32, DedupKey, u32)>,
     /// The dedup chunks `seal` wrote into `out`, made live by `commit`.
     chunks: Vec<SealedChunk>,
     /// Per input partition: first and last offset in this batch.
     pub offsets: BTreeMap<i32, (i64, i64)>,
     pub outcomes: Vec<Outcome>,
+    /// Per enabled destination, in config order: events routed to it.
+    pub routed: Vec<u64>,
+    /// Per enabled destination: events withheld for want of consent.
+    pub denied: Vec<u64>,
+    /// When this batch was routed, as a JSON string; empty until needed.
+    routed_at: Vec<u8>,
 }
 
 impl Batch {
@@ -95,11 +108,75 @@ impl Batch {
         self.offsets.is_empty() && self.out.is_empty()
     }
 
+    /// Empties the batch for reuse, keeping its allocations.
+    pub fn clear(&mut self) {
+        self.out.clear();
+        self.buf.clear();
+        self.staged.clear();
+        self.staged_order.clear();
+        self.chunks.clear();
+        self.offsets.clear();
+        self.outcomes.clear();
+        self.routed.clear();
+        self.denied.clear();
+        self.routed_at.clear();
+    }
+
+    /// The records to produce, in order.
+    pub fn records(&self) -> impl Iterator<Item = Out<'_>> {
+        let at = |r: &Option<Range<usize>>| r.clone().map(|r| &self.buf[r]);
+        self.out.iter().map(move |o| Out {
+            topic: &o.topic,
+            partition: o.partition,
+            key: at(&o.key),
+            payload: at(&o.payload),
+            headers: &o.headers,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
     fn track(&mut self, partition: i32, offset: i64) {
         self.offsets
             .entry(partition)
             .and_modify(|(_, last)| *last = offset)
             .or_insert((offset, offset));
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> Range<usize> {
+        self.written(|buf| buf.extend_from_slice(b))
+    }
+
+    fn written(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
+        let start = self.buf.len();
+        write(&mut self.buf);
+        start..self.buf.len()
+    }
+
+    fn push(
+        &mut self,
+        topic: &Arc<str>,
+        partition: Option<i32>,
+        key: Option<Range<usize>>,
+        payload: Option<Range<usize>>,
+        headers: Vec<(&'static str, String)>,
+    ) {
+        self.out.push(OutRecord {
+            topic: topic.clone(),
+            partition,
+            key,
+            payload,
+            headers,
+        });
+    }
+
+    fn count(counts: &mut Vec<u64>, index: usize) {
+        if counts.len() <= index {
+            counts.resize(index + 1, 0);
+        }
+        counts[index] += 1;
     }
 }
 
@@ -116,10 +193,11 @@ struct Topics {
 pub struct Pipeline {
     config: Arc<Config>,
     topics: Topics,
-    country: PhoneCountry,
+    phones: PhoneHasher,
     window_secs: u32,
     dedup: HashMap<i32, PartitionDedup>,
     identity: IdentityTable,
+    writer: DeliveryWriter,
 }
 
 /// How much of an oversize record's payload the dead letter keeps: brokers
@@ -144,11 +222,12 @@ impl Pipeline {
         };
         Pipeline {
             topics,
-            country: config.identity.phone_country(),
+            phones: PhoneHasher::new(config.identity.phone_country()),
             window_secs: u32::try_from(config.router.dedup_window.as_secs()).unwrap_or(u32::MAX),
-            config,
+            writer: DeliveryWriter::new(&t.canonical, config.enabled_destinations()),
             dedup: HashMap::new(),
             identity: IdentityTable::default(),
+            config,
         }
     }
 
@@ -182,8 +261,8 @@ impl Pipeline {
         self.dedup.values().map(PartitionDedup::heap_bytes).sum()
     }
 
-    /// Writes the batch's new dedup keys into `out` as chunk records, one
-    /// per input partition (split at `CHUNK_MAX_KEYS`). Call once, after the
+    /// Writes the batch's new dedup keys into it as chunk records, one per
+    /// input partition (split at `CHUNK_MAX_KEYS`). Call once, after the
     /// last `process` of the batch.
     pub fn seal(&self, batch: &mut Batch) {
         let mut by_partition: BTreeMap<i32, Vec<(DedupKey, u32)>> = BTreeMap::new();
@@ -193,13 +272,15 @@ impl Pipeline {
         for (p, entries) in by_partition {
             for part in entries.chunks(dedup::CHUNK_MAX_KEYS) {
                 let id = dedup::new_chunk_id();
-                batch.out.push(OutRecord {
-                    topic: self.topics.dedup.clone(),
-                    partition: Some(p),
-                    key: Some(id.to_vec()),
-                    payload: Some(dedup::encode_chunk(part)),
-                    headers: Vec::new(),
-                });
+                let key = batch.bytes(&id);
+                let payload = batch.bytes(&dedup::encode_chunk(part));
+                batch.push(
+                    &self.topics.dedup,
+                    Some(p),
+                    Some(key),
+                    Some(payload),
+                    Vec::new(),
+                );
                 batch.chunks.push((p, id, part.to_vec()));
             }
         }
@@ -224,13 +305,8 @@ impl Pipeline {
         for (p, state) in &mut self.dedup {
             for id in state.expire(oldest) {
                 n += 1;
-                batch.out.push(OutRecord {
-                    topic: topic.clone(),
-                    partition: Some(*p),
-                    key: Some(id.to_vec()),
-                    payload: None,
-                    headers: Vec::new(),
-                });
+                let key = batch.bytes(&id);
+                batch.push(topic, Some(*p), Some(key), None, Vec::new());
             }
         }
         n
@@ -261,19 +337,17 @@ impl Pipeline {
         if rec.key != Some(ev.event_id.as_bytes()) {
             // Only a record keyed by its event_id meets its duplicates in one
             // partition; re-publish it so that it does, and route that copy.
-            batch.out.push(OutRecord {
-                topic: self.topics.canonical.clone(),
-                partition: None,
-                key: Some(ev.event_id.clone().into_bytes()),
-                payload: Some(payload.to_vec()),
-                headers: vec![(
-                    header::REKEYED_FROM,
-                    format!("{}/{}", rec.partition, rec.offset),
-                )],
-            });
-            return Outcome::Rekeyed {
-                event_id: ev.event_id,
-            };
+            let key = batch.bytes(ev.event_id.as_bytes());
+            let payload = batch.bytes(payload);
+            let from = format!("{}/{}", rec.partition, rec.offset);
+            batch.push(
+                &self.topics.canonical,
+                None,
+                Some(key),
+                Some(payload),
+                vec![(header::REKEYED_FROM, from)],
+            );
+            return Outcome::Rekeyed;
         }
 
         let k = dedup::key_of(&ev.event_id);
@@ -283,70 +357,74 @@ impl Pipeline {
             .is_some_and(|s| s.contains(&k))
             || batch.staged.contains(&(rec.partition, k));
         if seen {
-            return Outcome::Duplicate {
-                event_id: ev.event_id,
-            };
+            return Outcome::Duplicate;
         }
         batch.staged.insert((rec.partition, k));
         batch.staged_order.push((rec.partition, k, now_secs));
 
-        let hints = Profile::from_event(&ev, self.country);
+        let hints = Profile::from_event(&ev, &mut self.phones);
         let identity_topic = &self.topics.identity;
-        for (key, profile) in self.identity.observe(&ev, &hints) {
-            batch.out.push(OutRecord {
-                topic: identity_topic.clone(),
-                partition: None,
-                key: Some(key.into_bytes()),
-                payload: Some(serde_json::to_vec(&profile).unwrap_or_default()),
-                headers: Vec::new(),
+        self.identity
+            .observe(&ev, &hints, |id: IdKey<'_>, profile| {
+                let key = batch.written(|b| {
+                    b.extend_from_slice(id.prefix.as_bytes());
+                    b.extend_from_slice(id.id.as_bytes());
+                });
+                let payload = batch
+                    .written(|b| serde_json::to_writer(b, profile).expect("serialising to memory"));
+                batch.push(identity_topic, None, Some(key), Some(payload), Vec::new());
             });
-        }
         let who = self.identity.resolve(&ev);
-        self.route(rec, &ev, &who, batch)
-    }
-
-    fn route(
-        &self,
-        rec: &InRecord<'_>,
-        ev: &CanonicalEvent,
-        who: &super::identity::Resolved,
-        batch: &mut Batch,
-    ) -> Outcome {
-        let mut delivered = Vec::new();
-        let mut skipped = Vec::new();
-        let routed_at = Utc::now();
-        for (dest, topic) in self.config.enabled_destinations().zip(&self.topics.deliver) {
-            match route::select(dest, ev) {
+        if batch.routed_at.is_empty() {
+            serde_json::to_writer(&mut batch.routed_at, &Utc::now())
+                .expect("serialising to memory");
+        }
+        // The person, so one person's deliveries stay in order within a partition.
+        let anchor = ev
+            .user_id
+            .as_deref()
+            .or(who.user_id)
+            .or(ev.anonymous_id.as_deref())
+            .unwrap_or_default();
+        let mut routed = 0;
+        for (i, (dest, topic)) in self
+            .config
+            .enabled_destinations()
+            .zip(&self.topics.deliver)
+            .enumerate()
+        {
+            match route::select(dest, &ev) {
                 Ok(name) => {
-                    let d = Delivery {
-                        v: DELIVERY_VERSION,
-                        destination: dest.name.clone(),
+                    if routed == 0 {
+                        self.writer.prepare(&ev, &who);
+                    }
+                    let key = batch.bytes(anchor.as_bytes());
+                    let start = batch.buf.len();
+                    self.writer.write(
+                        &mut batch.buf,
+                        i,
                         name,
-                        event: route::shape(dest, ev, who),
-                        origin: Origin {
-                            topic: self.config.topics.canonical.clone(),
+                        &ev,
+                        &who,
+                        Stamp {
                             partition: rec.partition,
                             offset: rec.offset,
+                            routed_at: &batch.routed_at,
                         },
-                        routed_at,
-                    };
-                    batch.out.push(OutRecord {
-                        topic: topic.clone(),
-                        partition: None,
-                        key: Some(d.key().as_bytes().to_vec()),
-                        payload: Some(serde_json::to_vec(&d).unwrap_or_default()),
-                        headers: Vec::new(),
-                    });
-                    delivered.push(dest.name.clone());
+                    );
+                    let payload = start..batch.buf.len();
+                    batch.push(topic, None, Some(key), Some(payload), Vec::new());
+                    Batch::count(&mut batch.routed, i);
+                    routed += 1;
                 }
-                Err(skip) => skipped.push((dest.name.clone(), skip)),
+                Err(Skip::ConsentDenied { .. } | Skip::ConsentMissing { .. }) => {
+                    Batch::count(&mut batch.denied, i);
+                }
+                Err(Skip::NotMapped | Skip::NotInAllowlist) => {}
             }
         }
         Outcome::Routed {
-            event_id: ev.event_id.clone(),
-            event: ev.event.as_str().to_string(),
-            delivered,
-            skipped,
+            destinations: routed,
         }
     }
 
@@ -372,7 +450,7 @@ impl Pipeline {
         let mut headers = vec![
             (header::STAGE, "router".to_string()),
             (header::ERROR_CLASS, class.to_string()),
-            (header::REASON, reason.clone()),
+            (header::REASON, reason),
             (header::ORIGIN_TOPIC, self.config.topics.canonical.clone()),
             (header::ORIGIN_PARTITION, rec.partition.to_string()),
             (header::ORIGIN_OFFSET, rec.offset.to_string()),
@@ -385,24 +463,20 @@ impl Pipeline {
             Some(size) => {
                 headers.push((header::ORIGIN_SIZE, size.to_string()));
                 headers.push((header::TRUNCATED, "true".into()));
-                p[..OVERSIZE_KEEP.min(p.len())].to_vec()
+                batch.bytes(&p[..OVERSIZE_KEEP.min(p.len())])
             }
-            None => p.to_vec(),
+            None => batch.bytes(p),
         });
-        batch.out.push(OutRecord {
-            topic: self.topics.dlq.clone(),
-            partition: None,
-            key: rec.key.map(<[u8]>::to_vec),
-            payload,
-            headers,
-        });
-        Outcome::Invalid { class, reason }
+        let key = rec.key.map(|k| batch.bytes(k));
+        batch.push(&self.topics.dlq, None, key, payload, headers);
+        Outcome::Invalid { class }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::Delivery;
 
     fn pipeline() -> Pipeline {
         let cfg = Config::parse(
@@ -439,7 +513,7 @@ consent = "analytics"
     const PURCHASE: &str = r#"{"event":"purchase","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"a@example.com","value":5,"currency":"USD","consent":{"ads":"granted"}}"#;
 
     fn topics(b: &Batch) -> Vec<&str> {
-        b.out.iter().map(|o| &*o.topic).collect()
+        b.records().map(|o| o.topic).collect()
     }
 
     #[test]
@@ -457,13 +531,14 @@ consent = "analytics"
                 "switchyard.dedup",
             ]
         );
-        let mark = &b.out[3];
+        let out: Vec<Out<'_>> = b.records().collect();
+        let mark = &out[3];
         assert_eq!(mark.partition, Some(0));
         assert_eq!(
-            dedup::decode_chunk(mark.payload.as_ref().unwrap()),
+            dedup::decode_chunk(mark.payload.unwrap()),
             Some(vec![(dedup::key_of("e1"), 1000)])
         );
-        let d: Delivery = serde_json::from_slice(b.out[2].payload.as_ref().unwrap()).unwrap();
+        let d: Delivery = serde_json::from_slice(out[2].payload.unwrap()).unwrap();
         assert_eq!(d.name, "Purchase");
         assert_eq!(d.origin.offset, 7);
         assert_eq!(b.offsets[&0], (7, 7));
@@ -486,7 +561,7 @@ consent = "analytics"
         let mut later = Batch::default();
         p.process(&rec(Some("e1"), PURCHASE, 3), 1001, &mut later);
         assert_eq!(later.outcomes[0].label(), "duplicate");
-        assert!(later.out.is_empty());
+        assert_eq!(later.len(), 0);
     }
 
     #[test]
@@ -496,11 +571,7 @@ consent = "analytics"
         p.process(&rec(Some("user-9"), PURCHASE, 1), 1000, &mut b);
         p.process(&rec(None, PURCHASE, 2), 1000, &mut b);
         assert_eq!(topics(&b), vec!["events.canonical", "events.canonical"]);
-        assert!(
-            b.out
-                .iter()
-                .all(|o| o.key.as_deref() == Some(b"e1".as_slice()))
-        );
+        assert!(b.records().all(|o| o.key == Some(b"e1".as_slice())));
         assert_eq!(b.outcomes[0].label(), "rekeyed");
     }
 
@@ -549,21 +620,24 @@ consent = "analytics"
         for (r, _) in &cases {
             p.process(r, 1000, &mut b);
         }
-        assert_eq!(b.out.len(), cases.len());
-        for (out, (r, class)) in b.out.iter().zip(&cases) {
-            assert_eq!(&*out.topic, "switchyard.dlq");
+        assert_eq!(b.len(), cases.len());
+        for (out, (r, class)) in b.records().zip(&cases) {
+            assert_eq!(out.topic, "switchyard.dlq");
             let h: HashMap<&str, &str> =
                 out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             assert_eq!(h[header::ERROR_CLASS], *class);
             assert_eq!(h[header::ORIGIN_OFFSET], r.offset.to_string());
             assert!(!h[header::REASON].is_empty());
             if *class == "oversize" {
-                assert_eq!(out.payload.as_ref().unwrap().len(), OVERSIZE_KEEP);
+                assert_eq!(out.payload.unwrap().len(), OVERSIZE_KEEP);
             } else {
-                assert_eq!(out.payload.as_deref(), r.payload);
+                assert_eq!(out.payload, r.payload);
             }
         }
-        let schema = b.out[3]
+        let schema = b
+            .records()
+            .nth(3)
+            .unwrap()
             .headers
             .iter()
             .find(|(k, _)| *k == header::REASON)
@@ -584,8 +658,9 @@ consent = "analytics"
         p.commit(&b);
         let mut t = Batch::default();
         assert_eq!(p.expire(1000 + 48 * 3600 + 1, &mut t), 1);
-        assert_eq!(t.out[0].payload, None);
-        assert_eq!(t.out[0].partition, Some(0));
+        let tomb = t.records().next().unwrap();
+        assert_eq!(tomb.payload, None);
+        assert_eq!(tomb.partition, Some(0));
         assert_eq!(p.dedup_keys(), 0);
     }
 }

@@ -26,8 +26,7 @@ use backon::{ExponentialBuilder, Retryable};
 use super::dedup::{self, PartitionDedup};
 use super::identity::Profile;
 use super::metrics as m;
-use super::pipeline::{Batch, InRecord, OutRecord, Outcome, Pipeline};
-use super::route::Skip;
+use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline};
 use crate::config::{Config, Guarantee, KafkaConfig};
 use crate::kafka::client;
 use crate::run::RoleContext;
@@ -155,6 +154,8 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
 
     let mut last_expiry = Instant::now();
     let mut batch_no: u64 = 0;
+    // One batch, cleared between uses: it keeps its buffers' capacity.
+    let mut batch = Batch::default();
     loop {
         let waited = Instant::now();
         let msgs = tokio::select! {
@@ -194,7 +195,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         }
 
         let now = unix_secs();
-        let mut batch = Batch::default();
+        batch.clear();
         for msg in &msgs {
             pipeline.process(&in_record(msg), now, &mut batch);
         }
@@ -224,7 +225,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         tracing::debug!(
             batch = batch_no,
             records = msgs.len(),
-            writes = batch.out.len(),
+            writes = batch.len(),
             waited_ms = waited.as_millis() as u64,
             processed_ms = processed.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
@@ -234,7 +235,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         match result {
             Ok(()) => {
                 pipeline.commit(&batch);
-                record_metrics(&batch, &pipeline);
+                record_metrics(&batch, &pipeline, &config);
             }
             Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
             Err(BatchError::Retry(e)) => {
@@ -327,20 +328,20 @@ enum BatchError {
     Fatal(KafkaError),
 }
 
-fn to_record(o: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
-    let mut r = FutureRecord::to(&o.topic);
+fn to_record(o: Out<'_>) -> FutureRecord<'_, [u8], [u8]> {
+    let mut r = FutureRecord::to(o.topic);
     if let Some(p) = o.partition {
         r = r.partition(p);
     }
-    if let Some(k) = &o.key {
-        r = r.key(k.as_slice());
+    if let Some(k) = o.key {
+        r = r.key(k);
     }
-    if let Some(v) = &o.payload {
-        r = r.payload(v.as_slice());
+    if let Some(v) = o.payload {
+        r = r.payload(v);
     }
     if !o.headers.is_empty() {
         let mut h = OwnedHeaders::new_with_capacity(o.headers.len());
-        for (k, v) in &o.headers {
+        for (k, v) in o.headers {
             h = h.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),
@@ -354,7 +355,7 @@ fn to_record(o: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
 /// Enqueues every record now (so they travel together) and returns their acks.
 async fn enqueue<'a>(
     producer: &FutureProducer,
-    records: impl Iterator<Item = &'a OutRecord>,
+    records: impl Iterator<Item = Out<'a>>,
 ) -> Result<Vec<DeliveryFuture>, KafkaError> {
     let mut acks = Vec::new();
     for o in records {
@@ -391,8 +392,8 @@ async fn commit_at_least_once(
     batch: &Batch,
 ) -> Result<(), BatchError> {
     let dedup_topic = config.topics.dedup();
-    let (marks, rest): (Vec<&OutRecord>, Vec<&OutRecord>) =
-        batch.out.iter().partition(|o| *o.topic == *dedup_topic);
+    let (marks, rest): (Vec<Out<'_>>, Vec<Out<'_>>) =
+        batch.records().partition(|o| o.topic == dedup_topic);
     let t = Instant::now();
     let acks = enqueue(producer, rest.into_iter())
         .await
@@ -434,7 +435,7 @@ async fn commit_transaction(
     };
     let result = async {
         producer.begin_transaction().map_err(classify)?;
-        let acks = enqueue(producer, batch.out.iter())
+        let acks = enqueue(producer, batch.records())
             .await
             .map_err(BatchError::Retry)?;
         await_acks(acks).await.map_err(BatchError::Retry)?;
@@ -483,27 +484,24 @@ fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, batch: &Batch) {
     }
 }
 
-fn record_metrics(batch: &Batch, pipeline: &Pipeline) {
+fn record_metrics(batch: &Batch, pipeline: &Pipeline, config: &Config) {
     m::CONSUMED.inc_by(batch.outcomes.len() as u64);
     for o in &batch.outcomes {
         match o {
-            Outcome::Invalid { class, .. } => m::INVALID.with_label_values(&[class]).inc(),
-            Outcome::Rekeyed { .. } => m::REKEYED.inc(),
-            Outcome::Duplicate { .. } => m::DUPLICATES.inc(),
-            Outcome::Routed {
-                delivered, skipped, ..
-            } => {
-                for d in delivered {
-                    m::ROUTED.with_label_values(&[d]).inc();
-                }
-                for (d, skip) in skipped {
-                    if let Skip::ConsentDenied { category } | Skip::ConsentMissing { category } =
-                        skip
-                    {
-                        m::CONSENT_DENIED.with_label_values(&[d, category]).inc();
-                    }
-                }
-            }
+            Outcome::Invalid { class } => m::INVALID.with_label_values(&[class]).inc(),
+            Outcome::Rekeyed => m::REKEYED.inc(),
+            Outcome::Duplicate => m::DUPLICATES.inc(),
+            Outcome::Routed { .. } => {}
+        }
+    }
+    for (i, d) in config.enabled_destinations().enumerate() {
+        if let Some(&n) = batch.routed.get(i).filter(|n| **n > 0) {
+            m::ROUTED.with_label_values(&[&d.name]).inc_by(n);
+        }
+        if let Some(&n) = batch.denied.get(i).filter(|n| **n > 0) {
+            m::CONSENT_DENIED
+                .with_label_values(&[&d.name, &d.consent])
+                .inc_by(n);
         }
     }
     m::DEDUP_KEYS.set(pipeline.dedup_keys() as i64);

@@ -1,8 +1,36 @@
 //! A vendor fake spoken to the way the sink speaks to it, without Kafka:
 //! send what `map` built, classify what comes back.
 
+use std::sync::Arc;
+
+use switchyard::config::Config;
 use switchyard::delivery::Delivery;
+use switchyard::router::dedup::PartitionDedup;
+use switchyard::router::pipeline::{Batch, InRecord, Pipeline};
 use switchyard::sink::destination::{Destination, Outcome, Request, Response};
+
+/// `raw` as destination `dest` receives it, routed by the router's own step
+/// chain. A fresh pipeline: the event's own identity hints are all it knows.
+pub fn routed(config: &Config, dest: &str, raw: &serde_json::Value) -> Delivery {
+    let mut pipeline = Pipeline::new(Arc::new(config.clone()));
+    pipeline.install(0, PartitionDedup::default());
+    let payload = raw.to_string();
+    let rec = InRecord {
+        partition: 0,
+        offset: 0,
+        key: raw["event_id"].as_str().map(str::as_bytes),
+        payload: Some(payload.as_bytes()),
+        timestamp_ms: None,
+    };
+    let mut batch = Batch::default();
+    pipeline.process(&rec, 1_700_000_000, &mut batch);
+    let topic = config.topics.deliver(dest);
+    let out = batch
+        .records()
+        .find(|o| o.topic == topic)
+        .unwrap_or_else(|| panic!("not routed to {dest}: {raw}"));
+    serde_json::from_slice(out.payload.expect("a delivery has a payload")).expect("a delivery")
+}
 
 /// POSTs `body` and returns the answer as `classify` sees it.
 pub async fn send_raw(
