@@ -75,7 +75,8 @@ pub fn decode_chunk(b: &[u8]) -> Option<Vec<(DedupKey, u32)>> {
 /// One input partition's remembered event_ids.
 #[derive(Debug, Default)]
 pub struct PartitionDedup {
-    seen: HashMap<DedupKey, u32>,
+    /// foldhash: the keys are hashes already, SipHash's strength buys nothing.
+    seen: HashMap<DedupKey, u32, foldhash::fast::RandomState>,
     /// Live chunks in the topic with their newest first-seen second, so
     /// expiry knows which to tombstone.
     chunks: Vec<(ChunkId, u32)>,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -341,6 +341,7 @@ fn splice_objects(out: &mut Vec<u8>, a: &[u8], b: &[u8]) {
 struct Shared<'a> {
     event: &'a EventName,
     event_id: &'a str,
+    #[serde(serialize_with = "rfc3339")]
     occurred_at: &'a DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
@@ -364,6 +365,12 @@ struct Shared<'a> {
     items: &'a [Item],
     #[serde(skip_serializing_if = "Option::is_none")]
     properties: Option<&'a Map<String, Value>>,
+}
+
+/// As chrono's `Serialize` writes it, without going through `fmt` one
+/// character at a time (that was a fifth of the delivery writer's time).
+fn rfc3339<S: serde::Serializer>(t: &&DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 
 /// The event's fields that differ by destination.
@@ -653,6 +660,21 @@ raw_contact = true
         assert!(hook.traits.as_ref().unwrap().get("email").is_none());
         let crm = shaped(&c, "crm", &e, &who);
         assert_eq!(crm.email.as_deref(), Some("John.Smith@gmail.com"));
+    }
+
+    #[test]
+    fn times_are_written_as_chrono_writes_them() {
+        for t in [
+            "2026-11-20T10:00:00Z",
+            "2026-11-20T10:00:00.5+01:00",
+            "2026-11-20T10:00:00.123456Z",
+            "1999-01-02T03:04:05.123456789Z",
+        ] {
+            let t: DateTime<Utc> = DateTime::parse_from_rfc3339(t).unwrap().into();
+            let mut ours = Vec::new();
+            rfc3339(&&t, &mut serde_json::Serializer::new(&mut ours)).unwrap();
+            assert_eq!(ours, serde_json::to_vec(&t).unwrap());
+        }
     }
 
     #[test]
