@@ -348,7 +348,7 @@ impl Checker {
                     self.text(&at, key, value, 1, 256);
                 }
                 "email" => {
-                    if !matches!(value, Value::String(s) if len_within(s, 0, 254) && is_email(s)) {
+                    if !matches!(value, Value::String(s) if is_email_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -359,8 +359,7 @@ impl Checker {
                     }
                 }
                 "phone" => {
-                    if !matches!(value, Value::String(s) if (6..=32).contains(&s.len()) && is_phone(s))
-                    {
+                    if !matches!(value, Value::String(s) if is_phone_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -541,10 +540,7 @@ impl Checker {
             );
             return;
         };
-        if s.len() == 64
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if is_sha256_hex(s) {
             return;
         }
         let hint = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -642,7 +638,7 @@ impl Checker {
                 }
                 "user_agent" => self.text(&at, key, field, 0, 1024),
                 "page_url" | "referrer" => {
-                    if !matches!(field, Value::String(s) if len_within(s, 0, 2048) && is_uri(s)) {
+                    if !matches!(field, Value::String(s) if is_url_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -908,16 +904,46 @@ fn is_currency(s: &str) -> bool {
 }
 
 fn is_non_negative(n: &Number) -> bool {
-    n.as_f64().is_some_and(|f| f >= 0.0)
+    n.as_f64().is_some_and(non_negative)
 }
+
+/// `minimum: 0`, which `-0.0` meets.
+fn non_negative(f: f64) -> bool {
+    f >= 0.0
+}
+
+const MAX_QUANTITY: u32 = 1_000_000_000;
 
 /// JSON Schema `integer` (which includes `3.0`) in 1..=1e9.
 fn is_quantity(n: &Number) -> bool {
     match (n.as_u64(), n.as_f64()) {
-        (Some(u), _) => (1..=1_000_000_000).contains(&u),
-        (None, Some(f)) => f.fract() == 0.0 && (1.0..=1e9).contains(&f),
+        (Some(u), _) => (1..=u64::from(MAX_QUANTITY)).contains(&u),
+        (None, Some(f)) => f.fract() == 0.0 && (1.0..=f64::from(MAX_QUANTITY)).contains(&f),
         (None, None) => false,
     }
+}
+
+/// `email`: at most 254 characters and [`is_email`].
+fn is_email_field(s: &str) -> bool {
+    len_within(s, 0, 254) && is_email(s)
+}
+
+/// `phone`: 6 to 32 bytes (the pattern admits ASCII only, so bytes are
+/// characters) and [`is_phone`].
+fn is_phone_field(s: &str) -> bool {
+    (6..=32).contains(&s.len()) && is_phone(s)
+}
+
+/// `page_url` and `referrer`: at most 2048 characters and [`is_uri`].
+fn is_url_field(s: &str) -> bool {
+    len_within(s, 0, 2048) && is_uri(s)
+}
+
+/// `^[0-9a-f]{64}$`
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `^[^@\x00-\x20\x7F]+@[^@\x00-\x20\x7F]+\.[^@\x00-\x20\x7F]+$`: one '@', no
