@@ -2,13 +2,15 @@
 //! `schemas/canonical-event.v1.json` (through an independent JSON Schema
 //! implementation, formats on) and switchyard's hand-written validator must
 //! agree on every corpus case about validity and about where the problems
-//! are.
+//! are. `parse_event`'s fast path must in turn give exactly what the
+//! reference path (`parse_event_slow`) gives, on the same cases and more.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
+use switchyard::event::validate::parse_event_slow;
 use switchyard::event::{NdjsonSummary, SCHEMA_JSON, check_ndjson, parse_event, validate_value};
 
 #[derive(Deserialize)]
@@ -606,5 +608,262 @@ fn schema_and_rust_validator_agree_on_generated_variants() {
     assert!(
         (ROUNDS / 10..ROUNDS * 9 / 10).contains(&valid),
         "{valid} valid of {ROUNDS}"
+    );
+}
+
+/// Values that trap a typed decoder rather than a schema validator: `null`
+/// where a field is optional, arrays where an object is expected, a
+/// consent state written as an enum map, non-string values in free-form
+/// objects, lengths that differ in bytes and characters.
+fn fast_path_edge_values() -> Vec<(&'static str, Vec<Value>)> {
+    let null_and_shapes = |object: bool| {
+        let mut values = vec![Value::Null, json!([]), json!(true), json!(0)];
+        if object {
+            values.push(json!(["x"]));
+        }
+        values
+    };
+    let mut fields: Vec<(&'static str, Vec<Value>)> = [
+        "source",
+        "user_id",
+        "anonymous_id",
+        "email",
+        "phone",
+        "email_sha256",
+        "phone_sha256",
+        "currency",
+        "order_id",
+        "value",
+        "event",
+        "event_id",
+        "occurred_at",
+    ]
+    .into_iter()
+    .map(|field| (field, null_and_shapes(false)))
+    .collect();
+    for field in [
+        "external_ids",
+        "click_ids",
+        "context",
+        "consent",
+        "items",
+        "properties",
+        "traits",
+        "metadata",
+    ] {
+        fields.push((field, null_and_shapes(true)));
+    }
+    fields.extend([
+        (
+            "source",
+            vec![json!("é".repeat(64)), json!("é".repeat(65)), json!("")],
+        ),
+        (
+            "occurred_at",
+            vec![
+                json!("2026-11-26t10:00:00z"),
+                json!("2026-11-26 10:00:00Z"),
+                json!("2100-01-01T00:00:00Z"),
+                json!("2026-11-26T10:59:60Z"),
+                json!("2026-11-26T10:00:00.1234567890Z"),
+            ],
+        ),
+        (
+            "consent",
+            vec![
+                json!({"ads": {"granted": null}}),
+                json!({"ads": null}),
+                json!({"ads": ["granted"]}),
+                json!({}),
+            ],
+        ),
+        (
+            "click_ids",
+            vec![
+                json!({"fbc": null}),
+                json!({"fbc": "f".repeat(512)}),
+                json!({"fbc": "f".repeat(513)}),
+                json!({"fbc": ""}),
+                json!({"fbclid": "x"}),
+                json!({}),
+            ],
+        ),
+        (
+            "context",
+            vec![
+                json!({"ip": null}),
+                json!({"locale": null}),
+                json!({"user_agent": "é".repeat(1024)}),
+                json!({"user_agent": "é".repeat(1025)}),
+                json!(["203.0.113.7"]),
+                json!({}),
+            ],
+        ),
+        (
+            "items",
+            vec![
+                json!([{"id": "a", "quantity": 2.0}]),
+                json!([{"id": "a", "quantity": 0}]),
+                json!([{"id": "a", "quantity": null}]),
+                json!([{"id": "a", "quantity": 4_294_967_296_u64}]),
+                json!([{"id": "a", "price": null}]),
+                json!([{"id": "a", "price": -0.0}]),
+                json!([{"id": "a", "name": null}]),
+                json!([["a"]]),
+                json!([{"id": "é".repeat(128)}]),
+                json!([{"id": "é".repeat(129)}]),
+                json!([]),
+            ],
+        ),
+        (
+            "external_ids",
+            vec![json!({"crm": null}), json!({"crm": ""}), json!({})],
+        ),
+        (
+            "properties",
+            vec![
+                json!({"a": null, "b": [1, "x", {"c": null}], "d": 1.5e300}),
+                json!({}),
+            ],
+        ),
+        ("traits", vec![json!({"email": " Jane@Example.com "})]),
+        ("metadata", vec![json!({"trace": {"id": [null]}})]),
+        ("value", vec![json!(-0.0), json!(0.1), json!(1u64 << 63)]),
+    ]);
+    fields
+}
+
+/// `parse_event` (fast path, falling back to the reference path) and the
+/// reference path alone agree on `bytes`: equal events that also serialise
+/// identically, or the same error.
+fn paths_disagree(bytes: &[u8]) -> Option<String> {
+    match (parse_event(bytes), parse_event_slow(bytes)) {
+        (Ok(fast), Ok(slow)) => {
+            let (fast_json, slow_json) = (
+                serde_json::to_string(&fast).unwrap(),
+                serde_json::to_string(&slow).unwrap(),
+            );
+            (fast != slow || fast_json != slow_json)
+                .then(|| format!("different events:\n  {fast_json}\n  {slow_json}"))
+        }
+        (Err(fast), Err(slow)) => {
+            (fast != slow).then(|| format!("different errors:\n  {fast}\n  {slow}"))
+        }
+        (fast, slow) => Some(format!(
+            "parse_event says {:?}, the reference path {:?}",
+            fast.map(|_| "ok"),
+            slow.map(|_| "ok")
+        )),
+    }
+}
+
+#[test]
+fn fast_path_agrees_with_the_reference_path() {
+    let mut disagreements = Vec::new();
+    let mut outcomes = [0usize; 2];
+    let mut check = |bytes: &[u8]| {
+        outcomes[usize::from(parse_event_slow(bytes).is_ok())] += 1;
+        if let Some(problem) = paths_disagree(bytes) {
+            disagreements.push(format!("{}\n  {problem}", String::from_utf8_lossy(bytes)));
+        }
+    };
+
+    let cases = corpus();
+    for (_, case) in &cases {
+        check(&serde_json::to_vec(&case.event).unwrap());
+    }
+
+    // Every edge value alone, on a small and a full event of each kind.
+    let everything = cases
+        .iter()
+        .find(|(_, case)| case.name == "everything_set")
+        .map(|(_, case)| case.event.clone())
+        .expect("corpus has everything_set");
+    let bases = [
+        json!({"event": "lead", "event_id": "e", "occurred_at": "2026-11-26T10:00:00Z", "user_id": "u"}),
+        json!({"event": "purchase", "event_id": "e", "occurred_at": "2026-11-26T10:00:00Z",
+               "anonymous_id": "a", "value": 1, "currency": "USD"}),
+        everything,
+    ];
+    let mut fields = edge_values();
+    fields.extend(fast_path_edge_values());
+    for base in &bases {
+        for (name, values) in &fields {
+            let mut without = base.clone();
+            without.as_object_mut().unwrap().remove(*name);
+            check(without.to_string().as_bytes());
+            for value in values {
+                let mut event = base.clone();
+                event[*name] = value.clone();
+                check(event.to_string().as_bytes());
+            }
+        }
+    }
+
+    // Combinations, for the rules between fields (value and currency,
+    // user_id or anonymous_id).
+    let mut random = XorShift(0x0fed_cba9_8765_4321);
+    for _ in 0..4000 {
+        let mut event = bases[random.below(bases.len())].clone();
+        for _ in 0..=random.below(2) {
+            let (name, values) = &fields[random.below(fields.len())];
+            if random.below(6) == 0 {
+                event.as_object_mut().unwrap().remove(*name);
+            } else {
+                event[*name] = values[random.below(values.len())].clone();
+            }
+        }
+        check(event.to_string().as_bytes());
+    }
+
+    // What a `Value` cannot hold or re-prints differently: repeated keys,
+    // escapes, number spellings, framing, bytes that are not UTF-8.
+    let head = r#""event":"lead","event_id":"e","occurred_at":"2026-11-26T10:00:00Z""#;
+    let lead = format!(r#"{{{head},"user_id":"u"}}"#);
+    let (open, close) = lead.as_bytes().split_at(lead.len() - 2);
+    for not_utf8 in [
+        [open, b"\xff", close].concat(),
+        [open, b"\",\"properties\":{\"a\":\"\xc3\"}}"].concat(),
+        [lead.as_bytes(), b" \xff"].concat(),
+    ] {
+        assert!(std::str::from_utf8(&not_utf8).is_err());
+        check(&not_utf8);
+    }
+    for raw in [
+        format!(r#"{{{head},"user_id":"u","user_id":"v"}}"#),
+        format!(r#"{{{head},"user_id":1,"user_id":"v"}}"#),
+        format!(r#"{{{head},"user_id":"v","user_id":1}}"#),
+        format!(r#"{{{head},"user_id":"u","event":"purchase"}}"#),
+        format!(r#"{{{head},"user_id":"u","consent":{{"ads":"granted","ads":"denied"}}}}"#),
+        format!(r#"{{{head},"user_id":"u","consent":{{"ads":"nope","ads":"denied"}}}}"#),
+        format!(r#"{{{head},"user_id":"u","context":{{"ip":"x","ip":"::1"}}}}"#),
+        format!(r#"{{{head},"user_id":"u","items":[{{"id":"a","id":"b"}}]}}"#),
+        format!(r#"{{{head},"user_id":"u","properties":{{"a":1,"a":null}}}}"#),
+        format!(r#"{{{head},"user_id":"\u0075\u00e9"}}"#),
+        format!(r#"{{{head},"user_id":"\ud800"}}"#),
+        format!(r#"{{{head},"user_id":"u","value":-0,"currency":"USD"}}"#),
+        format!(r#"{{{head},"user_id":"u","value":1E2,"currency":"USD"}}"#),
+        format!(r#"{{{head},"user_id":"u","value":1e400,"currency":"USD"}}"#),
+        format!(r#"{{{head},"user_id":"u","items":[{{"id":"a","quantity":3e0}}]}}"#),
+        format!(r#" {{{head},"user_id":"u"}} "#),
+        format!(r#"{{{head},"user_id":"u"}}x"#),
+        format!(r#"{{{head},"user_id":"u""#),
+        r#"["lead","e","2026-11-26T10:00:00Z","web","u"]"#.to_owned(),
+        "null".to_owned(),
+        String::new(),
+    ] {
+        check(raw.as_bytes());
+    }
+
+    assert!(
+        disagreements.is_empty(),
+        "{} input(s) where the paths disagree:\n{}",
+        disagreements.len(),
+        disagreements.join("\n")
+    );
+    let [invalid, valid] = outcomes;
+    assert!(
+        valid > 1000 && invalid > 1000,
+        "{valid} valid and {invalid} invalid inputs: not a meaningful comparison"
     );
 }

@@ -272,7 +272,11 @@ pub struct Item {
 
 /// JSON Schema's `integer` includes `2.0`; serde's `u32` does not. Accept
 /// what the contract accepts so that a validated event always deserialises.
-fn whole_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+/// Also used by `parse_event`'s fast path, so both paths read a quantity the
+/// same way.
+pub(crate) fn whole_number<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
     struct WholeNumber;
     impl Visitor<'_> for WholeNumber {
         type Value = u32;

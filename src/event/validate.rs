@@ -7,6 +7,11 @@
 //! that the schema owns (canonical event names, revenue events, currencies)
 //! are read from the embedded schema once, so they exist in one place only.
 //! `tests/event_contract.rs` checks both validators against a shared corpus.
+//!
+//! [`parse_event`] first tries a fast path (the `fast` module) that reads the
+//! bytes straight into the typed event and checks that; only when it cannot
+//! vouch for the record does it take the walk above, which is the reference
+//! and the only source of error messages.
 
 use std::fmt::{self, Write as _};
 use std::io::{self, BufRead, Write};
@@ -17,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
 use super::model::{CanonicalEvent, is_custom_event_name, is_snake_key};
+
+mod fast;
 
 /// The contract, embedded so that the binary and the schema can never drift.
 pub const SCHEMA_JSON: &str = include_str!("../../schemas/canonical-event.v1.json");
@@ -87,6 +94,19 @@ fn join_violations(violations: &[Violation]) -> String {
 
 /// Decodes and validates one record.
 pub fn parse_event(bytes: &[u8]) -> Result<CanonicalEvent, InvalidEvent> {
+    match fast::parse(bytes) {
+        Some(event) => Ok(event),
+        // Invalid, or valid in a way the fast path does not vouch for (a
+        // duplicated key): the reference walk decides and explains.
+        None => parse_event_slow(bytes),
+    }
+}
+
+/// [`parse_event`] without its fast path: JSON tree, contract walk, then the
+/// typed model. The reference the fast path is tested against; not for
+/// production use.
+#[doc(hidden)]
+pub fn parse_event_slow(bytes: &[u8]) -> Result<CanonicalEvent, InvalidEvent> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| InvalidEvent::Json(e.to_string()))?;
     if !value.is_object() {
@@ -348,7 +368,7 @@ impl Checker {
                     self.text(&at, key, value, 1, 256);
                 }
                 "email" => {
-                    if !matches!(value, Value::String(s) if len_within(s, 0, 254) && is_email(s)) {
+                    if !matches!(value, Value::String(s) if is_email_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -359,8 +379,7 @@ impl Checker {
                     }
                 }
                 "phone" => {
-                    if !matches!(value, Value::String(s) if (6..=32).contains(&s.len()) && is_phone(s))
-                    {
+                    if !matches!(value, Value::String(s) if is_phone_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -496,7 +515,7 @@ impl Checker {
     fn timestamp(&mut self, value: &Value) {
         let problem = match value {
             Value::String(s) => match check_timestamp(s) {
-                Ok(()) => return,
+                Ok(_) => return,
                 Err(TimestampError::Shape) => {
                     "must be an RFC 3339 timestamp like \"2026-11-26T14:03:11Z\" or \"2026-11-26T15:03:11.250+01:00\" (years 1900-2099, also in UTC)"
                 }
@@ -541,10 +560,7 @@ impl Checker {
             );
             return;
         };
-        if s.len() == 64
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if is_sha256_hex(s) {
             return;
         }
         let hint = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -642,7 +658,7 @@ impl Checker {
                 }
                 "user_agent" => self.text(&at, key, field, 0, 1024),
                 "page_url" | "referrer" => {
-                    if !matches!(field, Value::String(s) if len_within(s, 0, 2048) && is_uri(s)) {
+                    if !matches!(field, Value::String(s) if is_url_field(s)) {
                         self.report(
                             &at,
                             format!(
@@ -908,16 +924,46 @@ fn is_currency(s: &str) -> bool {
 }
 
 fn is_non_negative(n: &Number) -> bool {
-    n.as_f64().is_some_and(|f| f >= 0.0)
+    n.as_f64().is_some_and(non_negative)
 }
+
+/// `minimum: 0`, which `-0.0` meets.
+fn non_negative(f: f64) -> bool {
+    f >= 0.0
+}
+
+const MAX_QUANTITY: u32 = 1_000_000_000;
 
 /// JSON Schema `integer` (which includes `3.0`) in 1..=1e9.
 fn is_quantity(n: &Number) -> bool {
     match (n.as_u64(), n.as_f64()) {
-        (Some(u), _) => (1..=1_000_000_000).contains(&u),
-        (None, Some(f)) => f.fract() == 0.0 && (1.0..=1e9).contains(&f),
+        (Some(u), _) => (1..=u64::from(MAX_QUANTITY)).contains(&u),
+        (None, Some(f)) => f.fract() == 0.0 && (1.0..=f64::from(MAX_QUANTITY)).contains(&f),
         (None, None) => false,
     }
+}
+
+/// `email`: at most 254 characters and [`is_email`].
+fn is_email_field(s: &str) -> bool {
+    len_within(s, 0, 254) && is_email(s)
+}
+
+/// `phone`: 6 to 32 bytes (the pattern admits ASCII only, so bytes are
+/// characters) and [`is_phone`].
+fn is_phone_field(s: &str) -> bool {
+    (6..=32).contains(&s.len()) && is_phone(s)
+}
+
+/// `page_url` and `referrer`: at most 2048 characters and [`is_uri`].
+fn is_url_field(s: &str) -> bool {
+    len_within(s, 0, 2048) && is_uri(s)
+}
+
+/// `^[0-9a-f]{64}$`
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `^[^@\x00-\x20\x7F]+@[^@\x00-\x20\x7F]+\.[^@\x00-\x20\x7F]+$`: one '@', no
@@ -965,9 +1011,22 @@ enum TimestampError {
     Impossible,
 }
 
+/// The fields of a timestamp that passed [`check_timestamp`], as written
+/// (local time, `second` may be 60).
+struct Timestamp {
+    year: u32,
+    month: u32,
+    day: u32,
+    hour: u32,
+    minute: u32,
+    second: u32,
+    nanosecond: u32,
+    offset_minutes: i32,
+}
+
 /// The schema's `pattern` plus `format: date-time` (RFC 3339 section 5.6,
 /// including its leap-second rule: `:60` only at 23:59 UTC).
-fn check_timestamp(s: &str) -> Result<(), TimestampError> {
+fn check_timestamp(s: &str) -> Result<Timestamp, TimestampError> {
     use TimestampError::{Impossible, Shape};
     let b = s.as_bytes();
     if b.len() < 20 {
@@ -998,11 +1057,14 @@ fn check_timestamp(s: &str) -> Result<(), TimestampError> {
         return Err(Shape);
     }
     let mut i = 19;
+    let mut nanosecond = 0;
     if b[i] == b'.' {
         let fraction = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
         if !(1..=9).contains(&fraction) {
             return Err(Shape);
         }
+        // At most nine digits, scaled to nine: below 10^9, so no overflow.
+        nanosecond = digits(i + 1..i + 1 + fraction)? * 10u32.pow(9 - fraction as u32);
         i += 1 + fraction;
     }
     let offset_minutes: i32 = match &b[i..] {
@@ -1041,7 +1103,16 @@ fn check_timestamp(s: &str) -> Result<(), TimestampError> {
             return Err(Impossible);
         }
     }
-    Ok(())
+    Ok(Timestamp {
+        year,
+        month,
+        day,
+        hour,
+        minute,
+        second,
+        nanosecond,
+        offset_minutes,
+    })
 }
 
 /// RFC 3986 `URI` (absolute, fragment allowed), ASCII only: what JSON Schema
