@@ -162,7 +162,6 @@ pub struct DeliveryWriter {
     /// `"origin":{"topic":"<canonical>","partition":`, JSON-escaped once.
     origin_head: Vec<u8>,
     shared: Vec<u8>,
-    personal: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -207,12 +206,12 @@ impl DeliveryWriter {
             dests,
             origin_head,
             shared: Vec::new(),
-            personal: Vec::new(),
         }
     }
 
     /// Serialises the fields of `ev` every destination shares; call once per
-    /// event, before `write`.
+    /// event, before `write`. (`event` and `event_id` are never absent, so
+    /// the shared object is never empty.)
     pub fn prepare(&mut self, ev: &CanonicalEvent, who: &Resolved<'_>) {
         let own = ev.click_ids.as_ref();
         let click = |f: fn(&ClickIds) -> &Option<String>| {
@@ -289,14 +288,22 @@ impl DeliveryWriter {
             traits,
             metadata,
         };
-        self.personal.clear();
-        serde_json::to_writer(&mut self.personal, &personal).expect("serialising to memory");
-
         out.extend_from_slice(&plan.head);
         out.extend_from_slice(b"\"name\":");
         json_into(out, name);
         out.extend_from_slice(b",\"event\":");
-        splice_objects(out, &self.shared, &self.personal);
+        // The shared members, then the personal ones serialised in place:
+        // their object's opening brace becomes the separating comma.
+        out.extend_from_slice(&self.shared[..self.shared.len() - 1]);
+        let at = out.len();
+        serde_json::to_writer(&mut *out, &personal).expect("serialising to memory");
+        if out.len() - at == 2 {
+            // `{}`: nothing personal.
+            out.truncate(at);
+            out.push(b'}');
+        } else {
+            out[at] = b',';
+        }
         out.push(b',');
         out.extend_from_slice(&self.origin_head);
         let mut n = itoa::Buffer::new();
@@ -321,18 +328,6 @@ pub struct Stamp<'a> {
 /// Appends `s` as a JSON string.
 fn json_into(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(out, s).expect("serialising to memory");
-}
-
-/// Writes the members of two serialised objects as one object.
-fn splice_objects(out: &mut Vec<u8>, a: &[u8], b: &[u8]) {
-    let (a, b) = (&a[1..a.len() - 1], &b[1..b.len() - 1]);
-    out.push(b'{');
-    out.extend_from_slice(a);
-    if !a.is_empty() && !b.is_empty() {
-        out.push(b',');
-    }
-    out.extend_from_slice(b);
-    out.push(b'}');
 }
 
 /// The event's fields every destination sees alike, enriched. Every field
@@ -675,6 +670,16 @@ raw_contact = true
             rfc3339(&&t, &mut serde_json::Serializer::new(&mut ours)).unwrap();
             assert_eq!(ours, serde_json::to_vec(&t).unwrap());
         }
+    }
+
+    #[test]
+    fn an_event_with_nothing_personal_is_still_well_formed() {
+        let c = config();
+        let e = ev(
+            r#"{"event":"lead","event_id":"e","occurred_at":"2026-11-20T10:00:00Z","anonymous_id":"a","consent":{"ads":"granted"}}"#,
+        );
+        let t = IdentityTable::default();
+        assert_eq!(shaped(&c, "meta", &e, &t.resolve(&e)), e);
     }
 
     #[test]
