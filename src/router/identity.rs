@@ -317,70 +317,84 @@ impl IdentityTable {
     }
 
     /// Learns from an event's ids and hints; hands every entry that changed
-    /// to `write`, as (topic key, full profile), for the identity topic.
-    pub fn observe(
-        &mut self,
-        ev: &CanonicalEvent,
+    /// to `write`, as (topic key, full profile), for the identity topic; and
+    /// returns the strongest identifiers now known for the person. One lookup
+    /// per table: the entries it learns into are the ones it resolves from.
+    pub fn observe<'a>(
+        &'a mut self,
+        ev: &'a CanonicalEvent,
         hints: &Profile,
         mut write: impl FnMut(IdKey<'_>, &Profile),
-    ) {
-        let linked_user: Option<Cow<'_, str>> = match &ev.user_id {
+    ) -> Resolved<'a> {
+        let IdentityTable { users, anons } = self;
+        let aid = ev.anonymous_id.as_deref();
+        let mut anon: Option<&'a mut Profile> = aid.map(|aid| entry(anons, aid));
+        let linked_user: Option<Cow<'a, str>> = match &ev.user_id {
             Some(u) => Some(Cow::Borrowed(u)),
-            None => ev
-                .anonymous_id
+            None => anon
                 .as_ref()
-                .and_then(|a| self.anons.get(a))
-                .and_then(|p| p.user_id.clone())
+                .and_then(|a| a.user_id.clone())
                 .map(Cow::Owned),
         };
-        match (linked_user, ev.anonymous_id.as_deref()) {
-            (Some(uid), anon) => {
-                let user = entry(&mut self.users, &uid);
-                let mut changed = false;
-                if let Some(aid) = anon {
-                    let a = entry(&mut self.anons, aid);
-                    if a.user_id.as_deref() != Some(&*uid) {
-                        a.user_id = Some(uid.to_string());
-                        write(
-                            IdKey {
-                                prefix: ANON,
-                                id: aid,
-                            },
-                            a,
-                        );
-                    }
-                    // Stitch: what was learnt while anonymous now belongs to
-                    // the user, under this event's own hints.
-                    changed |= user.overlay(a);
-                }
-                changed |= user.overlay(hints);
-                if changed {
-                    write(
-                        IdKey {
-                            prefix: USER,
-                            id: &uid,
-                        },
-                        user,
-                    );
-                }
+        let Some(uid) = linked_user else {
+            if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid)
+                && a.overlay(hints)
+            {
+                write(
+                    IdKey {
+                        prefix: ANON,
+                        id: aid,
+                    },
+                    a,
+                );
             }
-            (None, Some(aid)) => {
-                let a = entry(&mut self.anons, aid);
-                if a.overlay(hints) {
-                    write(
-                        IdKey {
-                            prefix: ANON,
-                            id: aid,
-                        },
-                        a,
-                    );
-                }
+            return Resolved {
+                user_id: None,
+                user: None,
+                anon: anon.map(|a| &*a),
+            };
+        };
+        let user = entry(users, &uid);
+        let mut changed = false;
+        if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid) {
+            if a.user_id.as_deref() != Some(&*uid) {
+                a.user_id = Some(uid.to_string());
+                write(
+                    IdKey {
+                        prefix: ANON,
+                        id: aid,
+                    },
+                    a,
+                );
             }
-            (None, None) => {}
+            // Stitch: what was learnt while anonymous now belongs to the
+            // user, under this event's own hints.
+            changed |= user.overlay(a);
+        }
+        changed |= user.overlay(hints);
+        if changed {
+            write(
+                IdKey {
+                    prefix: USER,
+                    id: &uid,
+                },
+                user,
+            );
+        }
+        let anon = anon.map(|a| &*a);
+        Resolved {
+            user_id: ev
+                .user_id
+                .as_deref()
+                .or_else(|| anon.and_then(|a| a.user_id.as_deref())),
+            user: Some(user),
+            anon,
         }
     }
 
-    /// The strongest identifiers known for the person behind `ev`.
+    /// The strongest identifiers known for the person behind `ev`, without
+    /// learning from it.
+    #[cfg(test)]
     pub fn resolve<'a>(&'a self, ev: &'a CanonicalEvent) -> Resolved<'a> {
         let anon = ev
             .anonymous_id
@@ -502,6 +516,26 @@ mod tests {
         );
         assert_eq!(r.click_id(|c| &c.fbc), Some("fb.1.1.abc"));
         assert_eq!(r.click_id(|c| &c.gclid), Some("G1"));
+    }
+
+    #[test]
+    fn observe_resolves_as_a_later_lookup_would() {
+        let mut t = IdentityTable::default();
+        let events = [
+            r#"{"event":"view_content","event_id":"1","occurred_at":"2026-11-20T10:00:00Z","anonymous_id":"a1","click_ids":{"gclid":"G"}}"#,
+            r#"{"event":"sign_up","event_id":"2","occurred_at":"2026-11-20T10:01:00Z","anonymous_id":"a1","user_id":"u1","email":"x@example.com"}"#,
+            r#"{"event":"lead","event_id":"3","occurred_at":"2026-11-20T10:02:00Z","anonymous_id":"a1"}"#,
+            r#"{"event":"lead","event_id":"4","occurred_at":"2026-11-20T10:03:00Z","user_id":"u1","phone":"+1 650 253 0000"}"#,
+            r#"{"event":"lead","event_id":"5","occurred_at":"2026-11-20T10:04:00Z","anonymous_id":"a2","user_id":"u1"}"#,
+            r#"{"event":"lead","event_id":"6","occurred_at":"2026-11-20T10:05:00Z","anonymous_id":"a3"}"#,
+        ];
+        for json in events {
+            let e = ev(json);
+            let hints = Profile::from_event(&e, &mut us());
+            let observed = format!("{:?}", t.observe(&e, &hints, |_, _| {}));
+            assert_eq!(observed, format!("{:?}", t.resolve(&e)), "{json}");
+        }
+        assert_eq!(t.resolve(&ev(events[2])).user_id, Some("u1"));
     }
 
     #[test]

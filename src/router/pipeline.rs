@@ -364,7 +364,8 @@ impl Pipeline {
 
         let hints = Profile::from_event(&ev, &mut self.phones);
         let identity_topic = &self.topics.identity;
-        self.identity
+        let who = self
+            .identity
             .observe(&ev, &hints, |id: IdKey<'_>, profile| {
                 let key = batch.written(|b| {
                     b.extend_from_slice(id.prefix.as_bytes());
@@ -374,7 +375,6 @@ impl Pipeline {
                     .written(|b| serde_json::to_writer(b, profile).expect("serialising to memory"));
                 batch.push(identity_topic, None, Some(key), Some(payload), Vec::new());
             });
-        let who = self.identity.resolve(&ev);
         if batch.routed_at.is_empty() {
             serde_json::to_writer(&mut batch.routed_at, &Utc::now())
                 .expect("serialising to memory");
