@@ -223,15 +223,6 @@ pub struct Resolved<'a> {
 }
 
 impl<'a> Resolved<'a> {
-    /// What the event itself says, for a person the table has not seen.
-    pub fn only(user_id: Option<&'a str>, profile: &'a Profile) -> Resolved<'a> {
-        Resolved {
-            user_id,
-            user: Some(profile),
-            anon: None,
-        }
-    }
-
     pub fn email_hash(&self, rule: EmailRule) -> Option<&'a str> {
         // The email and its google variant come as a pair, from one profile.
         self.user
