@@ -1255,7 +1255,8 @@ mod tests {
     use crate::event::EventName;
     use serde_json::json;
 
-    fn base() -> Value {
+    /// A valid purchase; the fast path's tests start from it too.
+    pub(super) fn base() -> Value {
         json!({
             "event": "purchase",
             "event_id": "evt_1",

@@ -389,19 +389,9 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for MapOnly<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::validate::tests::base;
     use crate::event::validate::{InvalidEvent, parse_event, parse_event_slow};
     use serde_json::json;
-
-    fn base() -> Value {
-        json!({
-            "event": "purchase",
-            "event_id": "evt_1",
-            "occurred_at": "2026-11-26T10:00:00Z",
-            "user_id": "u1",
-            "value": 10,
-            "currency": "USD"
-        })
-    }
 
     fn with(field: &str, value: Value) -> String {
         let mut event = base();
