@@ -49,14 +49,22 @@ pub fn normalize_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
     if !is_email(&email) {
         return None;
     }
-    if gmail_dot_rule
-        && let Some((local, domain)) = email.split_once('@')
-        && matches!(domain, "gmail.com" | "googlemail.com")
-    {
-        let local = local.replace('.', "");
-        return (!local.is_empty()).then(|| format!("{local}@{domain}"));
+    if gmail_dot_rule {
+        return gmail_without_dots(&email).unwrap_or(Some(email));
     }
     Some(email)
+}
+
+/// A normalised gmail.com/googlemail.com address with its local part's dots
+/// dropped (`None` if nothing is left); the outer `None` when the rule does
+/// not change `email`.
+fn gmail_without_dots(email: &str) -> Option<Option<String>> {
+    let (local, domain) = email.split_once('@')?;
+    if !matches!(domain, "gmail.com" | "googlemail.com") || !local.contains('.') {
+        return None;
+    }
+    let local = local.replace('.', "");
+    Some((!local.is_empty()).then(|| format!("{local}@{domain}")))
 }
 
 /// Loads the phone-number metadata now (tens of milliseconds, once per
@@ -119,13 +127,7 @@ pub fn hash_email_variants(raw: &str) -> Option<(String, Option<String>)> {
         return Some((h, None));
     }
     let plain = normalize_email(raw, false)?;
-    let google = match plain.split_once('@') {
-        Some((local, domain @ ("gmail.com" | "googlemail.com"))) if local.contains('.') => {
-            let local = local.replace('.', "");
-            (!local.is_empty()).then(|| sha256_hex(&format!("{local}@{domain}")))
-        }
-        _ => None,
-    };
+    let google = gmail_without_dots(&plain).flatten().map(|g| sha256_hex(&g));
     Some((sha256_hex(&plain), google))
 }
 
@@ -142,8 +144,11 @@ pub fn hash_phone_variants(raw: &str, default_country: PhoneCountry) -> Option<(
 
 /// SHA-256 of the normalised phone number, or the given digest lowercased.
 pub fn hash_phone(raw: &str, default_country: PhoneCountry, format: PhoneFormat) -> Option<String> {
-    pre_hashed(raw)
-        .or_else(|| normalize_phone(raw, default_country, format).map(|p| sha256_hex(&p)))
+    let (e164, digits) = hash_phone_variants(raw, default_country)?;
+    Some(match format {
+        PhoneFormat::E164 => e164,
+        PhoneFormat::DigitsOnly => digits,
+    })
 }
 
 /// SHA-256 of a trimmed external id (case is kept: ids are case-sensitive),
@@ -265,16 +270,15 @@ mod tests {
             "+1 999",
         ] {
             let got = hash_phone_variants(raw, us());
+            let single = |f| {
+                pre_hashed(raw).or_else(|| normalize_phone(raw, us(), f).map(|p| sha256_hex(&p)))
+            };
             assert_eq!(
                 got.as_ref().map(|v| v.0.clone()),
-                hash_phone(raw, us(), PhoneFormat::E164),
+                single(PhoneFormat::E164),
                 "{raw}"
             );
-            assert_eq!(
-                got.map(|v| v.1),
-                hash_phone(raw, us(), PhoneFormat::DigitsOnly),
-                "{raw}"
-            );
+            assert_eq!(got.map(|v| v.1), single(PhoneFormat::DigitsOnly), "{raw}");
         }
     }
 
