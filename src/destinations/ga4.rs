@@ -570,7 +570,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::Secret;
-    use crate::delivery::{DELIVERY_VERSION, Origin};
+    use crate::destinations::test_support::{self, body, ok};
 
     const EMAIL_HASH: &str = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
 
@@ -596,7 +596,7 @@ mod tests {
     }
 
     fn delivery(name: &str, extra: Value) -> Delivery {
-        let mut ev = json!({
+        let ev = json!({
             "event": "purchase", "event_id": "e1", "occurred_at": "2026-11-26T14:03:11Z",
             "user_id": "u_1", "anonymous_id": "anon-1", "value": 49.5, "currency": "EUR",
             "order_id": "o-1", "email_sha256": EMAIL_HASH,
@@ -606,37 +606,7 @@ mod tests {
             "properties": {"session_id": "1700000000", "engagement_time_msec": 1200, "plan": "pro"},
             "consent": {"analytics": "granted", "ads": "granted"}
         });
-        for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() {
-                ev.as_object_mut().unwrap().remove(k);
-            } else {
-                ev[k] = v.clone();
-            }
-        }
-        Delivery {
-            v: DELIVERY_VERSION,
-            destination: "ga4".into(),
-            name: name.into(),
-            event: serde_json::from_value(ev).unwrap(),
-            origin: Origin {
-                topic: "t".into(),
-                partition: 0,
-                offset: 1,
-            },
-            routed_at: "2026-11-26T14:03:12Z".parse().unwrap(),
-        }
-    }
-
-    fn body(r: &Request) -> Value {
-        serde_json::from_slice(&r.body).unwrap()
-    }
-
-    fn ok(body: Value) -> Response {
-        Response {
-            status: 200,
-            headers: vec![],
-            body: serde_json::to_vec(&body).unwrap(),
-        }
+        test_support::delivery("ga4", name, ev, extra)
     }
 
     #[test]

@@ -615,7 +615,7 @@ impl Destination for GoogleAds {
 mod tests {
     use super::*;
     use crate::config::Secret;
-    use crate::delivery::{DELIVERY_VERSION, Origin};
+    use crate::destinations::test_support::{self, body, ok};
     use serde_json::json;
 
     const EMAIL_HASH: &str = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
@@ -650,44 +650,20 @@ mod tests {
     }
 
     fn delivery(extra: Value) -> Delivery {
-        let mut ev = json!({
+        let ev = json!({
             "event": "purchase", "event_id": "e1", "occurred_at": "2026-11-26T14:03:11Z",
             "user_id": "u_1", "value": 49.5, "currency": "EUR", "order_id": "o-1",
             "email_sha256": EMAIL_HASH, "phone_sha256": PHONE_HASH,
             "click_ids": {"gclid": "Cj0KCQ-test"},
             "consent": {"ads": "granted"}
         });
-        for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() {
-                ev.as_object_mut().unwrap().remove(k);
-            } else {
-                ev[k] = v.clone();
-            }
-        }
-        Delivery {
-            v: DELIVERY_VERSION,
-            destination: "gads".into(),
-            name: ev["event"].as_str().unwrap().into(),
-            event: serde_json::from_value(ev).unwrap(),
-            origin: Origin {
-                topic: "t".into(),
-                partition: 0,
-                offset: 1,
-            },
-            routed_at: "2026-11-26T14:03:12Z".parse().unwrap(),
-        }
-    }
-
-    fn body(r: &Request) -> Value {
-        serde_json::from_slice(&r.body).unwrap()
-    }
-
-    fn ok(body: Value) -> Response {
-        Response {
-            status: 200,
-            headers: vec![],
-            body: serde_json::to_vec(&body).unwrap(),
-        }
+        let name = extra
+            .get("event")
+            .unwrap_or(&ev["event"])
+            .as_str()
+            .unwrap()
+            .to_string();
+        test_support::delivery("gads", &name, ev, extra)
     }
 
     fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {

@@ -491,7 +491,7 @@ impl Destination for MetaCapi {
 pub(crate) mod tests {
     use super::*;
     use crate::config::{Config, DestinationKind};
-    use crate::delivery::{DELIVERY_VERSION, Origin};
+    use crate::destinations::test_support::{self, body};
     use crate::event::normalize::sha256_hex;
     use serde_json::{Value, json};
     use std::path::Path;
@@ -521,7 +521,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn delivery(id: &str, name: &str, event: Value) -> Delivery {
-        let mut base = json!({
+        let base = json!({
             "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
             "user_id": "u_1", "value": 59.9, "currency": "EUR", "order_id": "o-1",
             "email_sha256": EMAIL_HASH, "phone_sha256": PHONE_HASH,
@@ -530,31 +530,7 @@ pub(crate) mod tests {
             "context": {"ip": "203.0.113.7", "user_agent": "Mozilla/5.0", "page_url": "https://shop.example/checkout", "referrer": "https://shop.example/cart", "locale": "de-DE"},
             "items": [{"id": "sku-1", "quantity": 2, "price": 19.95}, {"id": "sku-2", "price": 20.0}]
         });
-        if let (Some(b), Value::Object(over)) = (base.as_object_mut(), event) {
-            for (k, v) in over {
-                if v.is_null() {
-                    b.remove(&k);
-                } else {
-                    b.insert(k, v);
-                }
-            }
-        }
-        Delivery {
-            v: DELIVERY_VERSION,
-            destination: "meta".into(),
-            name: name.into(),
-            event: serde_json::from_value(base).unwrap(),
-            origin: Origin {
-                topic: "switchyard.deliver.meta".into(),
-                partition: 0,
-                offset: 1,
-            },
-            routed_at: now(),
-        }
-    }
-
-    fn body(r: &Request) -> Value {
-        serde_json::from_slice(&r.body).unwrap()
+        test_support::delivery("meta", name, base, event)
     }
 
     fn response(status: u16, body: &str) -> Response {

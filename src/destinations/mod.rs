@@ -4,6 +4,8 @@ pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
 mod shared;
+#[cfg(test)]
+mod test_support;
 pub mod tiktok_events;
 pub mod webhook;
 

@@ -378,8 +378,9 @@ mod tests {
     use super::*;
     use crate::config::{Config, DestinationKind};
     use crate::destinations::meta_capi::tests::{EMAIL_HASH, PHONE_HASH, delivery, now};
+    use crate::destinations::test_support::body;
     use crate::event::normalize::sha256_hex;
-    use serde_json::{Value, json};
+    use serde_json::json;
     use std::path::Path;
     use std::time::Duration;
 
@@ -392,10 +393,6 @@ mod tests {
             DestinationKind::TiktokEvents(t) => TiktokEvents::new(t.clone()),
             _ => unreachable!(),
         }
-    }
-
-    fn body(r: &Request) -> Value {
-        serde_json::from_slice(&r.body).unwrap()
     }
 
     fn response(status: u16, body: &str) -> Response {

@@ -183,7 +183,7 @@ impl Destination for Webhook {
 mod tests {
     use super::*;
     use crate::config::Secret;
-    use crate::delivery::{DELIVERY_VERSION, Origin};
+    use crate::destinations::test_support;
 
     fn hook() -> Webhook {
         Webhook::new(WebhookSettings {
@@ -193,23 +193,11 @@ mod tests {
     }
 
     fn delivery(id: &str) -> Delivery {
-        let event: CanonicalEvent = serde_json::from_value(serde_json::json!({
+        let event = serde_json::json!({
             "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
             "user_id": "u_1", "value": 10.0, "currency": "EUR"
-        }))
-        .unwrap();
-        Delivery {
-            v: DELIVERY_VERSION,
-            destination: "hook".into(),
-            name: "purchase".into(),
-            event,
-            origin: Origin {
-                topic: "events.canonical".into(),
-                partition: 0,
-                offset: 1,
-            },
-            routed_at: "2026-11-26T14:03:12Z".parse().unwrap(),
-        }
+        });
+        test_support::delivery("hook", "purchase", event, serde_json::json!({}))
     }
 
     fn response(status: u16, body: &str) -> Response {

@@ -1,0 +1,46 @@
+//! Builders the destinations' unit tests share.
+
+use serde_json::Value;
+
+use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use crate::sink::destination::{Request, Response};
+
+/// `base` with `overrides` laid over it (a null removes the field), as the
+/// router would hand it to `destination` under the vendor name `name`.
+pub fn delivery(destination: &str, name: &str, mut base: Value, overrides: Value) -> Delivery {
+    if let (Some(b), Value::Object(over)) = (base.as_object_mut(), overrides) {
+        for (k, v) in over {
+            if v.is_null() {
+                b.remove(&k);
+            } else {
+                b.insert(k, v);
+            }
+        }
+    }
+    Delivery {
+        v: DELIVERY_VERSION,
+        destination: destination.into(),
+        name: name.into(),
+        event: serde_json::from_value(base).expect("a canonical event"),
+        origin: Origin {
+            topic: format!("switchyard.deliver.{destination}"),
+            partition: 0,
+            offset: 1,
+        },
+        routed_at: "2026-11-26T14:03:12Z".parse().expect("a time"),
+    }
+}
+
+/// A request's JSON body.
+pub fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).expect("a JSON body")
+}
+
+/// A 200 answer with `body`.
+pub fn ok(body: Value) -> Response {
+    Response {
+        status: 200,
+        headers: vec![],
+        body: serde_json::to_vec(&body).expect("serialising to memory"),
+    }
+}
