@@ -336,6 +336,37 @@ fn text<'v>(m: &'v Map<String, Value>, camel: &str) -> Option<&'v str> {
 }
 
 /// The JSON parser's checks: structure, known fields, value types, enums.
+/// `v` as a list, or Google's message at `at`.
+fn list<'v>(v: &'v Value, at: &str) -> Result<&'v Vec<Value>, (String, String)> {
+    v.as_array().ok_or_else(|| {
+        (
+            at.to_string(),
+            format!("Invalid value at '{at}': expected a list."),
+        )
+    })
+}
+
+/// `v` as an object holding only `known` fields, or Google's message at `at`.
+fn known_object<'v>(
+    v: &'v Value,
+    at: &str,
+    known: &[&str],
+) -> Result<&'v Map<String, Value>, (String, String)> {
+    let o = v.as_object().ok_or_else(|| {
+        (
+            at.to_string(),
+            format!("Invalid value at '{at}': expected an object."),
+        )
+    })?;
+    match o.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err((
+            at.to_string(),
+            format!("Unknown name \"{k}\" at '{at}': Cannot find field."),
+        )),
+        None => Ok(o),
+    }
+}
+
 fn parse_body(body: &Value) -> Result<(), (String, String)> {
     let top = body.as_object().ok_or_else(|| {
         (
@@ -354,28 +385,9 @@ fn parse_body(body: &Value) -> Result<(), (String, String)> {
     let Some(conversions) = field(top, "conversions") else {
         return Ok(());
     };
-    let conversions = conversions.as_array().ok_or_else(|| {
-        (
-            "conversions".to_string(),
-            "Invalid value at 'conversions': expected a list.".to_string(),
-        )
-    })?;
-    for (i, c) in conversions.iter().enumerate() {
+    for (i, c) in list(conversions, "conversions")?.iter().enumerate() {
         let at = format!("conversions[{i}]");
-        let c = c.as_object().ok_or_else(|| {
-            (
-                at.clone(),
-                format!("Invalid value at '{at}': expected an object."),
-            )
-        })?;
-        for k in c.keys() {
-            if !CONVERSION_FIELDS.contains(&k.as_str()) {
-                return Err((
-                    at.clone(),
-                    format!("Unknown name \"{k}\" at '{at}': Cannot find field."),
-                ));
-            }
-        }
+        let c = known_object(c, &at, CONVERSION_FIELDS)?;
         for k in [
             "gclid",
             "gbraid",
@@ -431,28 +443,10 @@ fn parse_body(body: &Value) -> Result<(), (String, String)> {
             }
         }
         if let Some(ids) = field(c, "userIdentifiers") {
-            let ids = ids.as_array().ok_or_else(|| {
-                (
-                    format!("{at}.user_identifiers"),
-                    format!("Invalid value at '{at}.user_identifiers': expected a list."),
-                )
-            })?;
+            let ids = list(ids, &format!("{at}.user_identifiers"))?;
             for (j, id) in ids.iter().enumerate() {
                 let here = format!("{at}.user_identifiers[{j}]");
-                let id = id.as_object().ok_or_else(|| {
-                    (
-                        here.clone(),
-                        format!("Invalid value at '{here}': expected an object."),
-                    )
-                })?;
-                for k in id.keys() {
-                    if !IDENTIFIER_FIELDS.contains(&k.as_str()) {
-                        return Err((
-                            here.clone(),
-                            format!("Unknown name \"{k}\" at '{here}': Cannot find field."),
-                        ));
-                    }
-                }
+                let id = known_object(id, &here, IDENTIFIER_FIELDS)?;
                 if let Some(v) = field(id, "userIdentifierSource")
                     && !v.as_str().is_some_and(|s| IDENTIFIER_SOURCES.contains(&s))
                 {
