@@ -347,19 +347,22 @@ impl IdentityTable {
         };
         let user = entry(users, &uid);
         let mut changed = false;
-        if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid) {
-            if a.user_id.as_deref() != Some(&*uid) {
-                a.user_id = Some(uid.to_string());
-                write(
-                    IdKey {
-                        prefix: ANON,
-                        id: aid,
-                    },
-                    a,
-                );
-            }
-            // Stitch: what was learnt while anonymous now belongs to the
-            // user, under this event's own hints.
+        if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid)
+            && a.user_id.as_deref() != Some(&*uid)
+        {
+            a.user_id = Some(uid.to_string());
+            write(
+                IdKey {
+                    prefix: ANON,
+                    id: aid,
+                },
+                a,
+            );
+            // Stitch, once, when the link is made: what was learnt while
+            // anonymous now belongs to the user. Not at every later event:
+            // the anonymous profile stops learning once linked, so its
+            // old email or click would undo what the user's own events
+            // taught since (and rewrite the profile for nothing).
             changed |= user.overlay(a);
         }
         changed |= user.overlay(hints);
@@ -556,5 +559,53 @@ mod tests {
         );
         assert_eq!(observe(&mut t, &e).len(), 1);
         assert!(observe(&mut t, &e).is_empty());
+    }
+
+    #[test]
+    fn what_was_learnt_while_anonymous_is_stitched_once_and_never_undoes_newer_facts() {
+        let mut t = IdentityTable::default();
+        let at = |n: u32, rest: &str| {
+            ev(&format!(
+                r#"{{"event":"lead","event_id":"e{n}","occurred_at":"2026-11-20T10:0{n}:00Z",{rest}}}"#
+            ))
+        };
+        let keys = |w: Vec<(String, Profile)>| w.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let anon = at(
+            1,
+            r#""anonymous_id":"a1","email":"old@example.com","click_ids":{"fbc":"F0"}"#,
+        );
+        assert_eq!(keys(observe(&mut t, &anon)), ["a:a1"]);
+        let link = at(2, r#""anonymous_id":"a1","user_id":"u1""#);
+        assert_eq!(keys(observe(&mut t, &link)), ["a:a1", "u:u1"]);
+        let u = t.resolve(&link).user.unwrap().clone();
+        assert_eq!(
+            u.email_sha256.as_deref(),
+            Some(sha256_hex("old@example.com").as_str())
+        );
+        assert_eq!(u.click_ids.fbc.as_deref(), Some("F0"));
+
+        let newer = at(3, r#""user_id":"u1","email":"new@example.com""#);
+        assert_eq!(keys(observe(&mut t, &newer)), ["u:u1"]);
+        // Both ids again, nothing new: the stale anonymous email must not
+        // come back, and nothing is rewritten.
+        assert!(observe(&mut t, &link).is_empty());
+        let u = t.resolve(&link).user.unwrap().clone();
+        assert_eq!(
+            u.email_sha256.as_deref(),
+            Some(sha256_hex("new@example.com").as_str())
+        );
+
+        // A linked visitor's new click belongs to the user.
+        let click = at(4, r#""anonymous_id":"a1","click_ids":{"fbc":"F1"}"#);
+        assert_eq!(keys(observe(&mut t, &click)), ["u:u1"]);
+        let again = at(
+            5,
+            r#""anonymous_id":"a1","user_id":"u1","click_ids":{"fbc":"F1"}"#,
+        );
+        assert!(observe(&mut t, &again).is_empty());
+        assert_eq!(
+            t.resolve(&again).user.unwrap().click_ids.fbc.as_deref(),
+            Some("F1")
+        );
     }
 }
