@@ -20,6 +20,12 @@ TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 RUN_DIR="${SWITCHYARD_KAFKA_DIR:-${TMPDIR:-/tmp}/switchyard-kafka}"
 PORT="${SWITCHYARD_KAFKA_PORT:-19092}"
+# How often tansu runs retention, compaction and its other SQLite upkeep. Each
+# run scans every stored record while holding the write lock, so produce
+# acknowledgements stall for seconds once the database is large. Tests keep it
+# short so that upkeep happens while they run; throughput measurements should
+# use tansu's own default of 10 minutes (see README, "Benchmarks").
+MAINTENANCE="${SWITCHYARD_TANSU_MAINTENANCE:-5s}"
 
 log() { echo "kafka-dev: $*" >&2; }
 
@@ -62,7 +68,7 @@ launch() {
     nohup "$TANSU_BIN" broker \
       --listener-url "tcp://127.0.0.1:$PORT" \
       --advertised-listener-url "tcp://127.0.0.1:$PORT" \
-      --storage-engine "sqlite://tansu.db?maintenance_interval=5s" \
+      --storage-engine "sqlite://tansu.db?maintenance_interval=$MAINTENANCE" \
       >>"$RUN_DIR/tansu.log" 2>&1 &
     echo $! >"$RUN_DIR/tansu.pid"
   )
