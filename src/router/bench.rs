@@ -60,6 +60,9 @@ pub struct Figures {
     pub chain_events: usize,
     pub chain_events_per_s_per_core: f64,
     pub chain_passes: Vec<f64>,
+    /// Records the step chain wrote per input event.
+    pub deliveries_per_event: f64,
+    pub identity_writes_per_event: f64,
     pub broker: Option<String>,
     pub broker_events: usize,
     pub e2e_events_per_s: Option<f64>,
@@ -102,31 +105,41 @@ fn config(brokers: Option<&str>, prefix: &str) -> Config {
         .expect("the bench config is valid")
 }
 
-/// A realistic mix: a third of events carry an email, a tenth a phone,
-/// every fifth is anonymous, a few are duplicates.
+/// People who come back, as they do in real traffic: `n / 10` people with
+/// ten events each, spread through the stream (one person's events are
+/// `n / 10` apart, so they seldom share a batch). Everyone has one device
+/// (anonymous id) and a user id, and one event in five is made logged out.
+/// A third of people gave an email and a tenth a phone number, the same each
+/// time. The Meta click cookie (`fbc`) is replaced when someone comes back
+/// through a new ad: on their first event and on every fifth after it. One
+/// event in 50 repeats the event before it. What the identity table learns
+/// per event decides how much the router writes beyond the deliveries:
+/// `identity_writes_per_event` in the figures.
 fn events(n: usize) -> Vec<(String, Vec<u8>)> {
+    let people = (n / 10).max(1);
     (0..n)
         .map(|i| {
-            let id = format!("bench-{i:09}");
+            let (person, visit) = (i % people, i / people);
             let dup_of = if i % 50 == 49 { i - 1 } else { i };
-            let id = if dup_of == i { id } else { format!("bench-{dup_of:09}") };
-            let who = if i % 5 == 0 {
-                format!(r#""anonymous_id":"anon-{}""#, i % 10_000)
+            let id = format!("bench-{dup_of:09}");
+            let who = if (person + visit) % 5 == 0 {
+                format!(r#""anonymous_id":"anon-{person}""#)
             } else {
-                format!(r#""user_id":"u-{}","anonymous_id":"anon-{}""#, i % 50_000, i % 10_000)
+                format!(r#""user_id":"u-{person}","anonymous_id":"anon-{person}""#)
             };
-            let email = if i % 3 == 0 {
-                format!(r#","email":"Person.{}@Example.com""#, i % 50_000)
-            } else {
-                String::new()
-            };
-            let phone = if i % 10 == 0 {
-                format!(r#","phone":"+1 650 253 {:04}""#, i % 10_000)
+            let email = if person % 3 == 0 {
+                format!(r#","email":"Person.{person}@Example.com""#)
             } else {
                 String::new()
             };
+            let phone = if person % 10 == 0 {
+                format!(r#","phone":"+1 650 253 {:04}""#, person % 10_000)
+            } else {
+                String::new()
+            };
+            let click = visit / 5;
             let body = format!(
-                r#"{{"event":"purchase","event_id":"{id}","occurred_at":"2026-11-20T10:00:00Z",{who}{email}{phone},"value":{}.5,"currency":"USD","order_id":"o-{i}","items":[{{"id":"sku-{}","quantity":1,"price":{}.5}}],"click_ids":{{"fbc":"fb.1.1700000000.{i}"}},"context":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0"}},"consent":{{"ads":"granted","analytics":"granted"}}}}"#,
+                r#"{{"event":"purchase","event_id":"{id}","occurred_at":"2026-11-20T10:00:00Z",{who}{email}{phone},"value":{}.5,"currency":"USD","order_id":"o-{i}","items":[{{"id":"sku-{}","quantity":1,"price":{}.5}}],"click_ids":{{"fbc":"fb.1.1700000000.{person}x{click}"}},"context":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0"}},"consent":{{"ads":"granted","analytics":"granted"}}}}"#,
                 i % 500,
                 i % 300,
                 i % 500
@@ -160,7 +173,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     // to the kernel zeroing pages the allocator handed back.
     let input = Arc::new(events(opts.chain_events));
     for pass in 1..=CHAIN_PASSES {
-        let rate = tokio::task::spawn_blocking({
+        let (rate, deliveries, identity_writes) = tokio::task::spawn_blocking({
             let input = input.clone();
             move || step_chain(&input)
         })
@@ -168,12 +181,18 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         .map_err(super::RouterError::from)?;
         println!("(a) pass {pass}: {rate:.0} events/s per core");
         f.chain_passes.push(rate);
+        f.deliveries_per_event = deliveries;
+        f.identity_writes_per_event = identity_writes;
     }
     drop(input);
     f.chain_events_per_s_per_core = median(&f.chain_passes);
     println!(
         "(a) step chain, 3 destinations: {:.0} events/s per core ({} events, median of {CHAIN_PASSES} passes)",
         f.chain_events_per_s_per_core, opts.chain_events
+    );
+    println!(
+        "(a) writes per event: {:.2} deliveries, {:.2} identity updates",
+        f.deliveries_per_event, f.identity_writes_per_event
     );
 
     // As the router holds them: chunks of one batch's new keys each.
@@ -256,8 +275,12 @@ fn median(xs: &[f64]) -> f64 {
 
 const CHAIN_PASSES: usize = 5;
 
-fn step_chain(input: &[(String, Vec<u8>)]) -> f64 {
+/// Events/s per core, and deliveries and identity records written per event.
+fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64) {
     let cfg = Arc::new(config(None, "bench"));
+    let identity = cfg.topics.identity();
+    let deliver = cfg.topics.deliver("");
+    let (mut identity_writes, mut deliveries) = (0, 0);
     let mut pipeline = Pipeline::new(cfg);
     for p in 0..4 {
         pipeline.install(p, PartitionDedup::default());
@@ -270,7 +293,8 @@ fn step_chain(input: &[(String, Vec<u8>)]) -> f64 {
         batch.clear();
         for (i, (id, payload)) in chunk.iter().enumerate() {
             let rec = InRecord {
-                partition: (i % 4) as i32,
+                // As a keyed producer would: a duplicate meets its original.
+                partition: (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % 4) as i32,
                 offset: (chunk_no * 2000 + i) as i64,
                 key: Some(id.as_bytes()),
                 payload: Some(payload),
@@ -280,12 +304,24 @@ fn step_chain(input: &[(String, Vec<u8>)]) -> f64 {
         }
         pipeline.seal(&mut batch);
         pipeline.commit(&batch);
+        for o in batch.records() {
+            if *o.topic == *identity {
+                identity_writes += 1;
+            } else if o.topic.starts_with(&deliver) {
+                deliveries += 1;
+            }
+        }
     }
     let spent = match thread_cpu().saturating_sub(cpu) {
         d if d.is_zero() => wall.elapsed(),
         d => d,
     };
-    input.len() as f64 / spent.as_secs_f64()
+    let n = input.len() as f64;
+    (
+        n / spent.as_secs_f64(),
+        deliveries as f64 / n,
+        identity_writes as f64 / n,
+    )
 }
 
 async fn produce(
