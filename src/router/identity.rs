@@ -43,6 +43,15 @@ pub struct Profile {
     pub external_ids: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "is_empty_click_ids")]
     pub click_ids: ClickIds,
+    /// When the newest event this was learnt from occurred (unix seconds).
+    /// What an older event says (a partition read late, a replayed backfill)
+    /// only fills gaps: it never replaces what a newer one taught.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub as_of: i64,
+}
+
+fn is_zero(t: &i64) -> bool {
+    *t == 0
 }
 
 fn is_empty_click_ids(c: &ClickIds) -> bool {
@@ -98,10 +107,11 @@ impl fmt::Debug for PhoneHasher {
     }
 }
 
-/// Sets `slot` to `v` when `v` is known and different; true if it changed.
-fn take(slot: &mut Option<String>, v: &Option<String>) -> bool {
+/// Sets `slot` to `v` when `v` is known and different (and, for an `older`
+/// fact, only when `slot` is empty); true if it changed.
+fn take(slot: &mut Option<String>, v: &Option<String>, older: bool) -> bool {
     match v {
-        Some(x) if slot.as_ref() != Some(x) => {
+        Some(x) if slot.as_ref() != Some(x) && !(older && slot.is_some()) => {
             slot.clone_from(v);
             true
         }
@@ -118,7 +128,10 @@ impl Profile {
                 .and_then(|t| t.get(k))
                 .and_then(Value::as_str)
         };
-        let mut p = Profile::default();
+        let mut p = Profile {
+            as_of: ev.occurred_at.timestamp(),
+            ..Profile::default()
+        };
         if let Some((plain, google)) = ev
             .email
             .as_deref()
@@ -161,37 +174,46 @@ impl Profile {
 
     /// Overlays `newer` (its known fields win); true when anything changed.
     pub fn merge(&mut self, newer: &Profile) -> bool {
-        take(&mut self.user_id, &newer.user_id) | self.overlay(newer)
+        take(&mut self.user_id, &newer.user_id, newer.as_of < self.as_of) | self.overlay(newer)
     }
 
     /// `merge` without the user link: what a person's events say about them.
+    /// A newer `as_of` alone is not a change: writing the profile for it
+    /// would rewrite every returning person's record at every event.
     fn overlay(&mut self, newer: &Profile) -> bool {
+        let older = newer.as_of < self.as_of;
+        self.as_of = self.as_of.max(newer.as_of);
         let mut changed = false;
-        if newer.email_sha256.is_some() {
+        if newer.email_sha256.is_some() && !(older && self.email_sha256.is_some()) {
             // The google variant belongs to the email it came with.
-            changed |= take(&mut self.email_sha256, &newer.email_sha256);
+            changed |= take(&mut self.email_sha256, &newer.email_sha256, older);
             if self.email_sha256_google != newer.email_sha256_google {
                 self.email_sha256_google
                     .clone_from(&newer.email_sha256_google);
                 changed = true;
             }
         }
-        changed |= take(&mut self.phone_sha256_e164, &newer.phone_sha256_e164);
-        changed |= take(&mut self.phone_sha256_digits, &newer.phone_sha256_digits);
+        changed |= take(&mut self.phone_sha256_e164, &newer.phone_sha256_e164, older);
+        changed |= take(
+            &mut self.phone_sha256_digits,
+            &newer.phone_sha256_digits,
+            older,
+        );
         for (k, v) in &newer.external_ids {
-            if self.external_ids.get(k) != Some(v) {
+            let known = self.external_ids.get(k);
+            if known != Some(v) && !(older && known.is_some()) {
                 self.external_ids.insert(k.clone(), v.clone());
                 changed = true;
             }
         }
         let (c, n) = (&mut self.click_ids, &newer.click_ids);
-        changed |= take(&mut c.fbc, &n.fbc);
-        changed |= take(&mut c.fbp, &n.fbp);
-        changed |= take(&mut c.gclid, &n.gclid);
-        changed |= take(&mut c.gbraid, &n.gbraid);
-        changed |= take(&mut c.wbraid, &n.wbraid);
-        changed |= take(&mut c.ttclid, &n.ttclid);
-        changed |= take(&mut c.ttp, &n.ttp);
+        changed |= take(&mut c.fbc, &n.fbc, older);
+        changed |= take(&mut c.fbp, &n.fbp, older);
+        changed |= take(&mut c.gclid, &n.gclid, older);
+        changed |= take(&mut c.gbraid, &n.gbraid, older);
+        changed |= take(&mut c.wbraid, &n.wbraid, older);
+        changed |= take(&mut c.ttclid, &n.ttclid, older);
+        changed |= take(&mut c.ttp, &n.ttp, older);
         changed
     }
 
@@ -347,10 +369,14 @@ impl IdentityTable {
         };
         let user = entry(users, &uid);
         let mut changed = false;
+        // A device that changed hands links to its newest user; an older
+        // event does not take it back.
         if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid)
             && a.user_id.as_deref() != Some(&*uid)
+            && (a.user_id.is_none() || hints.as_of >= a.as_of)
         {
             a.user_id = Some(uid.to_string());
+            a.as_of = a.as_of.max(hints.as_of);
             write(
                 IdKey {
                     prefix: ANON,
@@ -607,5 +633,52 @@ mod tests {
             t.resolve(&again).user.unwrap().click_ids.fbc.as_deref(),
             Some("F1")
         );
+    }
+
+    #[test]
+    fn an_older_event_fills_gaps_but_never_replaces_what_a_newer_one_taught() {
+        let mut t = IdentityTable::default();
+        let at = |time: &str, rest: &str| {
+            ev(&format!(
+                r#"{{"event":"lead","event_id":"e","occurred_at":"2026-11-20T{time}Z",{rest}}}"#
+            ))
+        };
+        let newer = at(
+            "12:00:00",
+            r#""user_id":"u1","anonymous_id":"a1","click_ids":{"fbc":"NEW"}"#,
+        );
+        assert_eq!(observe(&mut t, &newer).len(), 2);
+        // A partition read late, or a replayed backfill: its click is stale,
+        // its email is news, and its other user does not take the device.
+        let older = at(
+            "09:00:00",
+            r#""user_id":"u1","email":"a@b.co","click_ids":{"fbc":"OLD"}"#,
+        );
+        let w = observe(&mut t, &older);
+        assert_eq!(w.len(), 1, "the email is a gap filled");
+        let u = &w[0].1;
+        assert_eq!(u.click_ids.fbc.as_deref(), Some("NEW"));
+        assert_eq!(
+            u.email_sha256.as_deref(),
+            Some(sha256_hex("a@b.co").as_str())
+        );
+        assert_eq!(u.as_of, newer.occurred_at.timestamp());
+        assert!(observe(&mut t, &older).is_empty());
+        let other = at("10:00:00", r#""user_id":"u2","anonymous_id":"a1""#);
+        observe(&mut t, &other);
+        let later = at("13:00:00", r#""anonymous_id":"a1""#);
+        assert_eq!(t.resolve(&later).user_id, Some("u1"));
+
+        // The same rule for records read from the topic.
+        let mut b = IdentityTable::default();
+        for (k, p) in observe(&mut IdentityTable::default(), &newer) {
+            b.apply(&k, &p);
+        }
+        for (k, p) in observe(&mut IdentityTable::default(), &older) {
+            b.apply(&k, &p);
+        }
+        let u = b.resolve(&later).user.unwrap();
+        assert_eq!(u.click_ids.fbc.as_deref(), Some("NEW"));
+        assert!(u.email_sha256.is_some());
     }
 }
