@@ -124,14 +124,22 @@ impl Batch {
 
     /// The records to produce, in order.
     pub fn records(&self) -> impl Iterator<Item = Out<'_>> {
+        self.records_from(0)
+    }
+
+    /// The records from the `start`-th on, in order: what `process` added
+    /// since the batch had `start` records.
+    pub fn records_from(&self, start: usize) -> impl Iterator<Item = Out<'_>> {
         let at = |r: &Option<Range<usize>>| r.clone().map(|r| &self.buf[r]);
-        self.out.iter().map(move |o| Out {
-            topic: &o.topic,
-            partition: o.partition,
-            key: at(&o.key),
-            payload: at(&o.payload),
-            headers: &o.headers,
-        })
+        self.out[start.min(self.out.len())..]
+            .iter()
+            .map(move |o| Out {
+                topic: &o.topic,
+                partition: o.partition,
+                key: at(&o.key),
+                payload: at(&o.payload),
+                headers: &o.headers,
+            })
     }
 
     pub fn len(&self) -> usize {

@@ -199,8 +199,19 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
 
         let now = unix_secs();
         batch.clear();
+        // At-least-once hands each record's outputs to the producer as soon
+        // as they exist, so the broker works on the first while the rest are
+        // routed. (A transaction has to begin first; it takes them at the end.)
+        let mut sent: Result<Vec<DeliveryFuture>, KafkaError> = Ok(Vec::new());
         for msg in &msgs {
+            let from = batch.len();
             pipeline.process(&in_record(msg), now, &mut batch);
+            if !exactly_once
+                && let Ok(acks) = &mut sent
+                && let Err(e) = enqueue_into(&producer, batch.records_from(from), acks).await
+            {
+                sent = Err(e);
+            }
         }
         pipeline.seal(&mut batch);
         if last_expiry.elapsed() >= EXPIRE_EVERY {
@@ -221,7 +232,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
                 .instrument(span)
                 .await
         } else {
-            commit_at_least_once(&producer, &consumer, &config, &batch)
+            commit_at_least_once(&producer, &consumer, &config, &batch, sent)
                 .instrument(span)
                 .await
         };
@@ -361,10 +372,19 @@ async fn enqueue<'a>(
     records: impl Iterator<Item = Out<'a>>,
 ) -> Result<Vec<DeliveryFuture>, KafkaError> {
     let mut acks = Vec::new();
+    enqueue_into(producer, records, &mut acks).await?;
+    Ok(acks)
+}
+
+async fn enqueue_into<'a>(
+    producer: &FutureProducer,
+    records: impl Iterator<Item = Out<'a>>,
+    acks: &mut Vec<DeliveryFuture>,
+) -> Result<(), KafkaError> {
     for o in records {
         acks.push(client::enqueue(producer, to_record(o)).await?);
     }
-    Ok(acks)
+    Ok(())
 }
 
 async fn await_acks(acks: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
@@ -385,27 +405,27 @@ fn offsets_tpl(topic: &str, batch: &Batch) -> Result<TopicPartitionList, KafkaEr
     Ok(tpl)
 }
 
-/// At-least-once: deliveries, dead letters and identity first; only once
-/// they are acked the dedup marks (a mark must never be durable for an event
-/// whose deliveries might be lost); only then the offsets.
+/// At-least-once: deliveries, dead letters and identity first (`sent`: the
+/// acks of everything `process` wrote, enqueued as it went); only once they
+/// are acked the dedup marks (a mark must never be durable for an event whose
+/// deliveries might be lost); only then the offsets.
 async fn commit_at_least_once(
     producer: &FutureProducer,
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
     batch: &Batch,
+    sent: Result<Vec<DeliveryFuture>, KafkaError>,
 ) -> Result<(), BatchError> {
     let dedup_topic = config.topics.dedup();
-    let (marks, rest): (Vec<Out<'_>>, Vec<Out<'_>>) =
-        batch.records().partition(|o| o.topic == dedup_topic);
+    // `seal` and `expire` add the dedup records after everything `process`
+    // wrote, and `process` writes none.
+    let marks = batch.records().filter(|o| o.topic == dedup_topic);
     let t = Instant::now();
-    let acks = enqueue(producer, rest.into_iter())
+    await_acks(sent.map_err(BatchError::Retry)?)
         .await
         .map_err(BatchError::Retry)?;
-    await_acks(acks).await.map_err(BatchError::Retry)?;
     let outputs_ms = t.elapsed().as_millis() as u64;
-    let acks = enqueue(producer, marks.into_iter())
-        .await
-        .map_err(BatchError::Retry)?;
+    let acks = enqueue(producer, marks).await.map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
     tracing::debug!(
         outputs_ms,
