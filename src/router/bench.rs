@@ -112,7 +112,8 @@ fn config(brokers: Option<&str>, prefix: &str) -> Config {
 /// A third of people gave an email and a tenth a phone number, the same each
 /// time. The Meta click cookie (`fbc`) is replaced when someone comes back
 /// through a new ad: on their first event and on every fifth after it. One
-/// event in 50 repeats the event before it. What the identity table learns
+/// event in 50 repeats the event before it. Events are a second apart.
+/// What the identity table learns
 /// per event decides how much the router writes beyond the deliveries:
 /// `identity_writes_per_event` in the figures.
 fn events(n: usize) -> Vec<(String, Vec<u8>)> {
@@ -138,8 +139,12 @@ fn events(n: usize) -> Vec<(String, Vec<u8>)> {
                 String::new()
             };
             let click = visit / 5;
+            // A second apart, so identity facts have an order to keep.
+            let at = chrono::DateTime::from_timestamp(1_795_132_800 + i as i64, 0)
+                .expect("a valid time")
+                .format("%Y-%m-%dT%H:%M:%SZ");
             let body = format!(
-                r#"{{"event":"purchase","event_id":"{id}","occurred_at":"2026-11-20T10:00:00Z",{who}{email}{phone},"value":{}.5,"currency":"USD","order_id":"o-{i}","items":[{{"id":"sku-{}","quantity":1,"price":{}.5}}],"click_ids":{{"fbc":"fb.1.1700000000.{person}x{click}"}},"context":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0"}},"consent":{{"ads":"granted","analytics":"granted"}}}}"#,
+                r#"{{"event":"purchase","event_id":"{id}","occurred_at":"{at}",{who}{email}{phone},"value":{}.5,"currency":"USD","order_id":"o-{i}","items":[{{"id":"sku-{}","quantity":1,"price":{}.5}}],"click_ids":{{"fbc":"fb.1.1700000000.{person}x{click}"}},"context":{{"ip":"203.0.113.7","user_agent":"Mozilla/5.0"}},"consent":{{"ads":"granted","analytics":"granted"}}}}"#,
                 i % 500,
                 i % 300,
                 i % 500
