@@ -467,7 +467,7 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
     client::acked(acks).await?;
     let pipeline = Pipeline::new(cfg.clone());
     let t = Instant::now();
-    let state = restore_partition(cfg, brokers, 0, &pipeline).await?;
+    let state = restore_partition(cfg, brokers, 0, &pipeline, &CancellationToken::new()).await?;
     let secs = t.elapsed().as_secs_f64();
     if state.len() < keys {
         println!("warning: restored {} of {keys} keys", state.len());

@@ -19,6 +19,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -54,6 +55,9 @@ pub enum RouterError {
     Fatal(KafkaError),
     #[error("background task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// Shut down (or dropped) while reading state: not a failure.
+    #[error("stopped while reading state")]
+    Stopped,
 }
 
 /// Partition changes seen by the consumer's rebalance callback, applied by
@@ -107,6 +111,20 @@ impl ConsumerContext for RebalanceLog {
 }
 
 pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
+    match route(ctx).await {
+        Err(RouterError::Stopped) => {
+            info!("router stopped while reading state");
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+async fn route(ctx: RoleContext) -> Result<(), RouterError> {
+    // Reads of state run on blocking threads, which outlive a dropped (or
+    // aborted) router unless told: this token stops them either way.
+    let stop = ctx.shutdown.child_token();
+    let _stop_when_dropped = stop.clone().drop_guard();
     let config = ctx.config.clone();
     let topics = &config.topics;
     let group = format!("{}-router", topics.prefix);
@@ -144,7 +162,7 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
 
     let mut tail = IdentityTail::start(&config.kafka, &ctx.bootstrap, &topics.identity())?;
     let mut pipeline = Pipeline::new(config.clone());
-    tail = load_identity(tail, &mut pipeline).await?;
+    tail = load_identity(tail, &mut pipeline, &stop).await?;
     info!(
         group = %group,
         guarantee = config.kafka.guarantee.as_str(),
@@ -186,12 +204,17 @@ pub async fn run(ctx: RoleContext) -> Result<(), RouterError> {
         } else {
             BTreeSet::new()
         };
-        let states = futures::future::try_join_all(
+        let restores = futures::future::try_join_all(
             unrestored
                 .iter()
-                .map(|&p| restore_with_retry(&config, &ctx.bootstrap, p, &pipeline)),
-        )
-        .await?;
+                .map(|&p| restore_with_retry(&config, &ctx.bootstrap, p, &pipeline, &stop)),
+        );
+        // A slow or retried restore must not hold up a shutdown.
+        let states = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            states = restores => states?,
+        };
         for (p, state) in unrestored.into_iter().zip(states) {
             info!(partition = p, keys = state.len(), "dedup state restored");
             pipeline.install(p, state);
@@ -539,8 +562,9 @@ async fn restore_with_retry(
     bootstrap: &str,
     p: i32,
     pipeline: &Pipeline,
+    stop: &CancellationToken,
 ) -> Result<PartitionDedup, RouterError> {
-    (|| restore_partition(config, bootstrap, p, pipeline))
+    (|| restore_partition(config, bootstrap, p, pipeline, stop))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(500))
@@ -560,7 +584,9 @@ pub(super) async fn restore_partition(
     bootstrap: &str,
     partition: i32,
     pipeline: &Pipeline,
+    stop: &CancellationToken,
 ) -> Result<PartitionDedup, RouterError> {
+    let stop = stop.clone();
     let topic = config.topics.dedup();
     let kafka = config.kafka.clone();
     let bootstrap = bootstrap.to_string();
@@ -596,6 +622,9 @@ pub(super) async fn restore_partition(
         consumer.assign(&tpl).map_err(err)?;
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
+            if stop.is_cancelled() {
+                return Err(RouterError::Stopped);
+            }
             if Instant::now() > deadline {
                 return Err(err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OperationTimedOut,
@@ -706,8 +735,10 @@ impl IdentityTail {
 async fn load_identity(
     tail: IdentityTail,
     pipeline: &mut Pipeline,
+    stop: &CancellationToken,
 ) -> Result<IdentityTail, RouterError> {
     let mut profiles: Vec<(String, Profile)> = Vec::new();
+    let stop = stop.clone();
     let tail = tokio::task::spawn_blocking(move || {
         let mut pending: HashMap<i32, i64> = tail
             .ends
@@ -717,6 +748,9 @@ async fn load_identity(
             .collect();
         let deadline = Instant::now() + Duration::from_secs(300);
         while !pending.is_empty() && Instant::now() < deadline {
+            if stop.is_cancelled() {
+                return Err(RouterError::Stopped);
+            }
             match tail.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
                     if let (Some(k), Some(v)) = (msg.key(), msg.payload())
@@ -745,9 +779,9 @@ async fn load_identity(
                 }
             }
         }
-        (tail, profiles)
+        Ok((tail, profiles))
     })
-    .await?;
+    .await??;
     let (tail, profiles) = tail;
     for (k, p) in &profiles {
         pipeline.identity().apply(k, p);
