@@ -4,6 +4,7 @@
 //! writes are durable, so an aborted batch leaves no trace in memory.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -92,6 +93,12 @@ pub struct Batch {
     staged_order: Vec<(i32, DedupKey, u32)>,
     /// The dedup chunks `seal` wrote into `out`, made live by `commit`.
     chunks: Vec<SealedChunk>,
+    /// Identity updates as (key, payload) in `buf`, one per profile in
+    /// first-seen order, holding its last state: `seal` writes them, so a
+    /// person with five events in a batch costs one record, not five.
+    identity: Vec<(Range<usize>, Range<usize>)>,
+    /// Index into `identity` by key.
+    identity_index: hashbrown::HashTable<usize>,
     /// Per input partition: first and last offset in this batch.
     pub offsets: BTreeMap<i32, (i64, i64)>,
     pub outcomes: Vec<Outcome>,
@@ -115,6 +122,8 @@ impl Batch {
         self.staged.clear();
         self.staged_order.clear();
         self.chunks.clear();
+        self.identity.clear();
+        self.identity_index.clear();
         self.offsets.clear();
         self.outcomes.clear();
         self.routed.clear();
@@ -178,6 +187,45 @@ impl Batch {
             payload,
             headers,
         });
+    }
+
+    /// Stages `profile` as the identity record for `key`, replacing one
+    /// staged earlier in the batch.
+    fn stage_identity(&mut self, id: IdKey<'_>, profile: &Profile) {
+        let key = self.written(|b| {
+            b.extend_from_slice(id.prefix.as_bytes());
+            b.extend_from_slice(id.id.as_bytes());
+        });
+        let Batch {
+            buf,
+            identity,
+            identity_index,
+            ..
+        } = self;
+        let hash = |k: &[u8]| foldhash::quality::FixedState::default().hash_one(k);
+        let found = identity_index
+            .find(hash(&buf[key.clone()]), |&i| {
+                buf[identity[i].0.clone()] == buf[key.clone()]
+            })
+            .copied();
+        let key = match found {
+            Some(i) => {
+                // Known: the key bytes just written are not needed.
+                buf.truncate(key.start);
+                Some(i)
+            }
+            None => {
+                identity_index.insert_unique(hash(&buf[key.clone()]), identity.len(), |&i| {
+                    hash(&buf[identity[i].0.clone()])
+                });
+                identity.push((key, 0..0));
+                None
+            }
+        };
+        let payload =
+            self.written(|b| serde_json::to_writer(b, profile).expect("serialising to memory"));
+        let slot = key.unwrap_or(self.identity.len() - 1);
+        self.identity[slot].1 = payload;
     }
 
     fn count(counts: &mut Vec<u64>, index: usize) {
@@ -269,10 +317,22 @@ impl Pipeline {
         self.dedup.values().map(PartitionDedup::heap_bytes).sum()
     }
 
-    /// Writes the batch's new dedup keys into it as chunk records, one per
-    /// input partition (split at `CHUNK_MAX_KEYS`). Call once, after the
-    /// last `process` of the batch.
+    /// Writes the batch's identity updates, then its new dedup keys as chunk
+    /// records, one per input partition (split at `CHUNK_MAX_KEYS`). Call
+    /// once, after the last `process` of the batch.
     pub fn seal(&self, batch: &mut Batch) {
+        for i in 0..batch.identity.len() {
+            let (key, payload) = batch.identity[i].clone();
+            batch.push(
+                &self.topics.identity,
+                None,
+                Some(key),
+                Some(payload),
+                Vec::new(),
+            );
+        }
+        batch.identity.clear();
+        batch.identity_index.clear();
         let mut by_partition: BTreeMap<i32, Vec<(DedupKey, u32)>> = BTreeMap::new();
         for (p, k, t) in batch.staged_order.drain(..) {
             by_partition.entry(p).or_default().push((k, t));
@@ -371,17 +431,10 @@ impl Pipeline {
         batch.staged_order.push((rec.partition, k, now_secs));
 
         let hints = Profile::from_event(&ev, &mut self.phones);
-        let identity_topic = &self.topics.identity;
         let who = self
             .identity
             .observe(&ev, &hints, |id: IdKey<'_>, profile| {
-                let key = batch.written(|b| {
-                    b.extend_from_slice(id.prefix.as_bytes());
-                    b.extend_from_slice(id.id.as_bytes());
-                });
-                let payload = batch
-                    .written(|b| serde_json::to_writer(b, profile).expect("serialising to memory"));
-                batch.push(identity_topic, None, Some(key), Some(payload), Vec::new());
+                batch.stage_identity(id, profile);
             });
         if batch.routed_at.is_empty() {
             serde_json::to_writer(&mut batch.routed_at, &Utc::now())
@@ -533,9 +586,9 @@ consent = "analytics"
         assert_eq!(
             topics(&b),
             vec![
-                "switchyard.identity",
                 "switchyard.deliver.hook",
                 "switchyard.deliver.meta",
+                "switchyard.identity",
                 "switchyard.dedup",
             ]
         );
@@ -546,10 +599,54 @@ consent = "analytics"
             dedup::decode_chunk(mark.payload.unwrap()),
             Some(vec![(dedup::key_of("e1"), 1000)])
         );
-        let d: Delivery = serde_json::from_slice(out[2].payload.unwrap()).unwrap();
+        let d: Delivery = serde_json::from_slice(out[1].payload.unwrap()).unwrap();
         assert_eq!(d.name, "Purchase");
         assert_eq!(d.origin.offset, 7);
         assert_eq!(b.offsets[&0], (7, 7));
+    }
+
+    #[test]
+    fn a_person_with_several_events_in_a_batch_costs_one_identity_record() {
+        let mut p = pipeline();
+        let mut b = Batch::default();
+        let events = [
+            r#"{"event":"lead","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","anonymous_id":"a1","click_ids":{"fbc":"F1"}}"#,
+            r#"{"event":"lead","event_id":"e2","occurred_at":"2026-11-20T10:01:00Z","user_id":"u2","click_ids":{"fbc":"G1"}}"#,
+            r#"{"event":"lead","event_id":"e3","occurred_at":"2026-11-20T10:02:00Z","user_id":"u1","email":"a@example.com"}"#,
+            r#"{"event":"lead","event_id":"e4","occurred_at":"2026-11-20T10:03:00Z","anonymous_id":"a1","click_ids":{"fbc":"F2"}}"#,
+        ];
+        for (i, e) in events.iter().enumerate() {
+            let id = format!("e{}", i + 1);
+            p.process(&rec(Some(&id), e, i as i64), 1000, &mut b);
+        }
+        p.seal(&mut b);
+        let identity: Vec<(String, Profile)> = b
+            .records()
+            .filter(|o| o.topic == "switchyard.identity")
+            .map(|o| {
+                (
+                    String::from_utf8(o.key.unwrap().to_vec()).unwrap(),
+                    serde_json::from_slice(o.payload.unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let keys: Vec<&str> = identity.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a:a1", "u:u1", "u:u2"], "first-seen order, one each");
+        let u1 = &identity[1].1;
+        assert_eq!(u1.click_ids.fbc.as_deref(), Some("F2"), "the last state");
+        assert!(u1.email_sha256.is_some());
+        assert_eq!(identity[0].1.user_id.as_deref(), Some("u1"));
+        assert_eq!(identity[2].1.click_ids.fbc.as_deref(), Some("G1"));
+
+        // Reused, the batch starts with nothing staged.
+        b.clear();
+        p.process(
+            &rec(Some("e9"), events[1].replace("e2", "e9").as_str(), 9),
+            1000,
+            &mut b,
+        );
+        p.seal(&mut b);
+        assert!(b.records().all(|o| o.topic != "switchyard.identity"));
     }
 
     #[test]

@@ -236,6 +236,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 sent = Err(e);
             }
         }
+        let streamed = batch.len();
         pipeline.seal(&mut batch);
         if last_expiry.elapsed() >= EXPIRE_EVERY {
             let n = pipeline.expire(now, &mut batch);
@@ -255,7 +256,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 .instrument(span)
                 .await
         } else {
-            commit_at_least_once(&producer, &consumer, &config, &batch, sent)
+            commit_at_least_once(&producer, &consumer, &config, &batch, sent, streamed)
                 .instrument(span)
                 .await
         };
@@ -429,26 +430,34 @@ fn offsets_tpl(topic: &str, batch: &Batch) -> Result<TopicPartitionList, KafkaEr
 }
 
 /// At-least-once: deliveries, dead letters and identity first (`sent`: the
-/// acks of everything `process` wrote, enqueued as it went); only once they
-/// are acked the dedup marks (a mark must never be durable for an event whose
-/// deliveries might be lost); only then the offsets.
+/// acks of the first `streamed` records, the ones `process` wrote, enqueued
+/// as it went); only once they are acked the dedup marks (a mark must never
+/// be durable for an event whose deliveries might be lost); only then the
+/// offsets.
 async fn commit_at_least_once(
     producer: &FutureProducer,
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
     batch: &Batch,
     sent: Result<Vec<DeliveryFuture>, KafkaError>,
+    streamed: usize,
 ) -> Result<(), BatchError> {
     let dedup_topic = config.topics.dedup();
-    // `seal` and `expire` add the dedup records after everything `process`
-    // wrote, and `process` writes none.
-    let marks = batch.records().filter(|o| o.topic == dedup_topic);
+    // After what `process` wrote, `seal` adds the identity updates and the
+    // dedup marks, and `expire` dedup tombstones.
+    let (marks, rest): (Vec<Out<'_>>, Vec<Out<'_>>) = batch
+        .records_from(streamed)
+        .partition(|o| o.topic == dedup_topic);
+    let mut acks = sent.map_err(BatchError::Retry)?;
     let t = Instant::now();
-    await_acks(sent.map_err(BatchError::Retry)?)
+    enqueue_into(producer, rest.into_iter(), &mut acks)
         .await
         .map_err(BatchError::Retry)?;
+    await_acks(acks).await.map_err(BatchError::Retry)?;
     let outputs_ms = t.elapsed().as_millis() as u64;
-    let acks = enqueue(producer, marks).await.map_err(BatchError::Retry)?;
+    let acks = enqueue(producer, marks.into_iter())
+        .await
+        .map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
     tracing::debug!(
         outputs_ms,
