@@ -153,6 +153,17 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         pc.set("transactional.id", format!("{group}-{}", ctx.instance_id));
     }
     let producer: FutureProducer = pc.create().map_err(RouterError::Client)?;
+    // At-least-once sends a batch's few dedup marks on their own, after its
+    // deliveries are acked: nothing else is coming to share a request with,
+    // so they go at once rather than after the shared producer's linger,
+    // which was most of the marks' round trip.
+    let marks_producer: Option<FutureProducer> = if exactly_once {
+        None
+    } else {
+        let mut mc = client::idempotent_producer(&config.kafka, &ctx.bootstrap);
+        mc.set("linger.ms", "0");
+        Some(mc.create().map_err(RouterError::Client)?)
+    };
     if exactly_once {
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.init_transactions(TXN_TIMEOUT))
@@ -251,14 +262,18 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         let processed = started.elapsed();
         let span =
             info_span!("batch", n = batch_no, records = msgs.len(), offsets = ?batch.offsets);
-        let result = if exactly_once {
-            commit_transaction(&producer, &consumer, &config, &batch)
-                .instrument(span)
-                .await
-        } else {
-            commit_at_least_once(&producer, &consumer, &config, &batch, sent, streamed)
-                .instrument(span)
-                .await
+        let result = match &marks_producer {
+            None => {
+                commit_transaction(&producer, &consumer, &config, &batch)
+                    .instrument(span)
+                    .await
+            }
+            Some(marks) => {
+                let producers = (&producer, marks);
+                commit_at_least_once(producers, &consumer, &config, &batch, sent, streamed)
+                    .instrument(span)
+                    .await
+            }
         };
         tracing::debug!(
             batch = batch_no,
@@ -435,7 +450,7 @@ fn offsets_tpl(topic: &str, batch: &Batch) -> Result<TopicPartitionList, KafkaEr
 /// be durable for an event whose deliveries might be lost); only then the
 /// offsets.
 async fn commit_at_least_once(
-    producer: &FutureProducer,
+    (producer, marks_producer): (&FutureProducer, &FutureProducer),
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
     batch: &Batch,
@@ -455,7 +470,7 @@ async fn commit_at_least_once(
         .map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
     let outputs_ms = t.elapsed().as_millis() as u64;
-    let acks = enqueue(producer, marks.into_iter())
+    let acks = enqueue(marks_producer, marks.into_iter())
         .await
         .map_err(BatchError::Retry)?;
     await_acks(acks).await.map_err(BatchError::Retry)?;
