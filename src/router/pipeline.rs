@@ -203,28 +203,25 @@ impl Batch {
             ..
         } = self;
         let hash = |k: &[u8]| foldhash::quality::FixedState::default().hash_one(k);
-        let found = identity_index
-            .find(hash(&buf[key.clone()]), |&i| {
-                buf[identity[i].0.clone()] == buf[key.clone()]
-            })
+        let h = hash(&buf[key.clone()]);
+        let known = identity_index
+            .find(h, |&i| buf[identity[i].0.clone()] == buf[key.clone()])
             .copied();
-        let key = match found {
+        let slot = match known {
             Some(i) => {
-                // Known: the key bytes just written are not needed.
+                // The key bytes just written are not needed again.
                 buf.truncate(key.start);
-                Some(i)
+                i
             }
             None => {
-                identity_index.insert_unique(hash(&buf[key.clone()]), identity.len(), |&i| {
-                    hash(&buf[identity[i].0.clone()])
-                });
+                identity_index
+                    .insert_unique(h, identity.len(), |&i| hash(&buf[identity[i].0.clone()]));
                 identity.push((key, 0..0));
-                None
+                identity.len() - 1
             }
         };
         let payload =
             self.written(|b| serde_json::to_writer(b, profile).expect("serialising to memory"));
-        let slot = key.unwrap_or(self.identity.len() - 1);
         self.identity[slot].1 = payload;
     }
 
