@@ -113,9 +113,8 @@ fn config(brokers: Option<&str>, prefix: &str) -> Config {
 /// time. The Meta click cookie (`fbc`) is replaced when someone comes back
 /// through a new ad: on their first event and on every fifth after it. One
 /// event in 50 repeats the event before it. Events are a second apart.
-/// What the identity table learns
-/// per event decides how much the router writes beyond the deliveries:
-/// `identity_writes_per_event` in the figures.
+/// What the identity table learns per event decides how much the router
+/// writes beyond the deliveries: `identity_writes_per_event` in the figures.
 fn events(n: usize) -> Vec<(String, Vec<u8>)> {
     let people = (n / 10).max(1);
     (0..n)
