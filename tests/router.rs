@@ -513,6 +513,10 @@ async fn exactly_once_on_the_mock_cluster_with_aborted_routers() {
     use switchyard::run::RoleContext;
     use tokio_util::sync::CancellationToken;
 
+    let _watchdog = common::watchdog(
+        "exactly_once_on_the_mock_cluster_with_aborted_routers",
+        Duration::from_secs(900),
+    );
     let config = Arc::new(
         Config::parse(
             r#"
@@ -554,7 +558,11 @@ consent = "analytics"
         let task = start(CancellationToken::new());
         tokio::time::sleep(Duration::from_secs(pause)).await;
         task.abort();
-        let _ = task.await;
+        // Dropping an aborted router closes its consumer, which must not
+        // wait on librdkafka (see `kafka::rebalance`).
+        let _ = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("an aborted router let go of its thread within 60 s");
     }
     let token = CancellationToken::new();
     let last = start(token.clone());
@@ -578,5 +586,9 @@ consent = "analytics"
         );
     }
     token.cancel();
-    last.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(120), last)
+        .await
+        .expect("the router stopped within 120 s of shutdown")
+        .unwrap()
+        .unwrap();
 }

@@ -49,6 +49,42 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Ends the whole test process when a test outlives `limit`.
+///
+/// librdkafka waits without a timeout in places, and a test stuck in one
+/// would hold CI until its own limit. A test that panics is given a little
+/// longer, then ended too, because shutting its runtime down can block on
+/// the same stuck thread. Dropping the guard otherwise disarms it.
+pub struct Watchdog(std::sync::mpsc::Sender<bool>);
+
+pub fn watchdog(test: &'static str, limit: std::time::Duration) -> Watchdog {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        let grace = std::time::Duration::from_secs(120);
+        match rx.recv_timeout(limit) {
+            Ok(true) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(false) => {
+                std::thread::sleep(grace);
+                eprintln!(
+                    "{test}: failed and still not done {grace:?} later; ending the test process"
+                );
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                eprintln!("{test}: still running after {limit:?}; ending the test process");
+            }
+        }
+        std::process::exit(101);
+    });
+    Watchdog(tx)
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let _ = self.0.send(!std::thread::panicking());
+    }
+}
+
 /// Writes a config file into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("switchyard.toml");
