@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, DefaultConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
@@ -24,6 +24,7 @@ use super::dedup::{self, PartitionDedup};
 use super::pipeline::{Batch, InRecord, Pipeline};
 use super::runner::restore_partition;
 use crate::config::Config;
+use crate::kafka::rebalance::GroupConsumer;
 use crate::kafka::{self, Cluster, client};
 use crate::run::RoleContext;
 
@@ -402,9 +403,10 @@ async fn raw_copy(cfg: &Config, brokers: &str, n: usize) -> Result<f64, BenchErr
     for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         r.map_err(|(_, code)| rdkafka::error::KafkaError::AdminOp(code))?;
     }
-    let consumer: StreamConsumer =
+    let consumer: GroupConsumer<DefaultConsumerContext> = GroupConsumer::new(
         client::manual_commit_consumer(&cfg.kafka, brokers, &format!("{}-copy", cfg.topics.prefix))
-            .create()?;
+            .create()?,
+    );
     consumer.subscribe(&[&cfg.topics.canonical])?;
     let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
     let mut seen = 0usize;

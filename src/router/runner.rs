@@ -16,7 +16,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use super::metrics as m;
 use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline};
 use crate::config::{Config, Guarantee, KafkaConfig};
 use crate::kafka::client;
+use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::run::RoleContext;
 
 /// Records per batch and how long to wait for more once one has arrived.
@@ -66,6 +67,7 @@ pub enum RouterError {
 struct RebalanceLog {
     topic: String,
     revoked: Mutex<Vec<i32>>,
+    cooperative: bool,
 }
 
 impl ClientContext for RebalanceLog {
@@ -84,6 +86,15 @@ impl ClientContext for RebalanceLog {
 }
 
 impl ConsumerContext for RebalanceLog {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        rebalance::apply(self, consumer, self.cooperative, err, tpl);
+    }
+
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,10 +139,6 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     let config = ctx.config.clone();
     let topics = &config.topics;
     let group = format!("{}-router", topics.prefix);
-    let log = RebalanceLog {
-        topic: topics.canonical.clone(),
-        revoked: Mutex::new(Vec::new()),
-    };
     let mut cc = client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group);
     cc.set("group.instance.id", ctx.group_instance_id("router"))
         .set("statistics.interval.ms", "5000");
@@ -140,8 +147,12 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     if cc.get("partition.assignment.strategy").is_none() {
         cc.set("partition.assignment.strategy", "cooperative-sticky");
     }
-    let consumer: Arc<StreamConsumer<RebalanceLog>> =
-        Arc::new(cc.create_with_context(log).map_err(RouterError::Client)?);
+    let log = RebalanceLog {
+        topic: topics.canonical.clone(),
+        revoked: Mutex::new(Vec::new()),
+        cooperative: rebalance::is_cooperative(&cc),
+    };
+    let consumer = GroupConsumer::new(cc.create_with_context(log).map_err(RouterError::Client)?);
     consumer
         .subscribe(&[&topics.canonical])
         .map_err(RouterError::Client)?;

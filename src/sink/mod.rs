@@ -32,6 +32,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::client::{self, ProducerGuard};
+use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::run::{RoleContext, SHUTDOWN_DEADLINE};
 use config::DeliverySettings;
 use destination::Limits;
@@ -143,11 +145,12 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     if !config.kafka.properties.contains_key("fetch.wait.max.ms") {
         consumer_config.set("fetch.wait.max.ms", "20");
     }
-    let consumer: SinkConsumer = consumer_config.create_with_context(SinkContext {
+    let consumer = GroupConsumer::new(consumer_config.create_with_context(SinkContext {
+        cooperative: rebalance::is_cooperative(&consumer_config),
         destination: destination.to_string(),
         ownership: ownership.clone(),
         handover_timeout: shared.settings.handover_timeout,
-    })?;
+    })?);
     let deliver_topic = topics.deliver(destination);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
@@ -188,6 +191,8 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
 /// The consumer's context: hands partitions over on a rebalance, and
 /// publishes consumer lag from librdkafka's statistics.
 struct SinkContext {
+    /// Decided by the config (see `kafka::rebalance`), never asked of librdkafka.
+    cooperative: bool,
     destination: String,
     ownership: Arc<Ownership>,
     handover_timeout: Duration,
@@ -210,6 +215,15 @@ impl ClientContext for SinkContext {
 }
 
 impl ConsumerContext for SinkContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        rebalance::apply(self, consumer, self.cooperative, err, tpl);
+    }
+
     /// Runs before librdkafka gives the partitions up (and before the group
     /// assigns them to anyone else): their durable progress is committed
     /// here, and nothing of them is committed by this instance afterwards.
