@@ -103,7 +103,7 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// The router: step-chain events/s per core, end-to-end vs a raw copy
-    /// through `--brokers`, dedup bytes/key and restore time.
+    /// through `--brokers`, dedup bytes/key and restore time, identity bytes/person.
     /// The last line printed is one JSON object with every figure.
     Router {
         /// The broker for the end-to-end, copy and restore figures (e.g. a local tansu).

@@ -231,6 +231,46 @@ pub struct ClickIds {
     pub ttp: Option<String>,
 }
 
+/// One of the fields of [`ClickIds`], named as it is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClickKind {
+    Fbc,
+    Fbp,
+    Gclid,
+    Gbraid,
+    Wbraid,
+    Ttclid,
+    Ttp,
+}
+
+impl ClickKind {
+    pub const ALL: [ClickKind; 7] = [
+        ClickKind::Fbc,
+        ClickKind::Fbp,
+        ClickKind::Gclid,
+        ClickKind::Gbraid,
+        ClickKind::Wbraid,
+        ClickKind::Ttclid,
+        ClickKind::Ttp,
+    ];
+}
+
+impl ClickIds {
+    pub fn get(&self, kind: ClickKind) -> Option<&str> {
+        match kind {
+            ClickKind::Fbc => &self.fbc,
+            ClickKind::Fbp => &self.fbp,
+            ClickKind::Gclid => &self.gclid,
+            ClickKind::Gbraid => &self.gbraid,
+            ClickKind::Wbraid => &self.wbraid,
+            ClickKind::Ttclid => &self.ttclid,
+            ClickKind::Ttp => &self.ttp,
+        }
+        .as_deref()
+    }
+}
+
 /// Where the action happened, as seen by the person's browser or app.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,7 +6,11 @@
 //! digest through (lowercased) instead of hashing it twice, because
 //! publishers and identify traits mix raw and pre-hashed values.
 
+use std::fmt;
+
 use phonenumber::Mode;
+use serde::de::Unexpected;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::validate::{is_email, is_phone};
@@ -23,16 +27,80 @@ pub enum PhoneFormat {
     DigitsOnly,
 }
 
+/// A SHA-256 digest, held as its 32 bytes: half its hex form, and inline
+/// rather than a separate allocation, which matters in the identity table
+/// every router keeps for millions of people. Shown and serialised as the
+/// lowercase hex every vendor takes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sha256Digest([u8; 32]);
+
+impl Sha256Digest {
+    /// The digest of the UTF-8 bytes of `s`.
+    pub fn of(s: &str) -> Sha256Digest {
+        Sha256Digest(Sha256::digest(s.as_bytes()).into())
+    }
+
+    /// A digest written as 64 hex digits in either case.
+    pub fn from_hex(s: &str) -> Option<Sha256Digest> {
+        let mut bytes = [0; 32];
+        (s.len() == 64 && hex::decode_to_slice(s, &mut bytes).is_ok())
+            .then_some(Sha256Digest(bytes))
+    }
+
+    /// Its lowercase hex, on the stack.
+    pub fn hex(&self) -> HexDigest {
+        let mut out = [0; 64];
+        hex::encode_to_slice(self.0, &mut out).expect("64 bytes hold 32 in hex");
+        HexDigest(out)
+    }
+}
+
+/// A digest's lowercase hex form.
+pub struct HexDigest([u8; 64]);
+
+impl HexDigest {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.hex().as_str())
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Sha256Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.hex().as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Sha256Digest, D::Error> {
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = Sha256Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SHA-256 digest in 64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Sha256Digest, E> {
+                Sha256Digest::from_hex(v).ok_or_else(|| E::invalid_value(Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(Hex)
+    }
+}
+
 /// Lowercase hex SHA-256 of the UTF-8 bytes of `s`.
 pub fn sha256_hex(s: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(s.as_bytes());
-    let mut out = String::with_capacity(64);
-    for byte in digest {
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
-    }
-    out
+    Sha256Digest::of(s).to_string()
 }
 
 /// 64 hex characters in either case: a value someone already hashed.
@@ -117,53 +185,67 @@ pub fn parse_country(code: &str) -> Option<PhoneCountry> {
 
 /// SHA-256 of the normalised email, or the given digest lowercased.
 pub fn hash_email(raw: &str, gmail_dot_rule: bool) -> Option<String> {
-    pre_hashed(raw).or_else(|| normalize_email(raw, gmail_dot_rule).map(|e| sha256_hex(&e)))
+    pre_hashed(raw)
+        .or_else(|| normalize_email(raw, gmail_dot_rule).map(|e| Sha256Digest::of(&e)))
+        .map(|d| d.to_string())
 }
 
 /// The email's SHA-256 for most vendors, and under Google's gmail dot rule
 /// when that differs: one normalisation for both.
-pub fn hash_email_variants(raw: &str) -> Option<(String, Option<String>)> {
+pub fn email_digests(raw: &str) -> Option<(Sha256Digest, Option<Sha256Digest>)> {
     if let Some(h) = pre_hashed(raw) {
         return Some((h, None));
     }
     let plain = normalize_email(raw, false)?;
-    let google = gmail_without_dots(&plain).flatten().map(|g| sha256_hex(&g));
-    Some((sha256_hex(&plain), google))
+    let google = gmail_without_dots(&plain)
+        .flatten()
+        .map(|g| Sha256Digest::of(&g));
+    Some((Sha256Digest::of(&plain), google))
 }
 
 /// The phone number's SHA-256 in E.164 and as digits only, from one parse
 /// (the parse is what costs); a given digest is passed through as both,
 /// since nobody can tell which format was hashed.
-pub fn hash_phone_variants(raw: &str, default_country: PhoneCountry) -> Option<(String, String)> {
+pub fn phone_digests(
+    raw: &str,
+    default_country: PhoneCountry,
+) -> Option<(Sha256Digest, Sha256Digest)> {
     if let Some(h) = pre_hashed(raw) {
-        return Some((h.clone(), h));
+        return Some((h, h));
     }
     let e164 = phone_e164(raw, default_country)?;
-    Some((sha256_hex(&e164), sha256_hex(&e164[1..])))
+    Some((Sha256Digest::of(&e164), Sha256Digest::of(&e164[1..])))
 }
 
 /// SHA-256 of the normalised phone number, or the given digest lowercased.
 pub fn hash_phone(raw: &str, default_country: PhoneCountry, format: PhoneFormat) -> Option<String> {
-    let (e164, digits) = hash_phone_variants(raw, default_country)?;
-    Some(match format {
-        PhoneFormat::E164 => e164,
-        PhoneFormat::DigitsOnly => digits,
-    })
+    let (e164, digits) = phone_digests(raw, default_country)?;
+    Some(
+        match format {
+            PhoneFormat::E164 => e164,
+            PhoneFormat::DigitsOnly => digits,
+        }
+        .to_string(),
+    )
 }
 
 /// SHA-256 of a trimmed external id (case is kept: ids are case-sensitive),
-/// or the given digest lowercased; `None` for a blank id.
-pub fn hash_identifier(raw: &str) -> Option<String> {
+/// or the given digest; `None` for a blank id.
+pub fn identifier_digest(raw: &str) -> Option<Sha256Digest> {
     let id = raw.trim();
     if id.is_empty() {
         return None;
     }
-    pre_hashed(id).or_else(|| Some(sha256_hex(id)))
+    pre_hashed(id).or_else(|| Some(Sha256Digest::of(id)))
 }
 
-fn pre_hashed(raw: &str) -> Option<String> {
-    let raw = raw.trim();
-    is_sha256_hex(raw).then(|| raw.to_ascii_lowercase())
+/// [`identifier_digest`] in lowercase hex.
+pub fn hash_identifier(raw: &str) -> Option<String> {
+    identifier_digest(raw).map(|d| d.to_string())
+}
+
+fn pre_hashed(raw: &str) -> Option<Sha256Digest> {
+    Sha256Digest::from_hex(raw.trim())
 }
 
 #[cfg(test)]
@@ -255,7 +337,7 @@ mod tests {
             TEST_EXAMPLE_COM,
             "not an email",
         ] {
-            let got = hash_email_variants(raw);
+            let got = email_digests(raw).map(|(p, g)| (p.to_string(), g.map(|g| g.to_string())));
             let plain = hash_email(raw, false);
             let google = hash_email(raw, true);
             assert_eq!(got.as_ref().map(|v| &v.0), plain.as_ref(), "{raw}");
@@ -269,16 +351,32 @@ mod tests {
             "12",
             "+1 999",
         ] {
-            let got = hash_phone_variants(raw, us());
+            let got = phone_digests(raw, us());
             let single = |f| {
-                pre_hashed(raw).or_else(|| normalize_phone(raw, us(), f).map(|p| sha256_hex(&p)))
+                pre_hashed(raw)
+                    .or_else(|| normalize_phone(raw, us(), f).map(|p| Sha256Digest::of(&p)))
             };
-            assert_eq!(
-                got.as_ref().map(|v| v.0.clone()),
-                single(PhoneFormat::E164),
-                "{raw}"
-            );
+            assert_eq!(got.map(|v| v.0), single(PhoneFormat::E164), "{raw}");
             assert_eq!(got.map(|v| v.1), single(PhoneFormat::DigitsOnly), "{raw}");
+        }
+    }
+
+    #[test]
+    fn digests_read_either_case_and_write_lowercase_hex() {
+        let d = Sha256Digest::from_hex(&TEST_EXAMPLE_COM.to_uppercase()).unwrap();
+        assert_eq!(d, Sha256Digest::of("test@example.com"));
+        assert_eq!(d.hex().as_str(), TEST_EXAMPLE_COM);
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{TEST_EXAMPLE_COM}\""));
+        assert_eq!(serde_json::from_str::<Sha256Digest>(&json).unwrap(), d);
+        for bad in [
+            "",
+            "abc",
+            &TEST_EXAMPLE_COM[1..],
+            &format!("{}g", &TEST_EXAMPLE_COM[1..]),
+        ] {
+            assert_eq!(Sha256Digest::from_hex(bad), None, "{bad}");
+            assert!(serde_json::from_str::<Sha256Digest>(&format!("\"{bad}\"")).is_err());
         }
     }
 

@@ -1,7 +1,8 @@
 //! `switchyard bench router`: (a) the in-process step chain's events/s per
 //! core with three destinations; (b) end-to-end events/s through a broker;
 //! (c) a raw consume → produce copy with the same fan-out on the same broker,
-//! and (b)/(c); (d) dedup memory per key and restore time.
+//! and (b)/(c); (d) dedup memory per key and restore time; (e) identity
+//! table memory per person, as the step chain left it.
 //!
 //! (a) is measured on one thread and charged by that thread's own CPU time
 //! (/proc/thread-self/schedstat), so other load on the machine does not
@@ -74,6 +75,9 @@ pub struct Figures {
     pub dedup_keys: usize,
     pub dedup_bytes_per_key: f64,
     pub dedup_restore_s: Option<f64>,
+    /// People in (a)'s input, each a user and a device in the table.
+    pub identity_people: usize,
+    pub identity_bytes_per_person: f64,
 }
 
 const DESTINATIONS: &str = r#"
@@ -117,7 +121,7 @@ fn config(brokers: Option<&str>, prefix: &str) -> Config {
 /// What the identity table learns per event decides how much the router
 /// writes beyond the deliveries: `identity_writes_per_event` in the figures.
 fn events(n: usize) -> Vec<(String, Vec<u8>)> {
-    let people = (n / 10).max(1);
+    let people = people(n);
     (0..n)
         .map(|i| {
             let (person, visit) = (i % people, i / people);
@@ -154,6 +158,11 @@ fn events(n: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The people among `n` events of [`events`].
+fn people(n: usize) -> usize {
+    (n / 10).max(1)
+}
+
 /// CPU time this thread has run, from the scheduler's own accounting.
 fn thread_cpu() -> Duration {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -178,7 +187,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     // to the kernel zeroing pages the allocator handed back.
     let input = Arc::new(events(opts.chain_events));
     for pass in 1..=CHAIN_PASSES {
-        let (rate, deliveries, identity_writes) = tokio::task::spawn_blocking({
+        let (rate, deliveries, identity_writes, identity_bytes) = tokio::task::spawn_blocking({
             let input = input.clone();
             move || step_chain(&input)
         })
@@ -188,7 +197,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         f.chain_passes.push(rate);
         f.deliveries_per_event = deliveries;
         f.identity_writes_per_event = identity_writes;
+        f.identity_bytes_per_person = identity_bytes as f64 / people(opts.chain_events) as f64;
     }
+    f.identity_people = people(opts.chain_events);
     drop(input);
     f.chain_events_per_s_per_core = median(&f.chain_passes);
     println!(
@@ -198,6 +209,10 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     println!(
         "(a) writes per event: {:.2} deliveries, {:.2} identity updates",
         f.deliveries_per_event, f.identity_writes_per_event
+    );
+    println!(
+        "(e) identity memory: {:.0} bytes/person at {} people (a user and a device each)",
+        f.identity_bytes_per_person, f.identity_people
     );
 
     // As the router holds them: chunks of one batch's new keys each.
@@ -280,8 +295,9 @@ fn median(xs: &[f64]) -> f64 {
 
 const CHAIN_PASSES: usize = 5;
 
-/// Events/s per core, and deliveries and identity records written per event.
-fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64) {
+/// Events/s per core, deliveries and identity records written per event,
+/// and the identity table's heap bytes at the end.
+fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64, usize) {
     let cfg = Arc::new(config(None, "bench"));
     let identity = cfg.topics.identity();
     let deliver = cfg.topics.deliver("");
@@ -326,6 +342,7 @@ fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64) {
         n / spent.as_secs_f64(),
         deliveries as f64 / n,
         identity_writes as f64 / n,
+        pipeline.identity().heap_bytes(),
     )
 }
 

@@ -7,55 +7,122 @@
 //! phone numbers.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use hashbrown::HashMap;
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::event::normalize::{
-    PhoneCountry, PhoneFormat, hash_email_variants, hash_identifier, hash_phone_variants,
+    PhoneCountry, PhoneFormat, Sha256Digest, email_digests, identifier_digest, phone_digests,
 };
-use crate::event::{CanonicalEvent, ClickIds};
+use crate::event::{CanonicalEvent, ClickKind};
+
+mod compact;
+pub use compact::CompactMap;
+
+/// Which of a person's contact hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Contact {
+    /// SHA-256 of the trimmed, lowercased email (Meta, TikTok, webhooks).
+    Email,
+    /// SHA-256 under Google's gmail dot rule; absent when equal to `Email`.
+    EmailGoogle,
+    /// SHA-256 of the E.164 number with '+' (Google, TikTok).
+    PhoneE164,
+    /// SHA-256 of the E.164 digits without '+' (Meta).
+    PhoneDigits,
+}
 
 /// Hashed identifiers of one person (or one anonymous visitor).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Every router holds one per user and one per device, so it holds only
+/// what is known: a device that never gave contact data pays for no hashes.
+/// On the identity topic it is the flat JSON object [`WireProfile`] reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "WireProfile")]
 pub struct Profile {
     /// For an anonymous visitor: the user they were identified as.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_id: Option<String>,
-    /// SHA-256 of the trimmed, lowercased email (Meta, TikTok, webhooks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email_sha256: Option<String>,
-    /// SHA-256 under Google's gmail dot rule; absent when equal to `email_sha256`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email_sha256_google: Option<String>,
-    /// SHA-256 of the E.164 number with '+' (Google, TikTok).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phone_sha256_e164: Option<String>,
-    /// SHA-256 of the E.164 digits without '+' (Meta).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phone_sha256_digits: Option<String>,
+    pub user_id: Option<Box<str>>,
+    contacts: CompactMap<Contact, Sha256Digest>,
     /// External ids, hashed.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub external_ids: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "is_empty_click_ids")]
-    pub click_ids: ClickIds,
+    pub external_ids: CompactMap<Box<str>, Sha256Digest>,
+    pub click_ids: CompactMap<ClickKind, Box<str>>,
     /// When the newest event this was learnt from occurred (unix seconds).
     /// What an older event says (a partition read late, a replayed backfill)
     /// only fills gaps: it never replaces what a newer one taught.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub as_of: i64,
 }
 
-fn is_zero(t: &i64) -> bool {
-    *t == 0
+/// A profile as the identity topic holds it.
+#[derive(Deserialize)]
+struct WireProfile {
+    #[serde(default)]
+    user_id: Option<Box<str>>,
+    #[serde(default)]
+    email_sha256: Option<Sha256Digest>,
+    #[serde(default)]
+    email_sha256_google: Option<Sha256Digest>,
+    #[serde(default)]
+    phone_sha256_e164: Option<Sha256Digest>,
+    #[serde(default)]
+    phone_sha256_digits: Option<Sha256Digest>,
+    #[serde(default)]
+    external_ids: CompactMap<Box<str>, Sha256Digest>,
+    #[serde(default)]
+    click_ids: CompactMap<ClickKind, Box<str>>,
+    #[serde(default)]
+    as_of: i64,
 }
 
-fn is_empty_click_ids(c: &ClickIds) -> bool {
-    *c == ClickIds::default()
+impl From<WireProfile> for Profile {
+    fn from(w: WireProfile) -> Profile {
+        Profile {
+            user_id: w.user_id,
+            contacts: [
+                (Contact::Email, w.email_sha256),
+                (Contact::EmailGoogle, w.email_sha256_google),
+                (Contact::PhoneE164, w.phone_sha256_e164),
+                (Contact::PhoneDigits, w.phone_sha256_digits),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect(),
+            external_ids: w.external_ids,
+            click_ids: w.click_ids,
+            as_of: w.as_of,
+        }
+    }
+}
+
+impl Serialize for Profile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        if let Some(u) = &self.user_id {
+            m.serialize_entry("user_id", u)?;
+        }
+        for (k, v) in self.contacts.iter() {
+            let name = match k {
+                Contact::Email => "email_sha256",
+                Contact::EmailGoogle => "email_sha256_google",
+                Contact::PhoneE164 => "phone_sha256_e164",
+                Contact::PhoneDigits => "phone_sha256_digits",
+            };
+            m.serialize_entry(name, v)?;
+        }
+        if !self.external_ids.is_empty() {
+            m.serialize_entry("external_ids", &self.external_ids)?;
+        }
+        if !self.click_ids.is_empty() {
+            m.serialize_entry("click_ids", &self.click_ids)?;
+        }
+        if self.as_of != 0 {
+            m.serialize_entry("as_of", &self.as_of)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +139,10 @@ pub enum EmailRule {
 /// 128-bit hash of the raw number, so the cache holds no raw phone numbers.
 pub struct PhoneHasher {
     country: PhoneCountry,
-    recent: quick_cache::unsync::Cache<u128, Option<(String, String)>>,
+    recent: quick_cache::unsync::Cache<u128, Option<(Sha256Digest, Sha256Digest)>>,
 }
 
-/// Numbers remembered: about 3 MB.
+/// Numbers remembered: about 2 MB.
 const RECENT_PHONES: usize = 16_384;
 
 impl PhoneHasher {
@@ -87,13 +154,13 @@ impl PhoneHasher {
     }
 
     /// (E.164 hash, digits-only hash), or `None` for a number that cannot exist.
-    pub fn hash(&mut self, raw: &str) -> Option<(String, String)> {
+    pub fn hash(&mut self, raw: &str) -> Option<(Sha256Digest, Sha256Digest)> {
         let key = xxh3_128(raw.trim().as_bytes());
         if let Some(known) = self.recent.get(&key) {
-            return known.clone();
+            return *known;
         }
-        let hashed = hash_phone_variants(raw, self.country);
-        self.recent.insert(key, hashed.clone());
+        let hashed = phone_digests(raw, self.country);
+        self.recent.insert(key, hashed);
         hashed
     }
 }
@@ -109,13 +176,30 @@ impl fmt::Debug for PhoneHasher {
 
 /// Sets `slot` to `v` when `v` is known and different (and, for an `older`
 /// fact, only when `slot` is empty); true if it changed.
-fn take(slot: &mut Option<String>, v: &Option<String>, older: bool) -> bool {
+fn take<T: Clone + PartialEq>(slot: &mut Option<T>, v: &Option<T>, older: bool) -> bool {
     match v {
         Some(x) if slot.as_ref() != Some(x) && !(older && slot.is_some()) => {
             slot.clone_from(v);
             true
         }
         _ => false,
+    }
+}
+
+/// `take` for one entry of a map.
+fn take_entry<K: Ord + Clone, V: Clone + PartialEq>(
+    map: &mut CompactMap<K, V>,
+    key: &K,
+    v: Option<&V>,
+    older: bool,
+) -> bool {
+    let Some(v) = v else { return false };
+    match map.get(key) {
+        Some(known) if known == v || older => false,
+        _ => {
+            map.insert(key.clone(), v.clone());
+            true
+        }
     }
 }
 
@@ -128,48 +212,54 @@ impl Profile {
                 .and_then(|t| t.get(k))
                 .and_then(Value::as_str)
         };
-        let mut p = Profile {
-            as_of: ev.occurred_at.timestamp(),
-            ..Profile::default()
-        };
-        if let Some((plain, google)) = ev
+        let (email, email_google) = match ev
             .email
             .as_deref()
             .or_else(|| trait_str("email"))
-            .and_then(hash_email_variants)
+            .and_then(email_digests)
         {
-            p.email_sha256 = Some(plain);
-            p.email_sha256_google = google;
-        }
-        if p.email_sha256.is_none() {
-            p.email_sha256 = ev.email_sha256.clone();
-        }
-        if let Some((e164, digits)) = ev
+            Some((plain, google)) => (Some(plain), google),
+            None => (
+                ev.email_sha256.as_deref().and_then(Sha256Digest::from_hex),
+                None,
+            ),
+        };
+        // A publisher's phone digest: we cannot know which format it hashed,
+        // so every vendor gets it as given.
+        let (e164, digits) = ev
             .phone
             .as_deref()
             .or_else(|| trait_str("phone"))
             .and_then(|raw| phones.hash(raw))
-        {
-            p.phone_sha256_e164 = Some(e164);
-            p.phone_sha256_digits = Some(digits);
+            .or_else(|| {
+                let h = Sha256Digest::from_hex(ev.phone_sha256.as_deref()?)?;
+                Some((h, h))
+            })
+            .unzip();
+        Profile {
+            user_id: None,
+            contacts: [
+                (Contact::Email, email),
+                (Contact::EmailGoogle, email_google),
+                (Contact::PhoneE164, e164),
+                (Contact::PhoneDigits, digits),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect(),
+            external_ids: ev
+                .external_ids
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().into(), identifier_digest(v)?)))
+                .collect(),
+            click_ids: ev.click_ids.as_ref().map_or_else(CompactMap::default, |c| {
+                ClickKind::ALL
+                    .into_iter()
+                    .filter_map(|k| Some((k, c.get(k)?.into())))
+                    .collect()
+            }),
+            as_of: ev.occurred_at.timestamp(),
         }
-        if p.phone_sha256_e164.is_none()
-            && let Some(h) = &ev.phone_sha256
-        {
-            // A publisher's digest: we cannot know which format it hashed, so
-            // every vendor gets it as given.
-            p.phone_sha256_e164 = Some(h.clone());
-            p.phone_sha256_digits = Some(h.clone());
-        }
-        for (k, v) in &ev.external_ids {
-            if let Some(h) = hash_identifier(v) {
-                p.external_ids.insert(k.clone(), h);
-            }
-        }
-        if let Some(c) = &ev.click_ids {
-            p.click_ids = c.clone();
-        }
-        p
     }
 
     /// Overlays `newer` (its known fields win); true when anything changed.
@@ -184,54 +274,65 @@ impl Profile {
         let older = newer.as_of < self.as_of;
         self.as_of = self.as_of.max(newer.as_of);
         let mut changed = false;
-        if newer.email_sha256.is_some() && !(older && self.email_sha256.is_some()) {
+        let email = newer.contacts.get(&Contact::Email);
+        if email.is_some() && !(older && self.contacts.get(&Contact::Email).is_some()) {
+            changed |= take_entry(&mut self.contacts, &Contact::Email, email, false);
             // The google variant belongs to the email it came with.
-            changed |= take(&mut self.email_sha256, &newer.email_sha256, older);
-            if self.email_sha256_google != newer.email_sha256_google {
-                self.email_sha256_google
-                    .clone_from(&newer.email_sha256_google);
+            let google = newer.contacts.get(&Contact::EmailGoogle);
+            if self.contacts.get(&Contact::EmailGoogle) != google {
+                match google {
+                    Some(g) => self.contacts.insert(Contact::EmailGoogle, *g),
+                    None => self.contacts.remove(&Contact::EmailGoogle),
+                }
                 changed = true;
             }
         }
-        changed |= take(&mut self.phone_sha256_e164, &newer.phone_sha256_e164, older);
-        changed |= take(
-            &mut self.phone_sha256_digits,
-            &newer.phone_sha256_digits,
-            older,
-        );
-        for (k, v) in &newer.external_ids {
-            let known = self.external_ids.get(k);
-            if known != Some(v) && !(older && known.is_some()) {
-                self.external_ids.insert(k.clone(), v.clone());
-                changed = true;
-            }
+        for c in [Contact::PhoneE164, Contact::PhoneDigits] {
+            changed |= take_entry(&mut self.contacts, &c, newer.contacts.get(&c), older);
         }
-        let (c, n) = (&mut self.click_ids, &newer.click_ids);
-        changed |= take(&mut c.fbc, &n.fbc, older);
-        changed |= take(&mut c.fbp, &n.fbp, older);
-        changed |= take(&mut c.gclid, &n.gclid, older);
-        changed |= take(&mut c.gbraid, &n.gbraid, older);
-        changed |= take(&mut c.wbraid, &n.wbraid, older);
-        changed |= take(&mut c.ttclid, &n.ttclid, older);
-        changed |= take(&mut c.ttp, &n.ttp, older);
+        for (k, v) in newer.external_ids.iter() {
+            changed |= take_entry(&mut self.external_ids, k, Some(v), older);
+        }
+        for (k, v) in newer.click_ids.iter() {
+            changed |= take_entry(&mut self.click_ids, k, Some(v), older);
+        }
         changed
     }
 
-    pub fn email_hash(&self, rule: EmailRule) -> Option<&str> {
+    pub fn email_hash(&self, rule: EmailRule) -> Option<Sha256Digest> {
+        let plain = self.contacts.get(&Contact::Email);
         match rule {
-            EmailRule::Google => self
-                .email_sha256_google
-                .as_deref()
-                .or(self.email_sha256.as_deref()),
-            EmailRule::Plain => self.email_sha256.as_deref(),
+            EmailRule::Google => self.contacts.get(&Contact::EmailGoogle).or(plain),
+            EmailRule::Plain => plain,
         }
+        .copied()
     }
 
-    pub fn phone_hash(&self, format: PhoneFormat) -> Option<&str> {
+    pub fn phone_hash(&self, format: PhoneFormat) -> Option<Sha256Digest> {
         match format {
-            PhoneFormat::E164 => self.phone_sha256_e164.as_deref(),
-            PhoneFormat::DigitsOnly => self.phone_sha256_digits.as_deref(),
+            PhoneFormat::E164 => self.contacts.get(&Contact::PhoneE164),
+            PhoneFormat::DigitsOnly => self.contacts.get(&Contact::PhoneDigits),
         }
+        .copied()
+    }
+
+    pub fn click_id(&self, kind: ClickKind) -> Option<&str> {
+        self.click_ids.get(&kind).map(|c| &**c)
+    }
+
+    /// Its own size (it is boxed) and what it owns.
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Profile>()
+            + self.user_id.as_ref().map_or(0, |u| u.len())
+            + self.contacts.heap_bytes()
+            + self.external_ids.heap_bytes()
+            + self
+                .external_ids
+                .iter()
+                .map(|(k, _)| k.len())
+                .sum::<usize>()
+            + self.click_ids.heap_bytes()
+            + self.click_ids.iter().map(|(_, v)| v.len()).sum::<usize>()
     }
 }
 
@@ -245,40 +346,75 @@ pub struct Resolved<'a> {
 }
 
 impl<'a> Resolved<'a> {
-    pub fn email_hash(&self, rule: EmailRule) -> Option<&'a str> {
+    pub fn email_hash(&self, rule: EmailRule) -> Option<Sha256Digest> {
         // The email and its google variant come as a pair, from one profile.
         self.user
-            .filter(|u| u.email_sha256.is_some())
+            .filter(|u| u.contacts.get(&Contact::Email).is_some())
             .or(self.anon)?
             .email_hash(rule)
     }
 
-    pub fn phone_hash(&self, format: PhoneFormat) -> Option<&'a str> {
+    pub fn phone_hash(&self, format: PhoneFormat) -> Option<Sha256Digest> {
         self.user
             .and_then(|u| u.phone_hash(format))
             .or_else(|| self.anon?.phone_hash(format))
     }
 
     /// One click id: the user's, else the anonymous visitor's.
-    pub fn click_id(&self, field: fn(&ClickIds) -> &Option<String>) -> Option<&'a str> {
-        let of = |p: Option<&'a Profile>| p.and_then(|p| field(&p.click_ids).as_deref());
+    pub fn click_id(&self, kind: ClickKind) -> Option<&'a str> {
+        let of = |p: Option<&'a Profile>| p.and_then(|p| p.click_id(kind));
         of(self.user).or_else(|| of(self.anon))
     }
 
     /// Hashed external ids, the user's over the anonymous visitor's.
-    pub fn external_ids(&self) -> Cow<'a, BTreeMap<String, String>> {
-        match (self.user, self.anon) {
-            (Some(u), Some(a)) if !a.external_ids.is_empty() => {
-                if u.external_ids.is_empty() {
-                    return Cow::Borrowed(&a.external_ids);
-                }
-                let mut all = a.external_ids.clone();
-                all.extend(u.external_ids.iter().map(|(k, v)| (k.clone(), v.clone())));
-                Cow::Owned(all)
-            }
-            (Some(p), _) | (None, Some(p)) => Cow::Borrowed(&p.external_ids),
-            (None, None) => Cow::Owned(BTreeMap::new()),
+    pub fn external_ids(&self) -> HashedIds<'a> {
+        let ids = |p: Option<&'a Profile>| p.map_or(&[][..], |p| p.external_ids.as_slice());
+        HashedIds {
+            user: ids(self.user),
+            anon: ids(self.anon),
         }
+    }
+}
+
+/// The user's hashed external ids over the anonymous visitor's, serialised
+/// as one map without building it.
+#[derive(Debug, Clone, Copy)]
+pub struct HashedIds<'a> {
+    user: &'a [(Box<str>, Sha256Digest)],
+    anon: &'a [(Box<str>, Sha256Digest)],
+}
+
+impl HashedIds<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.user.is_empty() && self.anon.is_empty()
+    }
+}
+
+impl Serialize for HashedIds<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use std::cmp::Ordering;
+        let mut m = s.serialize_map(None)?;
+        let (mut u, mut a) = (self.user.iter().peekable(), self.anon.iter().peekable());
+        // Both are sorted by key: a merge, taking the user's of equal keys.
+        loop {
+            let next = match (u.peek(), a.peek()) {
+                (Some(x), Some(y)) => match x.0.cmp(&y.0) {
+                    Ordering::Less => u.next(),
+                    Ordering::Greater => a.next(),
+                    Ordering::Equal => {
+                        a.next();
+                        u.next()
+                    }
+                },
+                (Some(_), None) => u.next(),
+                (None, Some(_)) => a.next(),
+                (None, None) => break,
+            };
+            if let Some((k, v)) = next {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
     }
 }
 
@@ -320,6 +456,19 @@ impl IdentityTable {
         self.len() == 0
     }
 
+    /// Bytes the table's allocations hold: its two maps' slots, the keys,
+    /// the boxed profiles and what they own (allocator rounding not counted).
+    pub fn heap_bytes(&self) -> usize {
+        let map = |m: &HashMap<String, Box<Profile>>| {
+            let slot = std::mem::size_of::<(String, Box<Profile>)>() + 1;
+            m.capacity().div_ceil(7).next_power_of_two() * 8 * slot
+                + m.iter()
+                    .map(|(k, p)| k.capacity() + p.heap_bytes())
+                    .sum::<usize>()
+        };
+        map(&self.users) + map(&self.anons)
+    }
+
     /// Applies one record of the identity topic (ours or another instance's).
     pub fn apply(&mut self, key: &str, profile: &Profile) {
         if let Some(id) = key.strip_prefix(USER) {
@@ -346,8 +495,8 @@ impl IdentityTable {
             Some(u) => Some(Cow::Borrowed(u)),
             None => anon
                 .as_ref()
-                .and_then(|a| a.user_id.clone())
-                .map(Cow::Owned),
+                .and_then(|a| a.user_id.as_deref())
+                .map(|u| Cow::Owned(u.to_owned())),
         };
         let Some(uid) = linked_user else {
             if let (Some(a), Some(aid)) = (anon.as_deref_mut(), aid)
@@ -375,7 +524,7 @@ impl IdentityTable {
             && a.user_id.as_deref() != Some(&*uid)
             && (a.user_id.is_none() || hints.as_of >= a.as_of)
         {
-            a.user_id = Some(uid.to_string());
+            a.user_id = Some(uid.as_ref().into());
             a.as_of = a.as_of.max(hints.as_of);
             write(
                 IdKey {
@@ -436,7 +585,7 @@ impl IdentityTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::normalize::{parse_country, sha256_hex};
+    use crate::event::normalize::parse_country;
     use crate::event::parse_event;
 
     fn ev(json: &str) -> CanonicalEvent {
@@ -465,7 +614,7 @@ mod tests {
             "+44 20 7946 0958",
             "12345678",
         ] {
-            let fresh = hash_phone_variants(raw, parse_country("US").unwrap());
+            let fresh = phone_digests(raw, parse_country("US").unwrap());
             assert_eq!(phones.hash(raw), fresh, "{raw}");
             assert_eq!(phones.hash(raw), fresh, "{raw}, remembered");
         }
@@ -481,22 +630,22 @@ mod tests {
         );
         let p = Profile::from_event(&e, &mut us());
         assert_eq!(
-            p.email_sha256.as_deref(),
-            Some(sha256_hex("john.smith@gmail.com").as_str())
+            p.email_hash(EmailRule::Plain),
+            Some(Sha256Digest::of("john.smith@gmail.com"))
         );
         assert_eq!(
             p.email_hash(EmailRule::Google),
-            Some(sha256_hex("johnsmith@gmail.com").as_str())
+            Some(Sha256Digest::of("johnsmith@gmail.com"))
         );
         assert_eq!(
             p.phone_hash(PhoneFormat::E164),
-            Some(sha256_hex("+16502530000").as_str())
+            Some(Sha256Digest::of("+16502530000"))
         );
         assert_eq!(
             p.phone_hash(PhoneFormat::DigitsOnly),
-            Some(sha256_hex("16502530000").as_str())
+            Some(Sha256Digest::of("16502530000"))
         );
-        assert_eq!(p.external_ids["crm"], sha256_hex("C-9"));
+        assert_eq!(p.external_ids.get("crm"), Some(&Sha256Digest::of("C-9")));
         let json = serde_json::to_string(&p).unwrap();
         assert!(
             !json.contains("Gmail") && !json.contains("253"),
@@ -532,10 +681,10 @@ mod tests {
         assert_eq!(r.user_id, Some("u-1"));
         assert_eq!(
             r.email_hash(EmailRule::Plain),
-            Some(sha256_hex("jane@example.com").as_str())
+            Some(Sha256Digest::of("jane@example.com"))
         );
-        assert_eq!(r.click_id(|c| &c.fbc), Some("fb.1.1.abc"));
-        assert_eq!(r.click_id(|c| &c.gclid), Some("G1"));
+        assert_eq!(r.click_id(ClickKind::Fbc), Some("fb.1.1.abc"));
+        assert_eq!(r.click_id(ClickKind::Gclid), Some("G1"));
     }
 
     #[test]
@@ -578,6 +727,59 @@ mod tests {
     }
 
     #[test]
+    fn the_identity_topic_format_is_unchanged() {
+        // A record as earlier versions wrote it, every field set.
+        let h = |s: &str| Sha256Digest::of(s).to_string();
+        let old = format!(
+            r#"{{"user_id":"u-1","email_sha256":"{}","email_sha256_google":"{}","phone_sha256_e164":"{}","phone_sha256_digits":"{}","external_ids":{{"crm":"{}","shop":"{}"}},"click_ids":{{"fbc":"fb.1.1.a","gclid":"G","ttp":"t"}},"as_of":1795132800}}"#,
+            h("a.b@gmail.com"),
+            h("ab@gmail.com"),
+            h("+16502530000"),
+            h("16502530000"),
+            h("C-1"),
+            h("S-1"),
+        );
+        let p: Profile = serde_json::from_str(&old).unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), old);
+        assert_eq!(
+            p.email_hash(EmailRule::Google),
+            Some(Sha256Digest::of("ab@gmail.com"))
+        );
+        assert_eq!(p.click_id(ClickKind::Gclid), Some("G"));
+        let empty: Profile = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, Profile::default());
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
+        assert!(serde_json::from_str::<Profile>(r#"{"email_sha256":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn external_ids_are_the_users_over_the_devices_in_key_order() {
+        let h = |s: &str| Sha256Digest::of(s).to_string();
+        let profile = |ids: serde_json::Value| -> Profile {
+            serde_json::from_value(serde_json::json!({ "external_ids": ids })).unwrap()
+        };
+        let user = profile(serde_json::json!({"crm": h("U"), "shop": h("S")}));
+        let anon = profile(serde_json::json!({"crm": h("A"), "web": h("W"), "app": h("P")}));
+        let ids = |user, anon| {
+            let r = Resolved {
+                user_id: None,
+                user,
+                anon,
+            };
+            serde_json::to_value(r.external_ids()).unwrap()
+        };
+        assert_eq!(
+            ids(Some(&user), Some(&anon)),
+            serde_json::json!({"app": h("P"), "crm": h("U"), "shop": h("S"), "web": h("W")})
+        );
+        assert_eq!(ids(None, Some(&anon))["crm"], h("A"));
+        let empty = Profile::default();
+        assert_eq!(ids(Some(&user), None), ids(Some(&user), Some(&empty)));
+        assert!(Resolved::default().external_ids().is_empty());
+        assert_eq!(ids(None, None), serde_json::json!({}));
+    }
+
+    #[test]
     fn unchanged_hints_write_nothing() {
         let mut t = IdentityTable::default();
         let e = ev(
@@ -605,10 +807,10 @@ mod tests {
         assert_eq!(keys(observe(&mut t, &link)), ["a:a1", "u:u1"]);
         let u = t.resolve(&link).user.unwrap().clone();
         assert_eq!(
-            u.email_sha256.as_deref(),
-            Some(sha256_hex("old@example.com").as_str())
+            u.email_hash(EmailRule::Plain),
+            Some(Sha256Digest::of("old@example.com"))
         );
-        assert_eq!(u.click_ids.fbc.as_deref(), Some("F0"));
+        assert_eq!(u.click_id(ClickKind::Fbc), Some("F0"));
 
         let newer = at(3, r#""user_id":"u1","email":"new@example.com""#);
         assert_eq!(keys(observe(&mut t, &newer)), ["u:u1"]);
@@ -617,8 +819,8 @@ mod tests {
         assert!(observe(&mut t, &link).is_empty());
         let u = t.resolve(&link).user.unwrap().clone();
         assert_eq!(
-            u.email_sha256.as_deref(),
-            Some(sha256_hex("new@example.com").as_str())
+            u.email_hash(EmailRule::Plain),
+            Some(Sha256Digest::of("new@example.com"))
         );
 
         // A linked visitor's new click belongs to the user.
@@ -630,7 +832,7 @@ mod tests {
         );
         assert!(observe(&mut t, &again).is_empty());
         assert_eq!(
-            t.resolve(&again).user.unwrap().click_ids.fbc.as_deref(),
+            t.resolve(&again).user.unwrap().click_id(ClickKind::Fbc),
             Some("F1")
         );
     }
@@ -657,10 +859,10 @@ mod tests {
         let w = observe(&mut t, &older);
         assert_eq!(w.len(), 1, "the email is a gap filled");
         let u = &w[0].1;
-        assert_eq!(u.click_ids.fbc.as_deref(), Some("NEW"));
+        assert_eq!(u.click_id(ClickKind::Fbc), Some("NEW"));
         assert_eq!(
-            u.email_sha256.as_deref(),
-            Some(sha256_hex("a@b.co").as_str())
+            u.email_hash(EmailRule::Plain),
+            Some(Sha256Digest::of("a@b.co"))
         );
         assert_eq!(u.as_of, newer.occurred_at.timestamp());
         assert!(observe(&mut t, &older).is_empty());
@@ -678,7 +880,7 @@ mod tests {
             b.apply(&k, &p);
         }
         let u = b.resolve(&later).user.unwrap();
-        assert_eq!(u.click_ids.fbc.as_deref(), Some("NEW"));
-        assert!(u.email_sha256.is_some());
+        assert_eq!(u.click_id(ClickKind::Fbc), Some("NEW"));
+        assert!(u.email_hash(EmailRule::Plain).is_some());
     }
 }

@@ -535,6 +535,8 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::delivery::Delivery;
+    use crate::event::ClickKind;
+    use crate::router::identity::EmailRule;
 
     fn pipeline() -> Pipeline {
         let cfg = Config::parse(
@@ -630,10 +632,10 @@ consent = "analytics"
         let keys: Vec<&str> = identity.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["a:a1", "u:u1", "u:u2"], "first-seen order, one each");
         let u1 = &identity[1].1;
-        assert_eq!(u1.click_ids.fbc.as_deref(), Some("F2"), "the last state");
-        assert!(u1.email_sha256.is_some());
+        assert_eq!(u1.click_id(ClickKind::Fbc), Some("F2"), "the last state");
+        assert!(u1.email_hash(EmailRule::Plain).is_some());
         assert_eq!(identity[0].1.user_id.as_deref(), Some("u1"));
-        assert_eq!(identity[2].1.click_ids.fbc.as_deref(), Some("G1"));
+        assert_eq!(identity[2].1.click_id(ClickKind::Fbc), Some("G1"));
 
         // Reused, the batch starts with nothing staged.
         b.clear();

@@ -7,11 +7,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::identity::{EmailRule, Resolved};
+use super::identity::{EmailRule, HashedIds, Resolved};
 use crate::config::{ConsentDefault, DestinationConfig, DestinationKind};
 use crate::delivery::DELIVERY_VERSION;
-use crate::event::normalize::PhoneFormat;
-use crate::event::{CanonicalEvent, ClickIds, ConsentState, Context, EventName, Item};
+use crate::event::normalize::{PhoneFormat, Sha256Digest};
+use crate::event::{CanonicalEvent, ClickKind, ConsentState, Context, EventName, Item};
 
 /// Why an event does not go to a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,10 +214,9 @@ impl DeliveryWriter {
     /// the shared object is never empty.)
     pub fn prepare(&mut self, ev: &CanonicalEvent, who: &Resolved<'_>) {
         let own = ev.click_ids.as_ref();
-        let click = |f: fn(&ClickIds) -> &Option<String>| {
+        let click = |kind| {
             // The event's own ids are the freshest.
-            own.and_then(|c| f(c).as_deref())
-                .or_else(|| who.click_id(f))
+            own.and_then(|c| c.get(kind)).or_else(|| who.click_id(kind))
         };
         let shared = Shared {
             event: &ev.event,
@@ -227,13 +226,13 @@ impl DeliveryWriter {
             user_id: ev.user_id.as_deref().or(who.user_id),
             anonymous_id: ev.anonymous_id.as_deref(),
             click_ids: ClickRefs {
-                fbc: click(|c| &c.fbc),
-                fbp: click(|c| &c.fbp),
-                gclid: click(|c| &c.gclid),
-                gbraid: click(|c| &c.gbraid),
-                wbraid: click(|c| &c.wbraid),
-                ttclid: click(|c| &c.ttclid),
-                ttp: click(|c| &c.ttp),
+                fbc: click(ClickKind::Fbc),
+                fbp: click(ClickKind::Fbp),
+                gclid: click(ClickKind::Gclid),
+                gbraid: click(ClickKind::Gbraid),
+                wbraid: click(ClickKind::Wbraid),
+                ttclid: click(ClickKind::Ttclid),
+                ttp: click(ClickKind::Ttp),
             },
             context: ev.context.as_ref(),
             consent: &ev.consent,
@@ -258,23 +257,25 @@ impl DeliveryWriter {
         stamp: Stamp<'_>,
     ) {
         let plan = &self.dests[index];
-        let hashed_ids;
         let (email, phone, external_ids, traits, metadata) = match plan.exposure {
-            Exposure::HashesOnly => {
-                hashed_ids = who.external_ids();
-                (None, None, &*hashed_ids, None, None)
-            }
+            Exposure::HashesOnly => (
+                None,
+                None,
+                ExternalIds::Hashed(who.external_ids()),
+                None,
+                None,
+            ),
             Exposure::NoRawContact => (
                 None,
                 None,
-                &ev.external_ids,
+                ExternalIds::Raw(&ev.external_ids),
                 ev.traits.as_ref().map(Traits::WithoutContact),
                 ev.metadata.as_ref(),
             ),
             Exposure::Raw => (
                 ev.email.as_deref(),
                 ev.phone.as_deref(),
-                &ev.external_ids,
+                ExternalIds::Raw(&ev.external_ids),
                 ev.traits.as_ref().map(Traits::All),
                 ev.metadata.as_ref(),
             ),
@@ -376,11 +377,11 @@ struct Personal<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     phone: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    email_sha256: Option<&'a str>,
+    email_sha256: Option<Sha256Digest>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    phone_sha256: Option<&'a str>,
-    #[serde(skip_serializing_if = "no_entries")]
-    external_ids: &'a BTreeMap<String, String>,
+    phone_sha256: Option<Sha256Digest>,
+    #[serde(skip_serializing_if = "ExternalIds::is_empty")]
+    external_ids: ExternalIds<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     traits: Option<Traits<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -389,6 +390,31 @@ struct Personal<'a> {
 
 fn no_entries<K, V>(m: &&BTreeMap<K, V>) -> bool {
     m.is_empty()
+}
+
+/// The event's own external ids, or the hashed ones the identity table knows.
+#[derive(Clone, Copy)]
+enum ExternalIds<'a> {
+    Raw(&'a BTreeMap<String, String>),
+    Hashed(HashedIds<'a>),
+}
+
+impl ExternalIds<'_> {
+    fn is_empty(&self) -> bool {
+        match self {
+            ExternalIds::Raw(m) => m.is_empty(),
+            ExternalIds::Hashed(h) => h.is_empty(),
+        }
+    }
+}
+
+impl Serialize for ExternalIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ExternalIds::Raw(m) => m.serialize(serializer),
+            ExternalIds::Hashed(h) => h.serialize(serializer),
+        }
+    }
 }
 
 fn no_items(items: &&[Item]) -> bool {
