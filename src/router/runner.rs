@@ -25,7 +25,7 @@ use tracing::{Instrument, info, info_span, warn};
 use backon::{ExponentialBuilder, Retryable};
 
 use super::dedup::{self, PartitionDedup};
-use super::identity::Profile;
+use super::identity::{IdentityTable, Profile};
 use super::metrics as m;
 use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline};
 use crate::config::{Config, Guarantee, KafkaConfig};
@@ -692,14 +692,14 @@ pub(super) async fn restore_partition(
 }
 
 /// Tails the whole identity topic: every instance sees every update.
-struct IdentityTail {
+pub(super) struct IdentityTail {
     consumer: BaseConsumer,
     topic: String,
     ends: HashMap<i32, i64>,
 }
 
 impl IdentityTail {
-    fn start(
+    pub(super) fn start(
         kafka: &KafkaConfig,
         bootstrap: &str,
         topic: &str,
@@ -733,7 +733,7 @@ impl IdentityTail {
         })
     }
 
-    fn apply(msg: &rdkafka::message::BorrowedMessage<'_>, pipeline: &mut Pipeline) {
+    fn apply(msg: &rdkafka::message::BorrowedMessage<'_>, table: &mut IdentityTable) {
         let (Some(key), Some(payload)) = (msg.key(), msg.payload()) else {
             return;
         };
@@ -741,7 +741,7 @@ impl IdentityTail {
             std::str::from_utf8(key),
             serde_json::from_slice::<Profile>(payload),
         ) {
-            (Ok(k), Ok(p)) => pipeline.identity().apply(k, &p),
+            (Ok(k), Ok(p)) => table.apply(k, &p),
             _ => warn!(
                 partition = msg.partition(),
                 offset = msg.offset(),
@@ -754,7 +754,7 @@ impl IdentityTail {
     fn drain(&mut self, pipeline: &mut Pipeline) {
         while let Some(r) = self.consumer.poll(Duration::ZERO) {
             match r {
-                Ok(msg) => Self::apply(&msg, pipeline),
+                Ok(msg) => Self::apply(&msg, pipeline.identity()),
                 Err(e) => {
                     warn!(topic = %self.topic, error = %e, "identity tail error");
                     break;
@@ -767,14 +767,17 @@ impl IdentityTail {
 
 /// Reads the identity topic up to where it ended at start-up, so the first
 /// events are enriched with everything known before this instance started.
-async fn load_identity(
+/// Records are applied as they are read: the topic holds several records per
+/// person until it is compacted, far more than the table they make.
+pub(super) async fn load_identity(
     tail: IdentityTail,
     pipeline: &mut Pipeline,
     stop: &CancellationToken,
 ) -> Result<IdentityTail, RouterError> {
-    let mut profiles: Vec<(String, Profile)> = Vec::new();
+    // The table goes to the blocking reader and comes back filled.
+    let mut table = std::mem::take(pipeline.identity());
     let stop = stop.clone();
-    let tail = tokio::task::spawn_blocking(move || {
+    let (tail, table) = tokio::task::spawn_blocking(move || {
         let mut pending: HashMap<i32, i64> = tail
             .ends
             .iter()
@@ -788,12 +791,7 @@ async fn load_identity(
             }
             match tail.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
-                    if let (Some(k), Some(v)) = (msg.key(), msg.payload())
-                        && let (Ok(k), Ok(p)) =
-                            (std::str::from_utf8(k), serde_json::from_slice::<Profile>(v))
-                    {
-                        profiles.push((k.to_string(), p));
-                    }
+                    IdentityTail::apply(&msg, &mut table);
                     if pending
                         .get(&msg.partition())
                         .is_some_and(|end| msg.offset() >= end - 1)
@@ -814,12 +812,10 @@ async fn load_identity(
                 }
             }
         }
-        Ok((tail, profiles))
+        Ok((tail, table))
     })
     .await??;
-    let (tail, profiles) = tail;
-    for (k, p) in &profiles {
-        pipeline.identity().apply(k, p);
-    }
+    *pipeline.identity() = table;
+    m::IDENTITIES.set(pipeline.identity().len() as i64);
     Ok(tail)
 }
