@@ -103,7 +103,7 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// The router: step-chain events/s per core, end-to-end vs a raw copy
-    /// through `--brokers`, dedup bytes/key and restore time, identity bytes/person.
+    /// through `--brokers`, dedup bytes/key and restore time, identity bytes/person and load time.
     /// The last line printed is one JSON object with every figure.
     Router {
         /// The broker for the end-to-end, copy and restore figures (e.g. a local tansu).
@@ -115,6 +115,9 @@ enum BenchCommand {
         broker_events: usize,
         #[arg(long, default_value_t = 1_000_000)]
         dedup_keys: usize,
+        /// People (ten events each) for the identity memory and load figures.
+        #[arg(long, default_value_t = 200_000)]
+        identity_people: usize,
         /// Alternating end-to-end / raw-copy rounds on fresh topics; the
         /// medians are reported (tansu's multi-second write stalls make one
         /// round a coin toss, but each round adds about a minute).
@@ -228,6 +231,7 @@ fn main() -> ExitCode {
                     chain_events,
                     broker_events,
                     dedup_keys,
+                    identity_people,
                     rounds,
                 },
         } => runtime().and_then(|rt| {
@@ -236,6 +240,7 @@ fn main() -> ExitCode {
                 chain_events: chain_events.max(1),
                 broker_events: broker_events.max(1),
                 dedup_keys: dedup_keys.max(1),
+                identity_people: identity_people.max(1),
                 rounds: rounds.max(1),
             }))
         }),

@@ -1,8 +1,9 @@
 //! `switchyard bench router`: (a) the in-process step chain's events/s per
 //! core with three destinations; (b) end-to-end events/s through a broker;
 //! (c) a raw consume → produce copy with the same fan-out on the same broker,
-//! and (b)/(c); (d) dedup memory per key and restore time; (e) identity
-//! table memory per person, as the step chain left it.
+//! and (b)/(c); (d) dedup memory per key and restore time; (e) the identity
+//! table's memory per person, and the time a starting router takes to load
+//! it from the identity topic.
 //!
 //! (a) is measured on one thread and charged by that thread's own CPU time
 //! (/proc/thread-self/schedstat), so other load on the machine does not
@@ -22,8 +23,9 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use super::dedup::{self, PartitionDedup};
-use super::pipeline::{Batch, InRecord, Pipeline};
-use super::runner::restore_partition;
+use super::identity::IdentityTable;
+use super::pipeline::{Batch, InRecord, Out, Pipeline};
+use super::runner::{IdentityTail, load_identity, restore_partition};
 use crate::config::Config;
 use crate::kafka::rebalance::GroupConsumer;
 use crate::kafka::{self, Cluster, client};
@@ -39,6 +41,8 @@ pub struct BenchOptions {
     pub broker_events: usize,
     /// Keys for the dedup memory and restore figures.
     pub dedup_keys: usize,
+    /// People (ten events each) for the identity figures.
+    pub identity_people: usize,
     /// Alternating (b)/(c) measurements; their medians are reported.
     pub rounds: usize,
 }
@@ -75,9 +79,14 @@ pub struct Figures {
     pub dedup_keys: usize,
     pub dedup_bytes_per_key: f64,
     pub dedup_restore_s: Option<f64>,
-    /// People in (a)'s input, each a user and a device in the table.
+    /// Each a user and a device in the table.
     pub identity_people: usize,
+    /// Identity topic records their events wrote.
+    pub identity_records: usize,
     pub identity_bytes_per_person: f64,
+    /// CPU seconds to parse and apply the records, without a broker.
+    pub identity_apply_s: f64,
+    pub identity_load_s: Option<f64>,
 }
 
 const DESTINATIONS: &str = r#"
@@ -120,10 +129,9 @@ fn config(brokers: Option<&str>, prefix: &str) -> Config {
 /// event in 50 repeats the event before it. Events are a second apart.
 /// What the identity table learns per event decides how much the router
 /// writes beyond the deliveries: `identity_writes_per_event` in the figures.
-fn events(n: usize) -> Vec<(String, Vec<u8>)> {
+fn events(n: usize) -> impl Iterator<Item = (String, Vec<u8>)> {
     let people = people(n);
-    (0..n)
-        .map(|i| {
+    (0..n).map(move |i| {
             let (person, visit) = (i % people, i / people);
             let dup_of = if i % 50 == 49 { i - 1 } else { i };
             let id = format!("bench-{dup_of:09}");
@@ -154,8 +162,7 @@ fn events(n: usize) -> Vec<(String, Vec<u8>)> {
                 i % 500
             );
             (id, body.into_bytes())
-        })
-        .collect()
+    })
 }
 
 /// The people among `n` events of [`events`].
@@ -185,9 +192,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     // Each pass runs the same input through a fresh pipeline; the median
     // counts, because one pass on a shared VM can lose a third of its speed
     // to the kernel zeroing pages the allocator handed back.
-    let input = Arc::new(events(opts.chain_events));
+    let input = Arc::new(events(opts.chain_events).collect::<Vec<_>>());
     for pass in 1..=CHAIN_PASSES {
-        let (rate, deliveries, identity_writes, identity_bytes) = tokio::task::spawn_blocking({
+        let (rate, deliveries, identity_writes) = tokio::task::spawn_blocking({
             let input = input.clone();
             move || step_chain(&input)
         })
@@ -197,9 +204,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         f.chain_passes.push(rate);
         f.deliveries_per_event = deliveries;
         f.identity_writes_per_event = identity_writes;
-        f.identity_bytes_per_person = identity_bytes as f64 / people(opts.chain_events) as f64;
     }
-    f.identity_people = people(opts.chain_events);
     drop(input);
     f.chain_events_per_s_per_core = median(&f.chain_passes);
     println!(
@@ -209,10 +214,6 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     println!(
         "(a) writes per event: {:.2} deliveries, {:.2} identity updates",
         f.deliveries_per_event, f.identity_writes_per_event
-    );
-    println!(
-        "(e) identity memory: {:.0} bytes/person at {} people (a user and a device each)",
-        f.identity_bytes_per_person, f.identity_people
     );
 
     // As the router holds them: chunks of one batch's new keys each.
@@ -229,6 +230,35 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         f.dedup_bytes_per_key, opts.dedup_keys
     );
 
+    let people = opts.identity_people;
+    let (identity, table, apply) = tokio::task::spawn_blocking(move || {
+        let (records, table) = identity_records(people);
+        let cpu = thread_cpu();
+        let mut loaded = IdentityTable::default();
+        for (k, v) in &records {
+            if let (Ok(k), Ok(p)) = (std::str::from_utf8(k), serde_json::from_slice(v)) {
+                loaded.apply(k, &p);
+            }
+        }
+        (records, table, thread_cpu().saturating_sub(cpu))
+    })
+    .await
+    .map_err(super::RouterError::from)?;
+    f.identity_apply_s = apply.as_secs_f64();
+    f.identity_people = people;
+    f.identity_records = identity.len();
+    f.identity_bytes_per_person = table.heap_bytes() as f64 / people as f64;
+    println!(
+        "(e) identity memory: {:.0} bytes/person at {people} people (a user and a device each; their {} events wrote {} identity records)",
+        f.identity_bytes_per_person,
+        people * 10,
+        identity.len()
+    );
+    println!(
+        "(e) parsing and applying those records in process: {:.2} s of CPU",
+        f.identity_apply_s
+    );
+
     let Some(brokers) = opts.brokers.clone() else {
         println!(
             "(b), (c) and the restore time need --brokers (e.g. a tansu from scripts/kafka-dev.sh start)"
@@ -238,17 +268,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
     // tansu sometimes holds a produce acknowledgement for seconds; one such
     // stall in one measurement decides a single-shot ratio. So (b) and (c)
     // run in alternating rounds on fresh topics, and the medians count.
-    let input = events(opts.broker_events);
-    let mut cfg = None;
+    let input: Vec<_> = events(opts.broker_events).collect();
     for round in 1..=opts.rounds {
-        let prefix = format!(
-            "bench-{}-{}-{round}",
-            std::process::id(),
-            chrono::Utc::now().timestamp()
-        );
-        let c = Arc::new(config(Some(&brokers), &prefix));
-        let cluster = Cluster::connect(&c)?;
-        kafka::topics::ensure(&cluster, &c).await?;
+        let c = fresh_topics(&brokers, &round.to_string()).await?;
         produce(&c, &brokers, &c.topics.canonical, &input).await?;
         let e2e = end_to_end(&c, &brokers, input.len()).await?;
         let copy = raw_copy(&c, &brokers, input.len()).await?;
@@ -258,9 +280,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         );
         f.e2e_rounds.push(e2e);
         f.copy_rounds.push(copy);
-        cfg = Some(c);
     }
-    let cfg = cfg.expect("at least one round");
     let (e2e, copy) = (median(&f.e2e_rounds), median(&f.copy_rounds));
     f.e2e_events_per_s = Some(e2e);
     f.copy_events_per_s = Some(copy);
@@ -274,13 +294,36 @@ pub async fn run(opts: &BenchOptions) -> Result<Figures, BenchError> {
         e2e / copy
     );
 
+    // State topics nothing else has written to: the rounds' routers wrote
+    // their own dedup and identity records.
+    let cfg = fresh_topics(&brokers, "state").await?;
     let restore = restore_time(&cfg, &brokers, opts.dedup_keys).await?;
     f.dedup_restore_s = Some(restore);
     println!(
         "(d) restore of {} dedup keys from {brokers}: {restore:.1} s",
         opts.dedup_keys
     );
+
+    let load = identity_load_time(&cfg, &brokers, &identity, &table).await?;
+    f.identity_load_s = Some(load);
+    println!(
+        "(e) identity load of {} records ({people} people) from {brokers}: {load:.1} s",
+        identity.len()
+    );
     Ok(f)
+}
+
+/// A configuration whose topics, created now, are this run's alone.
+async fn fresh_topics(brokers: &str, name: &str) -> Result<Arc<Config>, BenchError> {
+    let prefix = format!(
+        "bench-{}-{}-{name}",
+        std::process::id(),
+        chrono::Utc::now().timestamp()
+    );
+    let cfg = Arc::new(config(Some(brokers), &prefix));
+    let cluster = Cluster::connect(&cfg)?;
+    kafka::topics::ensure(&cluster, &cfg).await?;
+    Ok(cfg)
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -295,44 +338,21 @@ fn median(xs: &[f64]) -> f64 {
 
 const CHAIN_PASSES: usize = 5;
 
-/// Events/s per core, deliveries and identity records written per event,
-/// and the identity table's heap bytes at the end.
-fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64, usize) {
+/// Events/s per core, and deliveries and identity records written per event.
+fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64) {
     let cfg = Arc::new(config(None, "bench"));
     let identity = cfg.topics.identity();
     let deliver = cfg.topics.deliver("");
     let (mut identity_writes, mut deliveries) = (0, 0);
-    let mut pipeline = Pipeline::new(cfg);
-    for p in 0..4 {
-        pipeline.install(p, PartitionDedup::default());
-    }
     let cpu = thread_cpu();
     let wall = Instant::now();
-    // Reused, as the router reuses it.
-    let mut batch = Batch::default();
-    for (chunk_no, chunk) in input.chunks(2000).enumerate() {
-        batch.clear();
-        for (i, (id, payload)) in chunk.iter().enumerate() {
-            let rec = InRecord {
-                // As a keyed producer would: a duplicate meets its original.
-                partition: (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % 4) as i32,
-                offset: (chunk_no * 2000 + i) as i64,
-                key: Some(id.as_bytes()),
-                payload: Some(payload),
-                timestamp_ms: None,
-            };
-            pipeline.process(&rec, 1_700_000_000, &mut batch);
+    chain(cfg, input.iter().map(|(id, p)| (id, p)), |o| {
+        if *o.topic == *identity {
+            identity_writes += 1;
+        } else if o.topic.starts_with(&deliver) {
+            deliveries += 1;
         }
-        pipeline.seal(&mut batch);
-        pipeline.commit(&batch);
-        for o in batch.records() {
-            if *o.topic == *identity {
-                identity_writes += 1;
-            } else if o.topic.starts_with(&deliver) {
-                deliveries += 1;
-            }
-        }
-    }
+    });
     let spent = match thread_cpu().saturating_sub(cpu) {
         d if d.is_zero() => wall.elapsed(),
         d => d,
@@ -342,8 +362,62 @@ fn step_chain(input: &[(String, Vec<u8>)]) -> (f64, f64, f64, usize) {
         n / spent.as_secs_f64(),
         deliveries as f64 / n,
         identity_writes as f64 / n,
-        pipeline.identity().heap_bytes(),
     )
+}
+
+/// Runs `input` through a fresh pipeline in batches of 2000, as the router
+/// does, handing each record it writes to `out`; returns the pipeline.
+fn chain<K: AsRef<str>, V: AsRef<[u8]>>(
+    cfg: Arc<Config>,
+    input: impl IntoIterator<Item = (K, V)>,
+    mut out: impl FnMut(Out<'_>),
+) -> Pipeline {
+    let mut pipeline = Pipeline::new(cfg);
+    for p in 0..4 {
+        pipeline.install(p, PartitionDedup::default());
+    }
+    // Reused, as the router reuses it.
+    let mut batch = Batch::default();
+    let mut input = input.into_iter().enumerate().peekable();
+    while input.peek().is_some() {
+        batch.clear();
+        for (offset, (id, payload)) in input.by_ref().take(2000) {
+            let (id, payload) = (id.as_ref(), payload.as_ref());
+            let rec = InRecord {
+                // As a keyed producer would: a duplicate meets its original.
+                partition: (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % 4) as i32,
+                offset: offset as i64,
+                key: Some(id.as_bytes()),
+                payload: Some(payload),
+                timestamp_ms: None,
+            };
+            pipeline.process(&rec, 1_700_000_000, &mut batch);
+        }
+        pipeline.seal(&mut batch);
+        pipeline.commit(&batch);
+        batch.records().for_each(&mut out);
+    }
+    pipeline
+}
+
+/// A record's key and value.
+type Record = (Vec<u8>, Vec<u8>);
+
+/// The identity records the events of `people` people make the
+/// router write, superseded ones included, as an uncompacted topic holds
+/// them; and the table they build.
+fn identity_records(people: usize) -> (Vec<Record>, IdentityTable) {
+    let cfg = Arc::new(config(None, "bench"));
+    let topic = cfg.topics.identity();
+    let mut records = Vec::new();
+    let mut pipeline = chain(cfg.clone(), events(people * 10), |o| {
+        if *o.topic == *topic
+            && let (Some(k), Some(v)) = (o.key, o.payload)
+        {
+            records.push((k.to_vec(), v.to_vec()));
+        }
+    });
+    (records, std::mem::take(pipeline.identity()))
 }
 
 async fn produce(
@@ -489,6 +563,39 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
     let secs = t.elapsed().as_secs_f64();
     if state.len() < keys {
         println!("warning: restored {} of {keys} keys", state.len());
+    }
+    Ok(secs)
+}
+
+/// Produces `records` to the identity topic and times a cold load of it, as
+/// a starting router loads it.
+async fn identity_load_time(
+    cfg: &Arc<Config>,
+    brokers: &str,
+    records: &[Record],
+    written: &IdentityTable,
+) -> Result<f64, BenchError> {
+    let producer: FutureProducer = client::idempotent_producer(&cfg.kafka, brokers).create()?;
+    let topic = cfg.topics.identity();
+    let mut acks = Vec::with_capacity(records.len());
+    for (k, v) in records {
+        let r = FutureRecord::to(&topic).key(&k[..]).payload(&v[..]);
+        acks.push(client::enqueue(&producer, r).await?);
+    }
+    client::acked(acks).await?;
+    let mut pipeline = Pipeline::new(cfg.clone());
+    let t = Instant::now();
+    let tail = IdentityTail::start(&cfg.kafka, brokers, &topic)?;
+    load_identity(tail, &mut pipeline, &CancellationToken::new()).await?;
+    let secs = t.elapsed().as_secs_f64();
+    // The same records in the same per-key order make the same table.
+    let (n, example) = written.differences(pipeline.identity());
+    if n > 0 {
+        println!(
+            "warning: {n} of {} identity entries differ after the load, e.g. {}",
+            written.len(),
+            example.unwrap_or_default()
+        );
     }
     Ok(secs)
 }

@@ -469,6 +469,37 @@ impl IdentityTable {
         map(&self.users) + map(&self.anons)
     }
 
+    /// Keys whose profiles differ between the two tables, `as_of` aside
+    /// (it is not written when it alone changes), with one example.
+    pub fn differences(&self, other: &IdentityTable) -> (usize, Option<String>) {
+        let same = |a: &Profile, b: Option<&Box<Profile>>| {
+            b.is_some_and(|b| {
+                Profile {
+                    as_of: 0,
+                    ..a.clone()
+                } == Profile {
+                    as_of: 0,
+                    ..(**b).clone()
+                }
+            })
+        };
+        let mut example = None;
+        let mut n = 0;
+        for (prefix, mine, theirs) in [
+            (USER, &self.users, &other.users),
+            (ANON, &self.anons, &other.anons),
+        ] {
+            for (k, p) in mine {
+                if !same(p, theirs.get(k)) {
+                    n += 1;
+                    example
+                        .get_or_insert_with(|| format!("{prefix}{k}: {p:?} / {:?}", theirs.get(k)));
+                }
+            }
+        }
+        (n + other.len().saturating_sub(self.len()), example)
+    }
+
     /// Applies one record of the identity topic (ours or another instance's).
     pub fn apply(&mut self, key: &str, profile: &Profile) {
         if let Some(id) = key.strip_prefix(USER) {
