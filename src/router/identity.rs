@@ -142,7 +142,7 @@ pub struct PhoneHasher {
     recent: quick_cache::unsync::Cache<u128, Option<(Sha256Digest, Sha256Digest)>>,
 }
 
-/// Numbers remembered: about 2 MB.
+/// Numbers remembered, each as a 16-byte key and two inline 32-byte digests.
 const RECENT_PHONES: usize = 16_384;
 
 impl PhoneHasher {
