@@ -133,6 +133,11 @@ pub struct KafkaConfig {
     pub client_id: String,
     /// librdkafka properties passed through to every client (security, SASL, timeouts…).
     pub properties: BTreeMap<String, PropertyValue>,
+    /// Passed through to consumers only, after `properties`: librdkafka
+    /// warns at every producer given a consumer property (and the reverse).
+    pub consumer_properties: BTreeMap<String, PropertyValue>,
+    /// Passed through to producers only, after `properties`.
+    pub producer_properties: BTreeMap<String, PropertyValue>,
 }
 
 impl Default for KafkaConfig {
@@ -142,6 +147,8 @@ impl Default for KafkaConfig {
             guarantee: Guarantee::ExactlyOnce,
             client_id: "switchyard".into(),
             properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
         }
     }
 }
@@ -183,6 +190,10 @@ pub const OWNED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.idempotence",
     "transactional.id",
     "isolation.level",
+    // Idempotence needs all acks; re-published keys must land where a
+    // Java publisher's would.
+    "acks",
+    "partitioner",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -703,12 +714,19 @@ impl Config {
                 }
             }
         }
-        for key in self.kafka.properties.keys() {
-            if OWNED_KAFKA_PROPERTIES.contains(&key.as_str()) {
-                bad(
-                    &format!("kafka.properties.\"{key}\""),
-                    "switchyard sets this property itself to keep its delivery guarantee; remove it (use kafka.brokers for the bootstrap servers)".into(),
-                );
+        let k = &self.kafka;
+        for (table, props) in [
+            ("properties", &k.properties),
+            ("consumer_properties", &k.consumer_properties),
+            ("producer_properties", &k.producer_properties),
+        ] {
+            for key in props.keys() {
+                if OWNED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                    bad(
+                        &format!("kafka.{table}.\"{key}\""),
+                        "switchyard sets this property itself to keep its delivery guarantee; remove it (use kafka.brokers for the bootstrap servers)".into(),
+                    );
+                }
             }
         }
         let t = &self.topics;
@@ -1503,6 +1521,16 @@ mod tests {
         // kafka.guarantee failing stops the kafka section, so group.id is reported on a rerun.
         let g = keys("[kafka.properties]\n\"group.id\" = \"mine\"\n");
         assert_eq!(g, vec!["kafka.properties.\"group.id\""]);
+        let g = keys(
+            "[kafka.consumer_properties]\n\"isolation.level\" = \"read_uncommitted\"\n[kafka.producer_properties]\n\"transactional.id\" = \"t\"\n",
+        );
+        assert_eq!(
+            g,
+            vec![
+                "kafka.consumer_properties.\"isolation.level\"",
+                "kafka.producer_properties.\"transactional.id\""
+            ]
+        );
     }
 
     #[test]

@@ -434,7 +434,7 @@ async fn read_back(
     topic: &str,
     published: &[Published],
 ) -> Result<HashMap<(i32, i64), Vec<u8>>, DemoError> {
-    let consumer: StreamConsumer = client::base(&config.kafka, cluster.bootstrap())
+    let consumer: StreamConsumer = client::consumer(&config.kafka, cluster.bootstrap())
         .set("group.id", "switchyard-demo")
         .set("enable.auto.commit", "false")
         .create()

@@ -335,7 +335,7 @@ fn check(path: &Path) -> ExitCode {
         }
     };
     if let Err(e) = kafka::client::check_properties(&config.kafka) {
-        eprintln!("error: {}: `kafka.properties`: {e}", path.display());
+        eprintln!("error: {}: kafka properties: {e}", path.display());
         return ExitCode::FAILURE;
     }
     print!("{}", topics::summary(&config));

@@ -150,7 +150,7 @@ fn config(brokers: &str, prefix: &str, fakes: &BTreeMap<&str, Fake>) -> String {
 brokers = "{brokers}"
 guarantee = "at_least_once"
 # tansu 0.6.0 does not finish cooperative rebalances.
-properties = {{ "partition.assignment.strategy" = "roundrobin" }}
+consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
 [topics]
 canonical = "{prefix}.canonical"
 prefix = "{prefix}"
@@ -387,7 +387,7 @@ async fn google_ads_access_tokens_are_refreshed_as_they_expire() {
 [kafka]
 brokers = "{brokers}"
 guarantee = "at_least_once"
-properties = {{ "partition.assignment.strategy" = "roundrobin" }}
+consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
 [topics]
 canonical = "{prefix}.canonical"
 prefix = "{prefix}"

@@ -42,7 +42,7 @@ brokers = "{brokers}"
 guarantee = "{guarantee}"
 # tansu 0.6.0 does not finish cooperative rebalances (a revoked partition is
 # never handed to the new member), so the tests use an eager strategy there.
-properties = {{ "partition.assignment.strategy" = "roundrobin" }}
+consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
 [topics]
 canonical = "{canonical}"
 prefix = "{prefix}"

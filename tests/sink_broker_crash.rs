@@ -91,7 +91,7 @@ async fn outcomes_survive_a_broker_crash_with_a_fresh_producer() {
         &fake,
         "batch_max_events = 20\nlinger = \"20ms\"\nmax_in_flight = 2\n",
         2,
-        r#""message.timeout.ms" = "3000""#,
+        r#"producer_properties = { "message.timeout.ms" = "3000" }"#,
     );
     ensure_topics(&s.config).await;
     let evs = events(&common::unique("crash"), 200, 30);

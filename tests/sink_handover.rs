@@ -128,7 +128,7 @@ async fn partitions_move_between_instances_without_loss_or_rewinds() {
         &fake,
         "batch_max_events = 10\nlinger = \"20ms\"\nmax_in_flight = 2\nhandover_timeout = \"1s\"\n",
         PARTITIONS,
-        r#""partition.assignment.strategy" = "roundrobin", "session.timeout.ms" = "10000", "heartbeat.interval.ms" = "1000""#,
+        r#"consumer_properties = { "partition.assignment.strategy" = "roundrobin", "session.timeout.ms" = "10000", "heartbeat.interval.ms" = "1000" }"#,
     );
     ensure_topics(&s.config).await;
     let name = dest(&s.config);

@@ -1,21 +1,43 @@
 //! librdkafka client configuration built from `[kafka]`.
 
+use std::collections::BTreeMap;
+
 use rdkafka::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::BaseProducer;
 
 use super::Error;
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, PropertyValue};
 
-/// Settings shared by every client: bootstrap, client id and the user's pass-through properties.
+/// Settings shared by every client: bootstrap, client id and the user's
+/// pass-through `properties`. Admin clients use it as it is.
 pub fn base(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("client.id", &kafka.client_id);
-    for (k, v) in &kafka.properties {
+    pass_through(&mut c, &kafka.properties);
+    c
+}
+
+/// `base` and the user's `consumer_properties`.
+pub fn consumer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = base(kafka, bootstrap);
+    pass_through(&mut c, &kafka.consumer_properties);
+    c
+}
+
+/// `base` and the user's `producer_properties`.
+pub fn producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut c = base(kafka, bootstrap);
+    pass_through(&mut c, &kafka.producer_properties);
+    c
+}
+
+fn pass_through(c: &mut ClientConfig, props: &BTreeMap<String, PropertyValue>) {
+    for (k, v) in props {
         c.set(k, v.to_kafka_string());
     }
-    c
 }
 
 /// An idempotent producer's settings: no duplicates or reordering from its own retries.
@@ -24,17 +46,20 @@ pub fn base(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
 /// must land on the partition a Java (or Go, or Python) publisher would have
 /// chosen, or duplicates of one event_id would miss each other in dedup.
 pub fn idempotent_producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
-    let mut c = base(kafka, bootstrap);
+    let mut c = producer(kafka, bootstrap);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
         .set("partitioner", "murmur2_random");
+    // A tuning default, not a guarantee: the user's value stands.
+    if c.get("linger.ms").is_none() {
+        c.set("linger.ms", "5");
+    }
     c
 }
 
 /// A consumer that never commits on its own: switchyard commits only what is durable.
 pub fn manual_commit_consumer(kafka: &KafkaConfig, bootstrap: &str, group: &str) -> ClientConfig {
-    let mut c = base(kafka, bootstrap);
+    let mut c = consumer(kafka, bootstrap);
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -46,7 +71,7 @@ pub fn manual_commit_consumer(kafka: &KafkaConfig, bootstrap: &str, group: &str)
 /// A consumer that only reads assigned partitions (state topics, tooling):
 /// it joins no group and never commits anything.
 pub fn reader(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
-    let mut c = base(kafka, bootstrap);
+    let mut c = consumer(kafka, bootstrap);
     c.set("group.id", "switchyard-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -58,10 +83,15 @@ pub fn reader(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
 /// before anything connects (`switchyard check`).
 pub fn check_properties(kafka: &KafkaConfig) -> Result<(), Error> {
     // A placeholder bootstrap: creating a client validates properties without a broker.
-    let mut c = base(kafka, "127.0.0.1:9");
-    c.set("enable.idempotence", "true")
+    const NOWHERE: &str = "127.0.0.1:9";
+    let mut p = producer(kafka, NOWHERE);
+    p.set("enable.idempotence", "true")
         .set_log_level(RDKafkaLogLevel::Emerg);
-    c.create::<BaseProducer>().map(drop).map_err(Error::Client)
+    p.create::<BaseProducer>().map_err(Error::Client)?;
+    let mut c = consumer(kafka, NOWHERE);
+    c.set("group.id", "switchyard-check")
+        .set_log_level(RDKafkaLogLevel::Emerg);
+    c.create::<BaseConsumer>().map(drop).map_err(Error::Client)
 }
 
 /// Enqueues a record now (so a batch travels together) and returns its ack;
@@ -166,5 +196,68 @@ impl ProducerGuard {
     pub fn flush(&self, timeout: std::time::Duration) -> Result<(), rdkafka::error::KafkaError> {
         use rdkafka::producer::Producer;
         self.current().1.flush(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn kafka(extra: &str) -> KafkaConfig {
+        let text = format!(
+            r#"
+            [kafka]
+            brokers = "127.0.0.1:9092"
+            [kafka.properties]
+            "socket.timeout.ms" = 30000
+            [kafka.consumer_properties]
+            "partition.assignment.strategy" = "roundrobin"
+            "socket.timeout.ms" = 45000
+            {extra}
+            "#
+        );
+        Config::parse(&text, std::path::Path::new("t.toml"), &|_| None)
+            .unwrap()
+            .kafka
+    }
+
+    #[test]
+    fn each_client_gets_the_shared_properties_and_only_its_own_kind() {
+        let k = kafka("[kafka.producer_properties]\n\"linger.ms\" = 20");
+        let c = manual_commit_consumer(&k, "b:9092", "g");
+        assert_eq!(c.get("partition.assignment.strategy"), Some("roundrobin"));
+        assert_eq!(
+            c.get("socket.timeout.ms"),
+            Some("45000"),
+            "the consumer's wins"
+        );
+        assert_eq!(c.get("linger.ms"), None);
+        let r = reader(&k, "b:9092");
+        assert_eq!(r.get("partition.assignment.strategy"), Some("roundrobin"));
+        let p = idempotent_producer(&k, "b:9092");
+        assert_eq!(p.get("partition.assignment.strategy"), None);
+        assert_eq!(p.get("socket.timeout.ms"), Some("30000"));
+        assert_eq!(p.get("linger.ms"), Some("20"), "the user's tuning stands");
+        assert_eq!(p.get("acks"), Some("all"));
+        let admin = base(&k, "b:9092");
+        assert_eq!(admin.get("partition.assignment.strategy"), None);
+        assert_eq!(admin.get("linger.ms"), None);
+        let default = idempotent_producer(&kafka(""), "b:9092");
+        assert_eq!(default.get("linger.ms"), Some("5"));
+    }
+
+    #[test]
+    fn check_names_an_unknown_property_of_either_kind() {
+        assert!(check_properties(&kafka("")).is_ok());
+        for extra in [
+            "[kafka.producer_properties]\n\"linger.msec\" = 1",
+            // The consumer's table is the last one open.
+            "\"fetch.wait.max.msec\" = 1",
+        ] {
+            let e = check_properties(&kafka(extra)).unwrap_err().to_string();
+            let name = extra.split('"').nth(1).unwrap();
+            assert!(e.contains(name), "{e}");
+        }
     }
 }

@@ -108,7 +108,7 @@ consent = "analytics"
 fn config(brokers: Option<&str>, prefix: &str) -> Config {
     let kafka = match brokers {
         Some(b) => format!(
-            "[kafka]\nbrokers = \"{b}\"\nguarantee = \"at_least_once\"\nproperties = {{ \"partition.assignment.strategy\" = \"roundrobin\" }}\n"
+            "[kafka]\nbrokers = \"{b}\"\nguarantee = \"at_least_once\"\nconsumer_properties = {{ \"partition.assignment.strategy\" = \"roundrobin\" }}\n"
         ),
         None => String::new(),
     };

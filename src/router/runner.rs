@@ -143,7 +143,8 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     cc.set("group.instance.id", ctx.group_instance_id("router"))
         .set("statistics.interval.ms", "5000");
     // Cooperative rebalancing moves only the partitions that change owner;
-    // kafka.properties can choose another strategy for brokers that need it.
+    // kafka.consumer_properties can choose another strategy for brokers that
+    // need it.
     if cc.get("partition.assignment.strategy").is_none() {
         cc.set("partition.assignment.strategy", "cooperative-sticky");
     }

@@ -102,7 +102,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         Some(Mutex::new(index))
     };
     let mut producer_config = client::idempotent_producer(&config.kafka, &ctx.bootstrap);
-    if !config.kafka.properties.contains_key("message.timeout.ms") {
+    if producer_config.get("message.timeout.ms").is_none() {
         producer_config.set(
             "message.timeout.ms",
             send::PRODUCE_TIMEOUT.as_millis().to_string(),
@@ -142,7 +142,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     // Brokers may hold a fetch for the whole wait even when records are
     // there (tansu 0.6 does), which would add up to 500 ms to every delivery;
     // 20 ms keeps the added latency low at the cost of ~50 idle fetches/s.
-    if !config.kafka.properties.contains_key("fetch.wait.max.ms") {
+    if consumer_config.get("fetch.wait.max.ms").is_none() {
         consumer_config.set("fetch.wait.max.ms", "20");
     }
     let consumer = GroupConsumer::new(consumer_config.create_with_context(SinkContext {

@@ -39,7 +39,7 @@ pub fn scan_topic_since(
         topic: topic.to_string(),
         message,
     };
-    let mut cfg = client::base(kafka, bootstrap);
+    let mut cfg = client::consumer(kafka, bootstrap);
     // A group id is required by librdkafka even though nothing is committed.
     cfg.set("group.id", "switchyard-scan")
         .set("enable.auto.commit", "false")

@@ -35,9 +35,9 @@ pub fn setup(fake: &FakeVendor, delivery: &str) -> Setup {
     setup_with(fake, delivery, 2, "")
 }
 
-/// [`setup`] with `partitions` per topic and extra `[kafka.properties]`
-/// (TOML inline-table entries, e.g. `"session.timeout.ms" = "6000"`).
-pub fn setup_with(fake: &FakeVendor, delivery: &str, partitions: i32, properties: &str) -> Setup {
+/// [`setup`] with `partitions` per topic and extra lines for `[kafka]`
+/// (e.g. `consumer_properties = { "session.timeout.ms" = "6000" }`).
+pub fn setup_with(fake: &FakeVendor, delivery: &str, partitions: i32, kafka: &str) -> Setup {
     let prefix = super::unique("sink");
     let name = super::unique("hook");
     let text = format!(
@@ -45,7 +45,7 @@ pub fn setup_with(fake: &FakeVendor, delivery: &str, partitions: i32, properties
 [kafka]
 brokers = "{brokers}"
 guarantee = "at_least_once"
-properties = {{ {properties} }}
+{kafka}
 
 [topics]
 prefix = "{prefix}"
