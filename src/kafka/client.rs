@@ -34,6 +34,13 @@ pub fn producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     c
 }
 
+/// Sets a tuning default the user's own setting, if any, overrides.
+pub fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+    if c.get(key).is_none() {
+        c.set(key, value);
+    }
+}
+
 fn pass_through(c: &mut ClientConfig, props: &BTreeMap<String, PropertyValue>) {
     for (k, v) in props {
         c.set(k, v.to_kafka_string());
@@ -50,10 +57,7 @@ pub fn idempotent_producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random");
-    // A tuning default, not a guarantee: the user's value stands.
-    if c.get("linger.ms").is_none() {
-        c.set("linger.ms", "5");
-    }
+    set_default(&mut c, "linger.ms", "5");
     c
 }
 

@@ -36,6 +36,23 @@ enum Contact {
     PhoneDigits,
 }
 
+impl Contact {
+    /// The contacts given, in this order, as a profile holds them.
+    fn collect(
+        [email, google, e164, digits]: [Option<Sha256Digest>; 4],
+    ) -> CompactMap<Contact, Sha256Digest> {
+        [
+            (Contact::Email, email),
+            (Contact::EmailGoogle, google),
+            (Contact::PhoneE164, e164),
+            (Contact::PhoneDigits, digits),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+}
+
 /// Hashed identifiers of one person (or one anonymous visitor).
 ///
 /// Every router holds one per user and one per device, so it holds only
@@ -81,15 +98,12 @@ impl From<WireProfile> for Profile {
     fn from(w: WireProfile) -> Profile {
         Profile {
             user_id: w.user_id,
-            contacts: [
-                (Contact::Email, w.email_sha256),
-                (Contact::EmailGoogle, w.email_sha256_google),
-                (Contact::PhoneE164, w.phone_sha256_e164),
-                (Contact::PhoneDigits, w.phone_sha256_digits),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v?)))
-            .collect(),
+            contacts: Contact::collect([
+                w.email_sha256,
+                w.email_sha256_google,
+                w.phone_sha256_e164,
+                w.phone_sha256_digits,
+            ]),
             external_ids: w.external_ids,
             click_ids: w.click_ids,
             as_of: w.as_of,
@@ -238,15 +252,7 @@ impl Profile {
             .unzip();
         Profile {
             user_id: None,
-            contacts: [
-                (Contact::Email, email),
-                (Contact::EmailGoogle, email_google),
-                (Contact::PhoneE164, e164),
-                (Contact::PhoneDigits, digits),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v?)))
-            .collect(),
+            contacts: Contact::collect([email, email_google, e164, digits]),
             external_ids: ev
                 .external_ids
                 .iter()

@@ -145,9 +145,11 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     // Cooperative rebalancing moves only the partitions that change owner;
     // kafka.consumer_properties can choose another strategy for brokers that
     // need it.
-    if cc.get("partition.assignment.strategy").is_none() {
-        cc.set("partition.assignment.strategy", "cooperative-sticky");
-    }
+    client::set_default(
+        &mut cc,
+        "partition.assignment.strategy",
+        "cooperative-sticky",
+    );
     let log = RebalanceLog {
         topic: topics.canonical.clone(),
         revoked: Mutex::new(Vec::new()),

@@ -102,12 +102,11 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         Some(Mutex::new(index))
     };
     let mut producer_config = client::idempotent_producer(&config.kafka, &ctx.bootstrap);
-    if producer_config.get("message.timeout.ms").is_none() {
-        producer_config.set(
-            "message.timeout.ms",
-            send::PRODUCE_TIMEOUT.as_millis().to_string(),
-        );
-    }
+    client::set_default(
+        &mut producer_config,
+        "message.timeout.ms",
+        &send::PRODUCE_TIMEOUT.as_millis().to_string(),
+    );
     let producer = ProducerGuard::new(producer_config, format!("sink {destination}"))?;
     let http = reqwest::Client::builder()
         .timeout(settings.request_timeout)
@@ -142,9 +141,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     // Brokers may hold a fetch for the whole wait even when records are
     // there (tansu 0.6 does), which would add up to 500 ms to every delivery;
     // 20 ms keeps the added latency low at the cost of ~50 idle fetches/s.
-    if consumer_config.get("fetch.wait.max.ms").is_none() {
-        consumer_config.set("fetch.wait.max.ms", "20");
-    }
+    client::set_default(&mut consumer_config, "fetch.wait.max.ms", "20");
     let consumer = GroupConsumer::new(consumer_config.create_with_context(SinkContext {
         cooperative: rebalance::is_cooperative(&consumer_config),
         destination: destination.to_string(),
