@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod partitioner;
 pub mod reader;
 pub mod rebalance;
 pub mod topics;

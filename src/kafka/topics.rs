@@ -40,6 +40,48 @@ pub struct TopicSpec {
     pub copartitioned: bool,
 }
 
+/// The dedup topics for an input topic of some partition count.
+///
+/// An event_id's partition is `murmur2(event_id) % partitions`, so a change
+/// of the input's partition count moves most event_ids to another partition,
+/// away from the marks that remember them. Marks are therefore kept per
+/// *layout*: the base topic (`switchyard.dedup`) serves the partition count
+/// it was created with, and another count gets its own topic,
+/// `switchyard.dedup.p<N>`. The topics of earlier layouts are read whole by
+/// every router until their keys leave the window (`docs/decisions/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupTopics {
+    /// Where the current layout's marks live.
+    pub current: String,
+    /// Existing dedup topics of other layouts, with their partition counts.
+    pub past: Vec<(String, i32)>,
+}
+
+/// Picks the dedup topics for an input of `input_partitions` partitions
+/// among the `existing` topics (name → partition count).
+pub fn dedup_topics(
+    base: &str,
+    input_partitions: i32,
+    existing: &HashMap<String, i32>,
+) -> DedupTopics {
+    let current = match existing.get(base) {
+        Some(&n) if n != input_partitions => format!("{base}.p{input_partitions}"),
+        _ => base.to_string(),
+    };
+    let suffix = |name: &str| -> bool {
+        name.strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix(".p"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut past: Vec<(String, i32)> = existing
+        .iter()
+        .filter(|(name, _)| (name.as_str() == base || suffix(name)) && **name != current)
+        .map(|(name, &n)| (name.clone(), n))
+        .collect();
+    past.sort();
+    DedupTopics { current, past }
+}
+
 impl TopicSpec {
     fn configs(&self) -> Vec<(&'static str, String)> {
         let mut c = vec![("cleanup.policy", self.cleanup.as_str().to_string())];
@@ -60,8 +102,9 @@ impl TopicSpec {
     }
 }
 
-/// The topics for `config` when the input topic has `input_partitions` partitions.
-pub fn plan(config: &Config, input_partitions: i32) -> Vec<TopicSpec> {
+/// The topics for `config` when the input topic has `input_partitions`
+/// partitions and the current layout's dedup marks go to `dedup`.
+pub fn plan(config: &Config, input_partitions: i32, dedup: &str) -> Vec<TopicSpec> {
     let t = &config.topics;
     let rf = t.replication_factor;
     let spec = |name: String, purpose: &str, cleanup, retention, copartitioned| TopicSpec {
@@ -90,7 +133,7 @@ pub fn plan(config: &Config, input_partitions: i32) -> Vec<TopicSpec> {
             false,
         ),
         spec(
-            t.dedup(),
+            dedup.to_string(),
             "dedup state, co-partitioned with the input",
             Cleanup::Compact,
             None,
@@ -155,7 +198,8 @@ pub async fn ensure(cluster: &Cluster, config: &Config) -> Result<Vec<TopicRepor
         .get(&config.topics.canonical)
         .copied()
         .unwrap_or(config.topics.partitions);
-    let specs = plan(config, input_partitions);
+    let dedup = dedup_topics(&config.topics.dedup(), input_partitions, &existing);
+    let specs = plan(config, input_partitions, &dedup.current);
 
     let mut reports = Vec::with_capacity(specs.len());
     let mut problems = Vec::new();
@@ -165,8 +209,8 @@ pub async fn ensure(cluster: &Cluster, config: &Config) -> Result<Vec<TopicRepor
             Some(&n) => {
                 if spec.copartitioned && n != input_partitions {
                     problems.push(format!(
-                        "{} has {n} partitions but {} has {input_partitions}; dedup state must be co-partitioned with the input (recreate {} with {input_partitions} partitions)",
-                        spec.name, config.topics.canonical, spec.name
+                        "{} has {n} partitions but {} has {input_partitions}; it was not made by switchyard for this layout (delete it if it holds nothing you need, and rerun `switchyard topics create`)",
+                        spec.name, config.topics.canonical
                     ));
                 }
                 reports.push(TopicReport {
@@ -177,6 +221,25 @@ pub async fn ensure(cluster: &Cluster, config: &Config) -> Result<Vec<TopicRepor
             }
             None => missing.push(spec),
         }
+    }
+
+    for (name, n) in dedup.past {
+        // Not a problem: the routers read it until its keys leave the window.
+        reports.push(TopicReport {
+            spec: TopicSpec {
+                purpose: format!(
+                    "dedup state of the {n}-partition input, read by every router until its keys leave the window (then it may be deleted)"
+                ),
+                name,
+                partitions: n,
+                replication: config.topics.replication_factor,
+                cleanup: Cleanup::Compact,
+                retention: None,
+                copartitioned: false,
+            },
+            partitions: n,
+            action: Action::Existed,
+        });
     }
 
     match cluster {
@@ -197,6 +260,25 @@ pub async fn ensure(cluster: &Cluster, config: &Config) -> Result<Vec<TopicRepor
     } else {
         Err(Error::Topics(problems))
     }
+}
+
+/// Creates the dedup topic of a new input layout (`dedup_topics`), with
+/// the settings `ensure` gives the first one; one that appeared meanwhile
+/// (another router was first) is fine.
+pub async fn create_dedup(
+    config: &Config,
+    bootstrap: &str,
+    name: &str,
+    partitions: i32,
+) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = client::base(&config.kafka, bootstrap)
+        .create()
+        .map_err(Error::Client)?;
+    let spec = plan(config, partitions, name)
+        .into_iter()
+        .find(|s| s.copartitioned)
+        .expect("the plan has a dedup topic");
+    create(&admin, &[spec]).await
 }
 
 fn created(spec: TopicSpec) -> TopicReport {
@@ -353,7 +435,7 @@ pub fn summary(config: &Config) -> String {
         "topics (partition counts follow {}; {} when switchyard creates it):",
         config.topics.canonical, config.topics.partitions
     );
-    for t in plan(config, config.topics.partitions) {
+    for t in plan(config, config.topics.partitions, &config.topics.dedup()) {
         let _ = writeln!(
             s,
             "  {:<40} cleanup.policy={:<8} {}",
@@ -401,7 +483,7 @@ mod tests {
             &|_| None,
         )
         .unwrap();
-        let p = plan(&cfg, 12);
+        let p = plan(&cfg, 12, "switchyard.dedup");
         let names: Vec<&str> = p.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -427,5 +509,57 @@ mod tests {
             dlq.configs()
                 .contains(&("retention.ms", (30u64 * 86_400_000).to_string()))
         );
+    }
+
+    #[test]
+    fn dedup_marks_get_a_topic_per_input_layout() {
+        let existing = |pairs: &[(&str, i32)]| -> HashMap<String, i32> {
+            pairs.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+        };
+        let base = "switchyard.dedup";
+        // A new deployment, and one whose input never changed.
+        for e in [
+            existing(&[]),
+            existing(&[(base, 6), ("switchyard.dedupe", 3)]),
+        ] {
+            assert_eq!(
+                dedup_topics(base, 6, &e),
+                DedupTopics {
+                    current: base.into(),
+                    past: vec![]
+                }
+            );
+        }
+        // The input grew from 6 to 12, then to 24.
+        let grown = existing(&[(base, 6), ("switchyard.dedup.p12", 12), ("x.dedup.p3", 3)]);
+        assert_eq!(
+            dedup_topics(base, 12, &grown),
+            DedupTopics {
+                current: "switchyard.dedup.p12".into(),
+                past: vec![(base.into(), 6)]
+            }
+        );
+        assert_eq!(
+            dedup_topics(base, 24, &grown),
+            DedupTopics {
+                current: "switchyard.dedup.p24".into(),
+                past: vec![(base.into(), 6), ("switchyard.dedup.p12".into(), 12)]
+            }
+        );
+        // Back to the base topic's own count (a recreated input).
+        assert_eq!(
+            dedup_topics(base, 6, &grown),
+            DedupTopics {
+                current: base.into(),
+                past: vec![("switchyard.dedup.p12".into(), 12)]
+            }
+        );
+        // Names that only look alike are not dedup topics.
+        let odd = existing(&[
+            (base, 6),
+            ("switchyard.dedup.px", 2),
+            ("switchyard.dedup.p", 2),
+        ]);
+        assert!(dedup_topics(base, 6, &odd).past.is_empty());
     }
 }

@@ -27,6 +27,7 @@ use super::identity::IdentityTable;
 use super::pipeline::{Batch, InRecord, Out, Pipeline};
 use super::runner::{IdentityTail, load_identity, restore_partition};
 use crate::config::Config;
+use crate::kafka::partitioner::partition_for;
 use crate::kafka::rebalance::GroupConsumer;
 use crate::kafka::{self, Cluster, client};
 use crate::run::RoleContext;
@@ -372,7 +373,9 @@ fn chain<K: AsRef<str>, V: AsRef<[u8]>>(
     input: impl IntoIterator<Item = (K, V)>,
     mut out: impl FnMut(Out<'_>),
 ) -> Pipeline {
+    let dedup = cfg.topics.dedup();
     let mut pipeline = Pipeline::new(cfg);
+    pipeline.set_layout(4, &dedup);
     for p in 0..4 {
         pipeline.install(p, PartitionDedup::default());
     }
@@ -384,8 +387,8 @@ fn chain<K: AsRef<str>, V: AsRef<[u8]>>(
         for (offset, (id, payload)) in input.by_ref().take(2000) {
             let (id, payload) = (id.as_ref(), payload.as_ref());
             let rec = InRecord {
-                // As a keyed producer would: a duplicate meets its original.
-                partition: (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % 4) as i32,
+                // As a keyed murmur2 producer would: a duplicate meets its original.
+                partition: partition_for(id.as_bytes(), 4),
                 offset: offset as i64,
                 key: Some(id.as_bytes()),
                 payload: Some(payload),
@@ -559,7 +562,8 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
     client::acked(acks).await?;
     let pipeline = Pipeline::new(cfg.clone());
     let t = Instant::now();
-    let state = restore_partition(cfg, brokers, 0, &pipeline, &CancellationToken::new()).await?;
+    let stop = CancellationToken::new();
+    let state = restore_partition(cfg, brokers, &topic, 0, &pipeline, &stop).await?;
     let secs = t.elapsed().as_secs_f64();
     if state.len() < keys {
         println!("warning: restored {} of {keys} keys", state.len());

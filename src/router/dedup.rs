@@ -91,6 +91,11 @@ impl PartitionDedup {
         self.seen.is_empty()
     }
 
+    /// Whether any chunk is still to be tombstoned (or live).
+    pub fn has_chunks(&self) -> bool {
+        !self.chunks.is_empty()
+    }
+
     pub fn contains(&self, k: &DedupKey) -> bool {
         self.seen.contains_key(k)
     }
@@ -163,8 +168,16 @@ impl Restore {
         for (id, value) in self.chunks {
             match decode_chunk(&value) {
                 Some(mut entries) => {
+                    let newest = entries.iter().map(|(_, t)| *t).max().unwrap_or(0);
                     entries.retain(|(_, t)| *t >= oldest_live);
-                    state.insert_chunk(id, &entries);
+                    if entries.is_empty() {
+                        // Expired while nobody held it: kept as a chunk only,
+                        // so the next expiry tombstones it instead of every
+                        // later restore reading it again.
+                        state.chunks.push((id, newest));
+                    } else {
+                        state.insert_chunk(id, &entries);
+                    }
                 }
                 None => unreadable += 1,
             }

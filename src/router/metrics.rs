@@ -28,10 +28,11 @@ pub static INVALID: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["class"],
     )
 });
-pub static REKEYED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter(
-        "switchyard_router_records_rekeyed_total",
-        "Records not keyed by their event_id, re-published under it.",
+pub static REROUTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "switchyard_router_records_rerouted_total",
+        "Records not on their event_id's partition, re-published there, by reason (wrong_key, wrong_partition).",
+        &["reason"],
     )
 });
 pub static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {

@@ -16,3 +16,9 @@ pub use runner::{RouterError, run};
 pub fn records_committed() -> u64 {
     metrics::CONSUMED.get()
 }
+
+/// Records this process's router re-published to their event_id's
+/// partition, for `reason` (`wrong_key`, `wrong_partition`).
+pub fn records_rerouted(reason: &str) -> u64 {
+    metrics::REROUTED.with_label_values(&[reason]).get()
+}

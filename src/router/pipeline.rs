@@ -15,6 +15,7 @@ use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile};
 use super::route::{self, DeliveryWriter, Skip, Stamp};
 use crate::config::Config;
 use crate::event::{InvalidEvent, parse_event};
+use crate::kafka::partitioner::partition_for;
 use crate::sink::records::header;
 
 /// One consumed record, borrowed from the consumer.
@@ -57,8 +58,8 @@ pub enum Outcome {
     Invalid {
         class: &'static str,
     },
-    /// Keyed by something other than its event_id: re-published under it.
-    Rekeyed,
+    /// Not on its event_id's partition: re-published there, keyed by it.
+    Rerouted(Reroute),
     Duplicate,
     /// Routed to this many destinations (possibly none).
     Routed {
@@ -71,11 +72,41 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Invalid { .. } => "invalid",
-            Outcome::Rekeyed => "rekeyed",
+            Outcome::Rerouted(_) => "rerouted",
             Outcome::Duplicate => "duplicate",
             Outcome::Routed { .. } => "routed",
         }
     }
+}
+
+/// Why a record was re-published to its event_id's partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reroute {
+    /// Keyed by something other than its event_id (or by nothing).
+    WrongKey,
+    /// Keyed by its event_id, but the publisher's partitioner is not
+    /// murmur2 (librdkafka's default is CRC32, sarama's FNV-1a).
+    WrongPartition,
+}
+
+impl Reroute {
+    pub const ALL: [Reroute; 2] = [Reroute::WrongKey, Reroute::WrongPartition];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reroute::WrongKey => "wrong_key",
+            Reroute::WrongPartition => "wrong_partition",
+        }
+    }
+}
+
+/// Marks of an earlier input layout, read from one partition of its dedup
+/// topic: consulted for every event until they leave the window.
+#[derive(Debug)]
+struct Carried {
+    topic: Arc<str>,
+    partition: i32,
+    state: PartitionDedup,
 }
 
 /// (input partition, chunk id, its keys with their first-seen seconds)
@@ -233,9 +264,10 @@ impl Batch {
     }
 }
 
-/// Topic names, built once.
+/// Topic names, built once (the dedup topic again when the layout changes).
 struct Topics {
     canonical: Arc<str>,
+    /// The current layout's dedup topic.
     dedup: Arc<str>,
     identity: Arc<str>,
     dlq: Arc<str>,
@@ -248,7 +280,12 @@ pub struct Pipeline {
     topics: Topics,
     phones: PhoneHasher,
     window_secs: u32,
+    /// The input topic's partition count: an event_id's partition is
+    /// `partition_for(event_id, partitions)`.
+    partitions: i32,
     dedup: HashMap<i32, PartitionDedup>,
+    /// Marks of earlier layouts (see `kafka::topics::dedup_topics`).
+    carried: Vec<Carried>,
     identity: IdentityTable,
     writer: DeliveryWriter,
 }
@@ -278,10 +315,51 @@ impl Pipeline {
             phones: PhoneHasher::new(config.identity.phone_country()),
             window_secs: u32::try_from(config.router.dedup_window.as_secs()).unwrap_or(u32::MAX),
             writer: DeliveryWriter::new(&t.canonical, config.enabled_destinations()),
+            partitions: config.topics.partitions,
             dedup: HashMap::new(),
+            carried: Vec::new(),
             identity: IdentityTable::default(),
             config,
         }
+    }
+
+    /// The input's partition count and the dedup topic of that layout.
+    /// Partition state of another layout is dropped (it is restored again
+    /// from the new topic); marks of earlier layouts are `carry`'d in.
+    pub fn set_layout(&mut self, partitions: i32, dedup_topic: &str) {
+        if partitions != self.partitions || *self.topics.dedup != *dedup_topic {
+            self.dedup.clear();
+        }
+        self.partitions = partitions;
+        self.topics.dedup = dedup_topic.into();
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    pub fn dedup_topic(&self) -> &str {
+        &self.topics.dedup
+    }
+
+    /// Forgets the marks of earlier layouts, before they are read again.
+    pub fn clear_carried(&mut self) {
+        self.carried.clear();
+    }
+
+    /// Adds the marks read from `partition` of an earlier layout's dedup topic.
+    pub fn carry(&mut self, topic: &str, partition: i32, state: PartitionDedup) {
+        if state.has_chunks() {
+            self.carried.push(Carried {
+                topic: topic.into(),
+                partition,
+                state,
+            });
+        }
+    }
+
+    pub fn carried_keys(&self) -> usize {
+        self.carried.iter().map(|c| c.state.len()).sum()
     }
 
     pub fn identity(&mut self) -> &mut IdentityTable {
@@ -307,11 +385,19 @@ impl Pipeline {
     }
 
     pub fn dedup_keys(&self) -> usize {
-        self.dedup.values().map(PartitionDedup::len).sum()
+        self.dedup.values().map(PartitionDedup::len).sum::<usize>() + self.carried_keys()
     }
 
     pub fn dedup_heap_bytes(&self) -> usize {
-        self.dedup.values().map(PartitionDedup::heap_bytes).sum()
+        self.dedup
+            .values()
+            .map(PartitionDedup::heap_bytes)
+            .sum::<usize>()
+            + self
+                .carried
+                .iter()
+                .map(|c| c.state.heap_bytes())
+                .sum::<usize>()
     }
 
     /// Writes the batch's identity updates, then its new dedup keys as chunk
@@ -374,6 +460,19 @@ impl Pipeline {
                 batch.push(topic, Some(*p), Some(key), None, Vec::new());
             }
         }
+        // Every instance holds the earlier layouts' marks; only the holder of
+        // input partition 0 tombstones them, so each is written once.
+        let tombstones = self.dedup.contains_key(&0);
+        for c in &mut self.carried {
+            for id in c.state.expire(oldest) {
+                if tombstones {
+                    n += 1;
+                    let key = batch.bytes(&id);
+                    batch.push(&c.topic, Some(c.partition), Some(key), None, Vec::new());
+                }
+            }
+        }
+        self.carried.retain(|c| c.state.has_chunks());
         n
     }
 
@@ -399,20 +498,31 @@ impl Pipeline {
             Ok(ev) => ev,
             Err(e) => return self.invalid(rec, batch, &e),
         };
-        if rec.key != Some(ev.event_id.as_bytes()) {
-            // Only a record keyed by its event_id meets its duplicates in one
-            // partition; re-publish it so that it does, and route that copy.
+        let home = partition_for(ev.event_id.as_bytes(), self.partitions);
+        if rec.partition != home {
+            // Copies of an event meet only on its event_id's partition,
+            // whichever key and partitioner the publisher used: move it
+            // there and route that copy. (A mis-keyed record that is already
+            // on its event_id's partition is routed where it is.)
+            let reason = if rec.key == Some(ev.event_id.as_bytes()) {
+                Reroute::WrongPartition
+            } else {
+                Reroute::WrongKey
+            };
             let key = batch.bytes(ev.event_id.as_bytes());
             let payload = batch.bytes(payload);
             let from = format!("{}/{}", rec.partition, rec.offset);
             batch.push(
                 &self.topics.canonical,
-                None,
+                Some(home),
                 Some(key),
                 Some(payload),
-                vec![(header::REKEYED_FROM, from)],
+                vec![
+                    (header::REROUTED_FROM, from),
+                    (header::REROUTE_REASON, reason.as_str().to_string()),
+                ],
             );
-            return Outcome::Rekeyed;
+            return Outcome::Rerouted(reason);
         }
 
         let k = dedup::key_of(&ev.event_id);
@@ -420,7 +530,8 @@ impl Pipeline {
             .dedup
             .get(&rec.partition)
             .is_some_and(|s| s.contains(&k))
-            || batch.staged.contains(&(rec.partition, k));
+            || batch.staged.contains(&(rec.partition, k))
+            || self.carried.iter().any(|c| c.state.contains(&k));
         if seen {
             return Outcome::Duplicate;
         }
@@ -556,6 +667,8 @@ consent = "analytics"
         )
         .unwrap();
         let mut p = Pipeline::new(Arc::new(cfg));
+        // One partition: every event_id's home is partition 0.
+        p.set_layout(1, "switchyard.dedup");
         p.install(0, PartitionDedup::default());
         p
     }
@@ -668,15 +781,125 @@ consent = "analytics"
         assert_eq!(later.len(), 0);
     }
 
-    #[test]
-    fn misskeyed_records_are_republished_under_their_event_id() {
+    /// A pipeline over 4 input partitions, all held, and the home of "e1".
+    fn four_partitions() -> (Pipeline, i32) {
         let mut p = pipeline();
+        p.set_layout(4, "switchyard.dedup");
+        for i in 0..4 {
+            p.install(i, PartitionDedup::default());
+        }
+        (p, partition_for(b"e1", 4))
+    }
+
+    fn on(partition: i32, key: Option<&'static str>, offset: i64) -> InRecord<'static> {
+        InRecord {
+            partition,
+            ..rec(key, PURCHASE, offset)
+        }
+    }
+
+    #[test]
+    fn records_off_their_event_ids_partition_are_moved_there_whatever_their_key() {
+        let (mut p, home) = four_partitions();
+        let away = (home + 1) % 4;
         let mut b = Batch::default();
-        p.process(&rec(Some("user-9"), PURCHASE, 1), 1000, &mut b);
-        p.process(&rec(None, PURCHASE, 2), 1000, &mut b);
-        assert_eq!(topics(&b), vec!["events.canonical", "events.canonical"]);
-        assert!(b.records().all(|o| o.key == Some(b"e1".as_slice())));
-        assert_eq!(b.outcomes[0].label(), "rekeyed");
+        p.process(&on(away, Some("e1"), 1), 1000, &mut b);
+        p.process(&on(away, Some("user-9"), 2), 1000, &mut b);
+        p.process(&on(away, None, 3), 1000, &mut b);
+        let labels: Vec<Outcome> = b.outcomes.clone();
+        assert_eq!(
+            labels,
+            vec![
+                Outcome::Rerouted(Reroute::WrongPartition),
+                Outcome::Rerouted(Reroute::WrongKey),
+                Outcome::Rerouted(Reroute::WrongKey),
+            ]
+        );
+        for (o, (offset, reason)) in
+            b.records()
+                .zip([(1, "wrong_partition"), (2, "wrong_key"), (3, "wrong_key")])
+        {
+            assert_eq!(o.topic, "events.canonical");
+            assert_eq!(o.partition, Some(home), "sent to the home partition itself");
+            assert_eq!(o.key, Some(b"e1".as_slice()));
+            assert_eq!(o.payload, Some(PURCHASE.as_bytes()));
+            let h: HashMap<&str, &str> = o.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(h[header::REROUTED_FROM], format!("{away}/{offset}"));
+            assert_eq!(h[header::REROUTE_REASON], reason);
+        }
+    }
+
+    #[test]
+    fn a_record_on_its_event_ids_partition_is_routed_in_place_whatever_its_key() {
+        let (mut p, home) = four_partitions();
+        let mut b = Batch::default();
+        p.process(&on(home, Some("user-9"), 1), 1000, &mut b);
+        p.process(&on(home, None, 2), 1000, &mut b);
+        p.process(&on(home, Some("e1"), 3), 1000, &mut b);
+        assert_eq!(b.outcomes[0], Outcome::Routed { destinations: 2 });
+        assert_eq!(b.outcomes[1], Outcome::Duplicate);
+        assert_eq!(b.outcomes[2], Outcome::Duplicate);
+        assert!(b.records().all(|o| o.topic != "events.canonical"));
+    }
+
+    #[test]
+    fn marks_of_an_earlier_layout_drop_duplicates_until_they_expire() {
+        let (mut p, home) = four_partitions();
+        // e1 was seen when the input had 2 partitions; its mark is in the
+        // base topic's partition that layout gave it.
+        let mut old = dedup::Restore::default();
+        let id = dedup::new_chunk_id();
+        old.record(
+            &id,
+            Some(&dedup::encode_chunk(&[(dedup::key_of("e1"), 1000)])),
+        );
+        let (state, _) = old.finish(0);
+        p.set_layout(4, "switchyard.dedup.p4");
+        assert_eq!(
+            p.dedup_keys(),
+            0,
+            "partition state of another topic is dropped"
+        );
+        for i in 0..4 {
+            p.install(i, PartitionDedup::default());
+        }
+        p.carry("switchyard.dedup", partition_for(b"e1", 2), state);
+        assert_eq!(p.carried_keys(), 1);
+        let mut b = Batch::default();
+        p.process(&on(home, Some("e1"), 1), 1000, &mut b);
+        assert_eq!(b.outcomes, vec![Outcome::Duplicate]);
+
+        // Past the window, the holder of input partition 0 tombstones it in
+        // the earlier layout's topic; nobody else does.
+        let late = 1000 + 48 * 3600 + 1;
+        let mut t = Batch::default();
+        p.revoke(0);
+        let mut other = Pipeline::new(p.config.clone());
+        other.carry("switchyard.dedup", 1, {
+            let mut r = dedup::Restore::default();
+            r.record(
+                &id,
+                Some(&dedup::encode_chunk(&[(dedup::key_of("e1"), 1000)])),
+            );
+            r.finish(0).0
+        });
+        assert_eq!(other.expire(late, &mut t), 0);
+        assert_eq!(other.carried_keys(), 0);
+        p.install(0, PartitionDedup::default());
+        assert_eq!(p.expire(late, &mut t), 1);
+        let tomb = t.records().next().unwrap();
+        assert_eq!(
+            (tomb.topic, tomb.partition, tomb.key, tomb.payload),
+            (
+                "switchyard.dedup",
+                Some(partition_for(b"e1", 2)),
+                Some(&id[..]),
+                None
+            )
+        );
+        let mut b = Batch::default();
+        p.process(&on(home, Some("e1"), 2), late, &mut b);
+        assert_eq!(b.outcomes[0], Outcome::Routed { destinations: 2 });
     }
 
     #[test]

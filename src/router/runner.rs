@@ -7,6 +7,7 @@
 //! work is cheap enough that the broker, not this loop, is the ceiling.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,10 +28,11 @@ use backon::{ExponentialBuilder, Retryable};
 use super::dedup::{self, PartitionDedup};
 use super::identity::{IdentityTable, Profile};
 use super::metrics as m;
-use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline};
+use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline, Reroute};
 use crate::config::{Config, Guarantee, KafkaConfig};
-use crate::kafka::client;
 use crate::kafka::rebalance::{self, GroupConsumer};
+use crate::kafka::topics::{self, DedupTopics};
+use crate::kafka::{ADMIN_TIMEOUT, client};
 use crate::run::RoleContext;
 
 /// Records per batch and how long to wait for more once one has arrived.
@@ -54,6 +56,12 @@ pub enum RouterError {
     },
     #[error("this instance's transactional producer was fenced or failed fatally: {0}")]
     Fatal(KafkaError),
+    #[error("reading the partition layout of {topic}: {source}")]
+    Layout { topic: String, source: KafkaError },
+    #[error("input topic {0} does not exist (run `switchyard topics create`)")]
+    NoInput(String),
+    #[error("creating the dedup topic of the new layout: {0}")]
+    Topics(#[from] crate::kafka::Error),
     #[error("background task: {0}")]
     Join(#[from] tokio::task::JoinError),
     /// Shut down (or dropped) while reading state: not a failure.
@@ -68,6 +76,9 @@ struct RebalanceLog {
     topic: String,
     revoked: Mutex<Vec<i32>>,
     cooperative: bool,
+    /// Set by every assignment: a change of the input's partition count
+    /// reaches the group as a rebalance, so the loop reads the layout again.
+    layout_stale: AtomicBool,
 }
 
 impl ClientContext for RebalanceLog {
@@ -114,6 +125,7 @@ impl ConsumerContext for RebalanceLog {
                     .map(|e| e.partition())
                     .collect();
                 info!(partitions = ?ps, "partitions assigned");
+                self.layout_stale.store(true, Ordering::Release);
             }
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -154,6 +166,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         topic: topics.canonical.clone(),
         revoked: Mutex::new(Vec::new()),
         cooperative: rebalance::is_cooperative(&cc),
+        layout_stale: AtomicBool::new(false),
     };
     let consumer = GroupConsumer::new(cc.create_with_context(log).map_err(RouterError::Client)?);
     consumer
@@ -188,6 +201,8 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     let mut tail = IdentityTail::start(&config.kafka, &ctx.bootstrap, &topics.identity())?;
     let mut pipeline = Pipeline::new(config.clone());
     tail = load_identity(tail, &mut pipeline, &stop).await?;
+    let layout = read_layout(&config, &ctx.bootstrap).await?;
+    apply_layout(&config, &ctx.bootstrap, &mut pipeline, layout, true, &stop).await?;
     info!(
         group = %group,
         guarantee = config.kafka.guarantee.as_str(),
@@ -196,6 +211,11 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
     );
 
     let mut last_expiry = Instant::now();
+    let mut reroutes = RerouteLog::new(&config.topics.canonical);
+    for r in Reroute::ALL {
+        // Shown at 0 from the start, so a rate over them is defined.
+        m::REROUTED.with_label_values(&[r.as_str()]);
+    }
     let mut batch_no: u64 = 0;
     // One batch, cleared between uses: it keeps its buffers' capacity.
     let mut batch = Batch::default();
@@ -209,6 +229,18 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         let started = Instant::now();
         batch_no += 1;
         apply_revocations(&consumer, &mut pipeline);
+        if consumer
+            .context()
+            .layout_stale
+            .swap(false, Ordering::AcqRel)
+        {
+            let layout = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => break,
+                layout = read_layout(&config, &ctx.bootstrap) => layout?,
+            };
+            apply_layout(&config, &ctx.bootstrap, &mut pipeline, layout, false, &stop).await?;
+        }
         tail.drain(&mut pipeline);
         let assigned = assigned_partitions(&consumer, &topics.canonical);
         let msgs: Vec<OwnedMessage> = msgs
@@ -229,11 +261,10 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         } else {
             BTreeSet::new()
         };
-        let restores = futures::future::try_join_all(
-            unrestored
-                .iter()
-                .map(|&p| restore_with_retry(&config, &ctx.bootstrap, p, &pipeline, &stop)),
-        );
+        let dedup_topic = pipeline.dedup_topic().to_string();
+        let restores = futures::future::try_join_all(unrestored.iter().map(|&p| {
+            restore_with_retry(&config, &ctx.bootstrap, &dedup_topic, p, &pipeline, &stop)
+        }));
         // A slow or retried restore must not hold up a shutdown.
         let states = tokio::select! {
             biased;
@@ -284,7 +315,9 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             }
             Some(marks) => {
                 let producers = (&producer, marks);
-                commit_at_least_once(producers, &consumer, &config, &batch, sent, streamed)
+                let dedup_topic = pipeline.dedup_topic();
+                let sent = (sent, streamed);
+                commit_at_least_once(producers, &consumer, &config, dedup_topic, &batch, sent)
                     .instrument(span)
                     .await
             }
@@ -303,6 +336,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             Ok(()) => {
                 pipeline.commit(&batch);
                 record_metrics(&batch, &pipeline, &config);
+                reroutes.count(&batch.outcomes);
             }
             Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
             Err(BatchError::Retry(e)) => {
@@ -467,11 +501,10 @@ async fn commit_at_least_once(
     (producer, marks_producer): (&FutureProducer, &FutureProducer),
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
+    dedup_topic: &str,
     batch: &Batch,
-    sent: Result<Vec<DeliveryFuture>, KafkaError>,
-    streamed: usize,
+    (sent, streamed): (Result<Vec<DeliveryFuture>, KafkaError>, usize),
 ) -> Result<(), BatchError> {
-    let dedup_topic = config.topics.dedup();
     // After what `process` wrote, `seal` adds the identity updates and the
     // dedup marks, and `expire` dedup tombstones.
     let (marks, rest): (Vec<Out<'_>>, Vec<Out<'_>>) = batch
@@ -573,7 +606,7 @@ fn record_metrics(batch: &Batch, pipeline: &Pipeline, config: &Config) {
     for o in &batch.outcomes {
         match o {
             Outcome::Invalid { class } => m::INVALID.with_label_values(&[class]).inc(),
-            Outcome::Rekeyed => m::REKEYED.inc(),
+            Outcome::Rerouted(r) => m::REROUTED.with_label_values(&[r.as_str()]).inc(),
             Outcome::Duplicate => m::DUPLICATES.inc(),
             Outcome::Routed { .. } => {}
         }
@@ -592,17 +625,183 @@ fn record_metrics(batch: &Batch, pipeline: &Pipeline, config: &Config) {
     m::DEDUP_BYTES.set(pipeline.dedup_heap_bytes() as i64);
 }
 
+/// The input topic's partition count and the dedup topics for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    partitions: i32,
+    dedup: DedupTopics,
+    /// Whether `dedup.current` exists yet.
+    current_exists: bool,
+}
+
+async fn read_layout(config: &Arc<Config>, bootstrap: &str) -> Result<Layout, RouterError> {
+    let config = config.clone();
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || {
+        let input = &config.topics.canonical;
+        let err = |source| RouterError::Layout {
+            topic: input.clone(),
+            source,
+        };
+        let reader: BaseConsumer = client::reader(&config.kafka, &bootstrap)
+            .create()
+            .map_err(err)?;
+        let md = reader.fetch_metadata(None, ADMIN_TIMEOUT).map_err(err)?;
+        let existing: HashMap<String, i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+            .collect();
+        let partitions = *existing
+            .get(input)
+            .ok_or_else(|| RouterError::NoInput(input.clone()))?;
+        let dedup = topics::dedup_topics(&config.topics.dedup(), partitions, &existing);
+        Ok(Layout {
+            partitions,
+            current_exists: existing.contains_key(&dedup.current),
+            dedup,
+        })
+    })
+    .await?
+}
+
+/// Makes `layout` the pipeline's. At start, and whenever the input's
+/// partition count has changed, the marks of earlier layouts are read whole
+/// (they remember event_ids that now belong to other partitions) and the
+/// current layout's partitions are restored afresh from its own topic.
+async fn apply_layout(
+    config: &Arc<Config>,
+    bootstrap: &str,
+    pipeline: &mut Pipeline,
+    layout: Layout,
+    starting: bool,
+    stop: &CancellationToken,
+) -> Result<(), RouterError> {
+    let changed = layout.partitions != pipeline.partitions()
+        || layout.dedup.current != pipeline.dedup_topic();
+    if !starting && !changed {
+        return Ok(());
+    }
+    if changed && !starting {
+        warn!(
+            from = pipeline.partitions(),
+            to = layout.partitions,
+            dedup_topic = %layout.dedup.current,
+            "the input topic's partition count changed: event_ids move to other partitions; \
+             dedup continues in a topic for the new layout and every earlier layout's marks \
+             are read in full until they leave the window"
+        );
+    }
+    if !layout.current_exists {
+        topics::create_dedup(config, bootstrap, &layout.dedup.current, layout.partitions).await?;
+    }
+    pipeline.set_layout(layout.partitions, &layout.dedup.current);
+    pipeline.clear_carried();
+    let reads = layout
+        .dedup
+        .past
+        .iter()
+        .flat_map(|(topic, n)| (0..*n).map(move |p| (topic.as_str(), p)));
+    let states = futures::future::try_join_all(
+        reads
+            .clone()
+            .map(|(topic, p)| restore_with_retry(config, bootstrap, topic, p, pipeline, stop)),
+    )
+    .await?;
+    for ((topic, p), state) in reads.zip(states) {
+        pipeline.carry(topic, p, state);
+    }
+    if !layout.dedup.past.is_empty() {
+        info!(
+            topics = ?layout.dedup.past,
+            keys = pipeline.carried_keys(),
+            "marks of earlier input layouts loaded"
+        );
+    }
+    Ok(())
+}
+
+/// Says, at most once a minute, what share of the input was on the wrong
+/// partition and how publishers avoid that extra hop.
+struct RerouteLog {
+    topic: String,
+    since: Instant,
+    records: u64,
+    rerouted: [u64; 2],
+}
+
+const REROUTE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl RerouteLog {
+    fn new(topic: &str) -> RerouteLog {
+        RerouteLog {
+            topic: topic.to_string(),
+            since: Instant::now(),
+            records: 0,
+            rerouted: [0; 2],
+        }
+    }
+
+    fn count(&mut self, outcomes: &[Outcome]) {
+        self.records += outcomes.len() as u64;
+        for o in outcomes {
+            if let Outcome::Rerouted(r) = o {
+                self.rerouted[*r as usize] += 1;
+            }
+        }
+        if self.since.elapsed() < REROUTE_LOG_EVERY {
+            return;
+        }
+        let [wrong_key, wrong_partition] = self.rerouted;
+        if wrong_key + wrong_partition > 0 {
+            warn!(
+                topic = %self.topic,
+                records = self.records,
+                wrong_key,
+                wrong_partition,
+                "{}",
+                reroute_advice(self.records, wrong_key, wrong_partition)
+            );
+        }
+        *self = RerouteLog::new(&self.topic);
+    }
+}
+
+/// The words of the reroute warning.
+fn reroute_advice(records: u64, wrong_key: u64, wrong_partition: u64) -> String {
+    let share = |n: u64| 100.0 * n as f64 / records.max(1) as f64;
+    let mut s = format!(
+        "{:.1}% of the input records in the last minute were not on their event_id's partition and took an extra hop (re-published there)",
+        share(wrong_key + wrong_partition)
+    );
+    if wrong_key > 0 {
+        s.push_str(&format!(
+            "; {:.1}% were not keyed by their event_id: publish with key = event_id",
+            share(wrong_key)
+        ));
+    }
+    if wrong_partition > 0 {
+        s.push_str(&format!(
+            "; {:.1}% were keyed by it but partitioned by another hash: use the Java client's murmur2 partitioner (librdkafka clients such as confluent-kafka for Python, Go and .NET, node-rdkafka and rust-rdkafka: partitioner=murmur2_random; Sarama: Producer.Partitioner = sarama.NewMurmur2Partitioner; kafka-go: Balancer = kafka.Murmur2Balancer{{}}; the Java client, franz-go and KafkaJS 2 already do)",
+            share(wrong_partition)
+        ));
+    }
+    s
+}
+
 /// Reads dedup partition `p` from the beginning to its end.
 /// A broker slow to answer (a metadata or fetch timeout) is no reason to
 /// stop routing every other partition too: a failed restore is tried again.
 async fn restore_with_retry(
     config: &Arc<Config>,
     bootstrap: &str,
+    topic: &str,
     p: i32,
     pipeline: &Pipeline,
     stop: &CancellationToken,
 ) -> Result<PartitionDedup, RouterError> {
-    (|| restore_partition(config, bootstrap, p, pipeline, stop))
+    (|| restore_partition(config, bootstrap, topic, p, pipeline, stop))
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(500))
@@ -620,12 +819,13 @@ async fn restore_with_retry(
 pub(super) async fn restore_partition(
     config: &Arc<Config>,
     bootstrap: &str,
+    topic: &str,
     partition: i32,
     pipeline: &Pipeline,
     stop: &CancellationToken,
 ) -> Result<PartitionDedup, RouterError> {
     let stop = stop.clone();
-    let topic = config.topics.dedup();
+    let topic = topic.to_string();
     let kafka = config.kafka.clone();
     let bootstrap = bootstrap.to_string();
     let oldest_live = pipeline.oldest_live(unix_secs());

@@ -37,9 +37,14 @@ pub mod header {
     pub const ORIGIN_TIMESTAMP_MS: &str = "switchyard-origin-timestamp-ms";
     pub const ORIGIN_SIZE: &str = "switchyard-origin-size";
     pub const TRUNCATED: &str = "switchyard-truncated";
-    /// On a record the router re-published under its event_id: where the
-    /// mis-keyed original was (`<partition>/<offset>`).
-    pub const REKEYED_FROM: &str = "switchyard-rekeyed-from";
+    /// On a record the router re-published to its event_id's partition:
+    /// where the original was (`<partition>/<offset>`), and why it was moved
+    /// (`wrong_key`, `wrong_partition`).
+    pub const REROUTED_FROM: &str = "switchyard-rerouted-from";
+    pub const REROUTE_REASON: &str = "switchyard-reroute-reason";
+    /// On a delivery: identity hints the router dropped as malformed, one
+    /// `<pointer>: <why>` per hint, separated by "; " (never the value).
+    pub const HINTS_DROPPED: &str = "switchyard-hints-dropped";
 
     /// Headers describing one attempt history; never copied onto a new record.
     pub fn is_own(name: &str) -> bool {

@@ -68,6 +68,37 @@ pub async fn produce(brokers: &str, topic: &str, records: &[(Option<String>, Vec
     }
 }
 
+/// Produces `(key, payload)` records with a producer using `partitioner`
+/// (librdkafka's names: `consistent_random`, `murmur2_random`…) and returns
+/// the partition each record landed on, in order.
+pub async fn produce_with(
+    brokers: &str,
+    topic: &str,
+    partitioner: &str,
+    records: &[(Option<String>, Vec<u8>)],
+) -> Vec<i32> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("partitioner", partitioner)
+        .create()
+        .expect("producer");
+    let mut acks = Vec::with_capacity(records.len());
+    for (k, v) in records {
+        let mut r = FutureRecord::<String, Vec<u8>>::to(topic).payload(v);
+        if let Some(k) = k {
+            r = r.key(k);
+        }
+        acks.push(p.send_result(r).map_err(|(e, _)| e).expect("enqueue"));
+    }
+    let mut partitions = Vec::with_capacity(acks.len());
+    for a in acks {
+        let delivery = a.await.expect("ack").expect("delivered");
+        partitions.push(delivery.partition);
+    }
+    partitions
+}
+
 /// Reads a whole topic (all partitions, from the beginning) until `done`
 /// says enough or `limit` passes; `read_committed` hides aborted records.
 pub fn read_until(
