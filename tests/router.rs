@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::kafka::{Record, produce, read_all, read_until, sigkill, sigterm, spawn_switchyard};
+use common::kafka::{Record, produce, read_all, read_until, sigkill, sigterm};
+use common::router::Setup;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -17,83 +18,6 @@ fn sha(s: &str) -> String {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-struct Setup {
-    brokers: String,
-    prefix: String,
-    canonical: String,
-    config: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new(guarantee: &str, partitions: u32) -> Setup {
-        let brokers = common::brokers();
-        let prefix = common::unique("rt");
-        let canonical = format!("{prefix}.canonical");
-        let dir = tempfile::tempdir().unwrap();
-        let config = common::write_config(
-            dir.path(),
-            &format!(
-                r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "{guarantee}"
-# tansu 0.6.0 does not finish cooperative rebalances (a revoked partition is
-# never handed to the new member), so the tests use an eager strategy there.
-consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
-[topics]
-canonical = "{canonical}"
-prefix = "{prefix}"
-partitions = {partitions}
-[metrics]
-listen = "127.0.0.1:0"
-[destinations.meta]
-type = "meta_capi"
-pixel_id = "1234"
-access_token = "t"
-[destinations.ga4]
-type = "ga4"
-measurement_id = "G-TEST1"
-api_secret = "s"
-[destinations.hook]
-type = "webhook"
-url = "http://127.0.0.1:9/"
-secret = "0123456789abcdef"
-consent = "analytics"
-"#
-            ),
-        );
-        common::run_ok(&["topics", "create"], &config);
-        Setup {
-            brokers,
-            prefix,
-            canonical,
-            config,
-            dir,
-        }
-    }
-
-    fn deliver(&self, d: &str) -> String {
-        format!("{}.deliver.{d}", self.prefix)
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
-    }
-
-    fn router(&self, instance: &str) -> std::process::Child {
-        spawn_switchyard(
-            &["--role", "router", "--instance-id", instance],
-            &self.config,
-            &self.log(instance),
-        )
-    }
-
-    fn logs(&self, instance: &str) -> String {
-        std::fs::read_to_string(self.log(instance)).unwrap_or_default()
-    }
 }
 
 fn ev(v: Value) -> (Option<String>, Vec<u8>) {

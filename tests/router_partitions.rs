@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
-use common::kafka::{Record, produce_with, read_all, read_until, sigterm, spawn_switchyard};
+use common::kafka::{Record, produce_with, read_all, read_until};
+use common::router::{Setup, sample};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -76,106 +77,6 @@ fn assert_once(records: &[Record], ids: &[String], what: &str) {
     assert_eq!(got, want, "{what}: every event exactly once");
 }
 
-struct Setup {
-    brokers: String,
-    prefix: String,
-    canonical: String,
-    config: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new(partitions: i32) -> Setup {
-        let brokers = common::brokers();
-        let prefix = common::unique("rp");
-        let canonical = format!("{prefix}.canonical");
-        let dir = tempfile::tempdir().unwrap();
-        let config = common::write_config(
-            dir.path(),
-            &format!(
-                r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
-[topics]
-canonical = "{canonical}"
-prefix = "{prefix}"
-partitions = {partitions}
-[metrics]
-listen = "127.0.0.1:0"
-[destinations.meta]
-type = "meta_capi"
-pixel_id = "1234"
-access_token = "t"
-[destinations.hook]
-type = "webhook"
-url = "http://127.0.0.1:9/"
-secret = "0123456789abcdef"
-consent = "analytics"
-"#
-            ),
-        );
-        Setup {
-            brokers,
-            prefix,
-            canonical,
-            config,
-            dir,
-        }
-    }
-
-    fn topics_create(&self) -> String {
-        common::run_ok(&["topics", "create"], &self.config)
-    }
-
-    fn deliver(&self, d: &str) -> String {
-        format!("{}.deliver.{d}", self.prefix)
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
-    }
-
-    fn router(&self, instance: &str) -> std::process::Child {
-        spawn_switchyard(
-            &["--role", "router", "--instance-id", instance],
-            &self.config,
-            &self.log(instance),
-        )
-    }
-
-    fn logs(&self, instance: &str) -> String {
-        std::fs::read_to_string(self.log(instance)).unwrap_or_default()
-    }
-
-    /// The router's Prometheus text, from the address its log names.
-    async fn metrics(&self, instance: &str) -> String {
-        let logs = self.logs(instance);
-        let line = logs
-            .lines()
-            .find(|l| l.contains("metrics endpoint listening"))
-            .unwrap_or_else(|| panic!("no metrics address in the log:\n{logs}"));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("bound="))
-            .unwrap_or_else(|| panic!("no bound= in {line:?}"));
-        reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-}
-
-/// The value of one sample line `name{labels} value` in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-}
-
 /// The three copies of each event, as the issue reported them: keyed by
 /// event_id through librdkafka's default partitioner (CRC32), keyed by the
 /// visitor through it, and keyed by event_id through a murmur2 producer.
@@ -220,8 +121,7 @@ async fn any_key_and_partitioner_reach_each_destination_once_at_least_once() {
         "any_key_and_partitioner_reach_each_destination_once_at_least_once",
         Duration::from_secs(600),
     );
-    let s = Setup::new(4);
-    s.topics_create();
+    let s = Setup::new("at_least_once", 4);
     let evs = events("pp", 40);
     let ids: Vec<String> = evs.iter().map(|e| e.0.clone()).collect();
     let (wrong_partition, wrong_key) = publish_three_ways(&s.brokers, &s.canonical, 4, &evs).await;
@@ -264,8 +164,7 @@ async fn any_key_and_partitioner_reach_each_destination_once_at_least_once() {
         assert_eq!(r.key_str(), id);
         assert_eq!(r.partition, partition_for(id.as_bytes(), 4));
     }
-    let status = sigterm(&mut router, Duration::from_secs(30)).expect("router stops");
-    assert!(status.success(), "{}", s.logs("r1"));
+    s.stop(&mut router, "r1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -379,8 +278,7 @@ async fn dedup_stays_exact_when_the_input_partition_count_changes() {
         "dedup_stays_exact_when_the_input_partition_count_changes",
         Duration::from_secs(600),
     );
-    let s = Setup::new(2);
-    s.topics_create();
+    let s = Setup::new("at_least_once", 2);
     let first = events("gr", 30);
     let first_ids: Vec<String> = first.iter().map(|e| e.0.clone()).collect();
     produce_with(
@@ -392,11 +290,10 @@ async fn dedup_stays_exact_when_the_input_partition_count_changes() {
     .await;
     let mut router = s.router("r1");
     settled(&s.brokers, &s.deliver("hook"), first_ids.len()).await;
-    let status = sigterm(&mut router, Duration::from_secs(30)).expect("router stops");
-    assert!(status.success(), "{}", s.logs("r1"));
+    s.stop(&mut router, "r1");
 
     recreate_input(&s, 4).await;
-    let report = s.topics_create();
+    let report = common::run_ok(&["topics", "create"], &s.config);
     let dedup = format!("{}.dedup", s.prefix);
     let line = |name: &str| -> String {
         report
@@ -444,17 +341,10 @@ async fn dedup_stays_exact_when_the_input_partition_count_changes() {
         Some(first_ids.len() as u64),
         "{metrics}"
     );
-    let marks: HashMap<i32, usize> =
-        read_all(&s.brokers, &format!("{dedup}.p4"))
-            .iter()
-            .fold(HashMap::new(), |mut m, r| {
-                *m.entry(r.partition).or_insert(0) += 1;
-                m
-            });
+    let marks = read_all(&s.brokers, &format!("{dedup}.p4"));
     assert!(
         !marks.is_empty(),
         "the new layout's marks go to its own topic"
     );
-    let status = sigterm(&mut router, Duration::from_secs(30)).expect("router stops");
-    assert!(status.success(), "{}", s.logs("r1"));
+    s.stop(&mut router, "r1");
 }

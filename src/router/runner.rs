@@ -1022,3 +1022,23 @@ pub(super) async fn load_identity(
     m::IDENTITIES.set(pipeline.identity().len() as i64);
     Ok(tail)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reroute_warning_gives_the_share_and_the_fix_for_each_reason() {
+        let both = reroute_advice(1000, 100, 250);
+        assert!(both.starts_with("35.0% of the input records"), "{both}");
+        assert!(
+            both.contains("10.0% were not keyed by their event_id"),
+            "{both}"
+        );
+        assert!(both.contains("25.0% were keyed by it"), "{both}");
+        assert!(both.contains("partitioner=murmur2_random"), "{both}");
+        let keys_only = reroute_advice(10, 10, 0);
+        assert!(keys_only.contains("100.0% were not keyed"), "{keys_only}");
+        assert!(!keys_only.contains("murmur2"), "{keys_only}");
+    }
+}

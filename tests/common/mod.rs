@@ -117,4 +117,5 @@ pub fn switchyard() -> Command {
 }
 
 pub mod kafka;
+pub mod router;
 pub mod sink;
