@@ -8,6 +8,14 @@
 //! are read from the embedded schema once, so they exist in one place only.
 //! `tests/event_contract.rs` checks both validators against a shared corpus.
 //!
+//! Identifiers are trimmed before they are judged. The identity hints
+//! (email, phone, the two digests, external and click ids, the IP) only
+//! improve matching, so one that is still malformed is not a violation but a
+//! [`DroppedHint`]: [`check_value`] reports it beside the violations, and
+//! [`parse_event`] leaves it out of the event and lists it there. The schema
+//! accepts any string for a hint, which is why only the Rust side can say
+//! what gets dropped.
+//!
 //! [`parse_event`] first tries a fast path (the `fast` module) that reads the
 //! bytes straight into the typed event and checks that; only when it cannot
 //! vouch for the record does it take the walk above, which is the reference

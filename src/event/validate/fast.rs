@@ -6,8 +6,8 @@
 //! every `None` falls back to the reference walk, which decides and writes
 //! the messages. So it may refuse more than the contract (a duplicated key,
 //! for instance), but it must never accept anything the walk refuses, and
-//! what it returns must equal what the walk's `serde_json::from_value`
-//! returns. The typed model alone is more lenient than the contract in a few
+//! what it returns must equal what the reference path returns, normalised
+//! identifiers and dropped hints included. The typed model alone is more lenient than the contract in a few
 //! ways, which the strict deserialisers below close before the typed check
 //! runs:
 //!
