@@ -76,8 +76,17 @@ enum Command {
         instance_id: Option<String>,
     },
     /// Validate NDJSON canonical events (one per line; `-` reads stdin).
-    /// Exit 0: all valid, 1: any invalid, 2: the file cannot be read.
-    Validate { file: PathBuf },
+    /// A malformed identity hint (email, phone, ...) is a warning: the router
+    /// drops the hint and routes the event.
+    /// Exit 0: all valid, 1: any invalid (or, with --strict, any warning),
+    /// 2: the file cannot be read.
+    Validate {
+        file: PathBuf,
+        /// Count events with warnings as invalid, e.g. to hold a publisher
+        /// to clean identifiers in CI.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Check a config file: print every problem (exit 1) or a summary (exit 0).
     Check {
         #[arg(long, short)]
@@ -194,7 +203,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Validate { file } => return validate(&file),
+        Command::Validate { file, strict } => return validate(&file, strict),
         Command::Check { config } => return check(&config),
         Command::Run {
             config,
@@ -296,7 +305,7 @@ fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
-fn validate(file: &Path) -> ExitCode {
+fn validate(file: &Path, strict: bool) -> ExitCode {
     let input: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -310,8 +319,8 @@ fn validate(file: &Path) -> ExitCode {
     };
     match event::check_ndjson(input, std::io::stdout().lock()) {
         Ok(s) => {
-            println!("{} valid, {} invalid", s.valid, s.invalid);
-            if s.invalid == 0 {
+            println!("{}", s.line(strict));
+            if s.passes(strict) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

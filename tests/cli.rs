@@ -181,8 +181,14 @@ fn missing_config_file_is_one_line() {
 }
 
 fn validate_stdin(input: &str) -> Output {
+    validate_stdin_with(&[], input)
+}
+
+fn validate_stdin_with(flags: &[&str], input: &str) -> Output {
     let mut child = common::switchyard()
-        .args(["validate", "-"])
+        .arg("validate")
+        .args(flags)
+        .arg("-")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -220,6 +226,52 @@ fn validate_exit_codes() {
     cmd.args(["validate", "/nonexistent/events.ndjson"]);
     let o = run_bounded(cmd, Duration::from_secs(30));
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn validate_trims_identifiers_and_warns_about_malformed_hints() {
+    let padded = r#"{"event":"lead","event_id":" e1 ","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"  Jane.Doe@Example.COM "}"#;
+    let o = validate_stdin(&format!("{padded}\n"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(out, "line 1 ok lead e1\n1 valid, 0 invalid\n");
+
+    let n_a = r#"{"event":"lead","event_id":"e2","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":"n/a"}"#;
+    let o = validate_stdin(&format!("{padded}\n{n_a}\n"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(
+        out,
+        "line 1 ok lead e1\n\
+         line 2 ok lead e2\n\
+         \x20   warning /email: not an email address (3 characters, no '@'); the hint is dropped, the event is routed\n\
+         2 valid, 0 invalid (1 valid with dropped hints)\n"
+    );
+    assert!(
+        !out.contains("n/a"),
+        "the value itself is never printed: {out}"
+    );
+
+    let o = validate_stdin_with(&["--strict"], &format!("{padded}\n{n_a}\n"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("    warning /email: "), "{out}");
+    assert!(
+        out.ends_with("1 valid, 1 invalid (1 only for dropped hints, --strict)\n"),
+        "{out}"
+    );
+    let o = validate_stdin_with(&["--strict"], &format!("{padded}\n"));
+    assert_eq!(o.status.code(), Some(0));
+
+    // A hint of the wrong type is still an error.
+    let typed = r#"{"event":"lead","event_id":"e3","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":42}"#;
+    let o = validate_stdin(&format!("{typed}\n"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.starts_with("line 1 INVALID e3: /email: \"email\" must be a string, got 42\n"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard::event::validate::parse_event_slow;
-use switchyard::event::{NdjsonSummary, SCHEMA_JSON, check_ndjson, parse_event, validate_value};
+use switchyard::event::{
+    NdjsonSummary, SCHEMA_JSON, check_ndjson, check_value, parse_event, validate_value,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +21,10 @@ struct Case {
     name: String,
     valid: bool,
     pointers: Vec<String>,
+    /// Identity hints the Rust side drops with a warning, in pointer order;
+    /// the schema accepts them (any string), so only Rust can say.
+    #[serde(default)]
+    warnings: Vec<String>,
     event: Value,
 }
 
@@ -156,9 +162,11 @@ fn schema_and_rust_validator_agree_on_every_corpus_case() {
             .iter_errors(&case.event)
             .map(|e| (e.instance_path.as_str().to_owned(), e.to_string()))
             .collect();
-        let rust = validate_value(&case.event);
+        let (rust, dropped) = check_value(&case.event);
+        assert_eq!(rust, validate_value(&case.event), "line {line}");
         let rust_pointers: BTreeSet<&str> = rust.iter().map(|v| v.pointer.as_str()).collect();
         let expected: BTreeSet<&str> = case.pointers.iter().map(String::as_str).collect();
+        let warnings: Vec<&str> = dropped.iter().map(|h| h.pointer.as_str()).collect();
 
         let mut problems = Vec::new();
         if schema_errors.is_empty() != case.valid {
@@ -173,6 +181,12 @@ fn schema_and_rust_validator_agree_on_every_corpus_case() {
         if rust_pointers != expected {
             problems.push(format!(
                 "Rust pointers {rust_pointers:?} != expected {expected:?}"
+            ));
+        }
+        if warnings != case.warnings {
+            problems.push(format!(
+                "Rust warnings {warnings:?} != expected {:?}",
+                case.warnings
             ));
         }
         for (pointer, _) in &schema_errors {
@@ -211,9 +225,30 @@ fn schema_and_rust_validator_agree_on_every_corpus_case() {
 fn valid_corpus_events_round_trip_through_the_typed_model() {
     for (line, case) in corpus().into_iter().filter(|(_, c)| c.valid) {
         let bytes = serde_json::to_vec(&case.event).unwrap();
-        let event = parse_event(&bytes)
+        let mut event = parse_event(&bytes)
             .unwrap_or_else(|e| panic!("line {line} ({}): parse_event failed: {e}", case.name));
+        let dropped: Vec<&str> = event
+            .dropped_hints
+            .iter()
+            .map(|h| h.pointer.as_str())
+            .collect();
+        assert_eq!(dropped, case.warnings, "line {line} ({})", case.name);
+        // Never on the wire, and the hint itself is gone.
         let again = serde_json::to_value(&event).unwrap();
+        for pointer in &case.warnings {
+            assert_eq!(
+                again.pointer(pointer),
+                None,
+                "line {line} ({}): {pointer} is still there",
+                case.name
+            );
+        }
+        assert!(
+            check_value(&again).1.is_empty(),
+            "line {line} ({}): normalised hints must not warn again",
+            case.name
+        );
+        event.dropped_hints.clear();
         let violations = validate_value(&again);
         assert!(
             violations.is_empty(),
@@ -262,7 +297,8 @@ fn check_ndjson_counts_in_memory_input() {
         summary,
         NdjsonSummary {
             valid: 2,
-            invalid: 3
+            invalid: 3,
+            warned: 0,
         }
     );
     let out = String::from_utf8(out).unwrap();
@@ -291,7 +327,8 @@ fn check_ndjson_lists_every_violation_of_an_event() {
         summary,
         NdjsonSummary {
             valid: 0,
-            invalid: 1
+            invalid: 1,
+            warned: 0,
         }
     );
     let out = String::from_utf8(out).unwrap();
@@ -325,7 +362,8 @@ fn example_stream_has_the_expected_valid_and_invalid_lines() {
         summary,
         NdjsonSummary {
             valid: 17,
-            invalid: 3
+            invalid: 3,
+            warned: 0,
         },
         "{report}"
     );
@@ -368,7 +406,18 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
         }),
         (
             "event_id",
-            strings(&["e1", "e 1", "", "~!@#$%^&*()", "é", "e\u{7f}"]),
+            strings(&[
+                "e1",
+                "e 1",
+                "",
+                "~!@#$%^&*()",
+                "é",
+                "e\u{7f}",
+                " e1\t",
+                "\u{3000}e1\u{85}",
+                "\u{feff}e1",
+                " ",
+            ]),
         ),
         (
             "occurred_at",
@@ -398,8 +447,11 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 "2026-11-26T10:00:00+24:00",
             ]),
         ),
-        ("user_id", strings(&["u1", ""])),
-        ("anonymous_id", strings(&["a1", ""])),
+        (
+            "user_id",
+            strings(&["u1", "", " U1 ", "\u{a0}", "\u{2028}u\u{200b}"]),
+        ),
+        ("anonymous_id", strings(&["a1", "", "\n a1", "\u{2003}"])),
         (
             "email",
             strings(&[
@@ -415,6 +467,9 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 "a@b..c",
                 "a\u{7f}@b.co",
                 "a\t@b.co",
+                "  A.B@C.DE ",
+                "n/a",
+                "",
             ]),
         ),
         (
@@ -432,6 +487,8 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 "((123456",
                 "123456))",
                 "１２３４５６",
+                " +1 (650) 555-1234 ",
+                "call me",
             ]),
         ),
         (
@@ -440,6 +497,7 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b",
                 "973DFE463EC85785F5F95AF5BA3906EEDB2D931C24E69824A89EA65DBA4E813B",
                 "x",
+                " 973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b\n",
             ]),
         ),
         (
@@ -466,6 +524,8 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 "fe80::1%eth0",
                 " 1.2.3.4",
                 "1.2.3",
+                "\t::1 ",
+                "unknown",
             ]
             .iter()
             .map(|ip| json!({ "ip": ip }))
@@ -542,7 +602,12 @@ fn edge_values() -> Vec<(&'static str, Vec<Value>)> {
         ),
         (
             "external_ids",
-            vec![json!({"a": "1"}), json!({"a": 1}), json!({"a~b": "1"})],
+            vec![
+                json!({"a": "1"}),
+                json!({"a": 1}),
+                json!({"a~b": "1"}),
+                json!({"a": " A-1 ", "b": " "}),
+            ],
         ),
     ]
 }
@@ -684,6 +749,7 @@ fn fast_path_edge_values() -> Vec<(&'static str, Vec<Value>)> {
                 json!({"fbc": "f".repeat(512)}),
                 json!({"fbc": "f".repeat(513)}),
                 json!({"fbc": ""}),
+                json!({"fbc": " Fb.1.x ", "gclid": "\u{a0}"}),
                 json!({"fbclid": "x"}),
                 json!({}),
             ],

@@ -5,7 +5,10 @@ pub mod model;
 pub mod normalize;
 pub mod validate;
 
-pub use model::{CanonicalEvent, ClickIds, ClickKind, ConsentState, Context, EventName, Item};
+pub use model::{
+    CanonicalEvent, ClickIds, ClickKind, ConsentState, Context, DroppedHint, EventName, Item,
+};
 pub use validate::{
-    InvalidEvent, NdjsonSummary, SCHEMA_JSON, Violation, check_ndjson, parse_event, validate_value,
+    InvalidEvent, NdjsonSummary, SCHEMA_JSON, Violation, check_ndjson, check_value, parse_event,
+    validate_value,
 };

@@ -58,6 +58,35 @@ pub struct CanonicalEvent {
     pub traits: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    /// Identity hints the publisher sent but that were malformed even after
+    /// normalisation, and so are absent above. Filled by
+    /// [`crate::event::parse_event`]; never on the wire, because a
+    /// re-serialised event must stay valid and carry no personal data twice.
+    #[serde(skip)]
+    pub dropped_hints: Vec<DroppedHint>,
+}
+
+/// An identity hint that [`crate::event::parse_event`] left out of the event:
+/// a hint only improves matching, so a malformed one costs the hint, never
+/// the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedHint {
+    /// Metric label, one of a fixed set: "email", "phone", "email_sha256",
+    /// "phone_sha256", "external_ids", "click_ids", "ip".
+    pub field: &'static str,
+    /// RFC 6901 pointer of the dropped value, e.g. "/email",
+    /// "/external_ids/crm", "/click_ids/gclid", "/context/ip".
+    pub pointer: String,
+    /// Why, in words. NEVER contains the value itself (it may be personal
+    /// data): it describes the value's shape only, e.g. "not an email
+    /// address (3 characters, no '@')".
+    pub reason: String,
+}
+
+impl fmt::Display for DroppedHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.pointer, self.reason)
+    }
 }
 
 impl CanonicalEvent {

@@ -263,6 +263,12 @@ mod tests {
     const DIGITS_16502530000: &str =
         "67d3cb9e9b1b64b913a5f2508beac167cfa7d3fb943f6a52e6767392d425a536";
     const CRM_123: &str = "e10df6b2067f84972609f0924b53f3cfdede67a8088805cd673c5808a8ed404b";
+    const JANE_DOE_EXAMPLE_COM: &str =
+        "86e0b9e56c17cc4d12387e1949b85053fbe73bc3ce5a1188713a9d300cc6133d";
+    const PLUS_16505551234: &str =
+        "a2996076d3ad4af5dc818b908b3d8e354f26ededf7df0e0aa6ac354143805ee0";
+    const DIGITS_16505551234: &str =
+        "6069d14bf122fdfd931dc7beb58e5dfbba395b1faf05bdcd42d12358d63d8599";
 
     fn us() -> PhoneCountry {
         parse_country("US").unwrap()
@@ -295,6 +301,67 @@ mod tests {
         assert_eq!(
             hash_email(" Test@Example.COM ", true).as_deref(),
             Some(TEST_EXAMPLE_COM)
+        );
+    }
+
+    /// What a form or CRM sends hashes exactly as the vendors' SDKs hash the
+    /// trimmed, lowercased address: `printf %s jane.doe@example.com | sha256sum`.
+    #[test]
+    fn padded_mixed_case_email_hashes_like_the_vendor_sdks() {
+        let raw = "  Jane.Doe@Example.COM ";
+        assert_eq!(
+            normalize_email(raw, false).as_deref(),
+            Some("jane.doe@example.com")
+        );
+        assert_eq!(
+            hash_email(raw, false).as_deref(),
+            Some(JANE_DOE_EXAMPLE_COM)
+        );
+        // Not a Google domain, so the dot rule changes nothing.
+        assert_eq!(hash_email(raw, true).as_deref(), Some(JANE_DOE_EXAMPLE_COM));
+        let (plain, google) = email_digests(raw).unwrap();
+        assert_eq!(plain.to_string(), JANE_DOE_EXAMPLE_COM);
+        assert_eq!(google, None);
+        // And what parse_event keeps of it hashes the same.
+        let event = crate::event::parse_event(
+            br#"{"event":"lead","event_id":"e","occurred_at":"2026-11-26T10:00:00Z","user_id":"u","email":"  Jane.Doe@Example.COM "}"#,
+        )
+        .unwrap();
+        let kept = event.email.unwrap();
+        assert_eq!(kept, "jane.doe@example.com");
+        assert_eq!(sha256_hex(&kept), JANE_DOE_EXAMPLE_COM);
+    }
+
+    /// E.164 with '+' for Google and TikTok (`PhoneFormat::E164`, the first of
+    /// `phone_digests`), digits only for Meta (`DigitsOnly`, the second).
+    #[test]
+    fn padded_phone_hashes_in_each_vendors_form() {
+        let raw = " +1 (650) 555-1234 ";
+        assert_eq!(
+            normalize_phone(raw, us(), PhoneFormat::E164).as_deref(),
+            Some("+16505551234")
+        );
+        assert_eq!(
+            normalize_phone(raw, us(), PhoneFormat::DigitsOnly).as_deref(),
+            Some("16505551234")
+        );
+        assert_eq!(
+            hash_phone(raw, us(), PhoneFormat::E164).as_deref(),
+            Some(PLUS_16505551234)
+        );
+        assert_eq!(
+            hash_phone(raw, us(), PhoneFormat::DigitsOnly).as_deref(),
+            Some(DIGITS_16505551234)
+        );
+        let (e164, digits) = phone_digests(raw, us()).unwrap();
+        assert_eq!(
+            (e164.to_string().as_str(), digits.to_string().as_str()),
+            (PLUS_16505551234, DIGITS_16505551234)
+        );
+        // The default country does not matter once there is a '+'.
+        assert_eq!(
+            hash_phone(raw, gb(), PhoneFormat::E164).as_deref(),
+            Some(PLUS_16505551234)
         );
     }
 

@@ -8,6 +8,14 @@
 //! are read from the embedded schema once, so they exist in one place only.
 //! `tests/event_contract.rs` checks both validators against a shared corpus.
 //!
+//! Identifiers are trimmed before they are judged. The identity hints
+//! (email, phone, the two digests, external and click ids, the IP) only
+//! improve matching, so one that is still malformed is not a violation but a
+//! [`DroppedHint`]: [`check_value`] reports it beside the violations, and
+//! [`parse_event`] leaves it out of the event and lists it there. The schema
+//! accepts any string for a hint, which is why only the Rust side can say
+//! what gets dropped.
+//!
 //! [`parse_event`] first tries a fast path (the `fast` module) that reads the
 //! bytes straight into the typed event and checks that; only when it cannot
 //! vouch for the record does it take the walk above, which is the reference
@@ -21,7 +29,7 @@ use std::sync::LazyLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
-use super::model::{CanonicalEvent, is_custom_event_name, is_snake_key};
+use super::model::{CanonicalEvent, DroppedHint, is_custom_event_name, is_snake_key};
 
 mod fast;
 
@@ -112,24 +120,84 @@ pub fn parse_event_slow(bytes: &[u8]) -> Result<CanonicalEvent, InvalidEvent> {
     if !value.is_object() {
         return Err(InvalidEvent::NotObject(json_type(&value)));
     }
-    let violations = validate_value(&value);
+    let (violations, dropped) = check_value(&value);
     if !violations.is_empty() {
         return Err(InvalidEvent::Schema(violations));
+    }
+    let mut value = value;
+    if let Value::Object(event) = &mut value {
+        normalize_identifiers(event);
     }
     // Validation enforces everything the typed model relies on, so this
     // cannot fail; if the two ever drift apart, the event is still refused
     // rather than half-read, and the message says where.
-    serde_json::from_value(value).map_err(|e| {
+    let mut event: CanonicalEvent = serde_json::from_value(value).map_err(|e| {
         InvalidEvent::Schema(vec![Violation {
             pointer: String::new(),
             message: format!("passes the contract but not the typed model (a switchyard bug): {e}"),
         }])
-    })
+    })?;
+    event.dropped_hints = dropped;
+    Ok(event)
 }
 
-/// Every violation of the contract in `v`; empty means valid.
+/// Trims the ids, normalises the identity hints and removes the malformed
+/// ones, deciding with the same [`Hint`] rules as the walk. Only for an
+/// event the walk found valid, so every field has its type.
+fn normalize_identifiers(event: &mut Map<String, Value>) {
+    for key in ["event_id", "user_id", "anonymous_id"] {
+        if let Some(Value::String(id)) = event.get_mut(key) {
+            trim_in_place(id);
+        }
+    }
+    let keep = |hint: Hint, value: &mut Value| match value {
+        Value::String(s) if hint.problem(s).is_none() => {
+            hint.normalize(s);
+            true
+        }
+        Value::String(_) => false,
+        _ => true,
+    };
+    for (key, hint) in [
+        ("email", Hint::Email),
+        ("phone", Hint::Phone),
+        ("email_sha256", Hint::Sha256),
+        ("phone_sha256", Hint::Sha256),
+    ] {
+        if let Some(value) = event.get_mut(key)
+            && !keep(hint, value)
+        {
+            event.remove(key);
+        }
+    }
+    if let Some(Value::Object(ids)) = event.get_mut("external_ids") {
+        ids.retain(|_, id| keep(Hint::ExternalId, id));
+    }
+    if let Some(Value::Object(ids)) = event.get_mut("click_ids") {
+        ids.retain(|_, id| keep(Hint::ClickId, id));
+    }
+    if let Some(Value::Object(context)) = event.get_mut("context")
+        && let Some(ip) = context.get_mut("ip")
+        && !keep(Hint::Ip, ip)
+    {
+        context.remove("ip");
+    }
+}
+
+/// Every violation of the contract in `v`; empty means valid. Malformed
+/// identity hints are not violations: see [`check_value`].
 pub fn validate_value(v: &Value) -> Vec<Violation> {
-    let mut checker = Checker { out: Vec::new() };
+    check_value(v).0
+}
+
+/// The violations of the contract in `v` (empty means valid), and the
+/// identity hints that [`parse_event`] would drop from it as malformed, in
+/// pointer order. Hints are reported whether or not the event is valid.
+pub fn check_value(v: &Value) -> (Vec<Violation>, Vec<DroppedHint>) {
+    let mut checker = Checker {
+        out: Vec::new(),
+        dropped: Vec::new(),
+    };
     match v {
         Value::Object(event) => checker.event(event),
         other => checker.report(
@@ -137,21 +205,60 @@ pub fn validate_value(v: &Value) -> Vec<Violation> {
             format!("an event must be a JSON object, got {}", got(other)),
         ),
     }
-    checker.out
+    sort_hints(&mut checker.dropped);
+    (checker.out, checker.dropped)
+}
+
+/// The one order both parse paths and the walk give dropped hints in, so
+/// that they compare equal whatever order the keys came in.
+pub(super) fn sort_hints(hints: &mut [DroppedHint]) {
+    hints.sort_unstable_by(|a, b| a.pointer.cmp(&b.pointer));
 }
 
 /// Counts of `check_ndjson`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NdjsonSummary {
+    /// Events that would be routed, `warned` included.
     pub valid: usize,
     pub invalid: usize,
+    /// Valid events that lose at least one malformed identity hint (one
+    /// warning line per hint).
+    pub warned: usize,
+}
+
+impl NdjsonSummary {
+    /// Whether the input passes: no invalid event and, when `strict`, no
+    /// warning either.
+    pub fn passes(&self, strict: bool) -> bool {
+        self.invalid == 0 && !(strict && self.warned > 0)
+    }
+
+    /// The closing line of a report, e.g. `2 valid, 1 invalid`; `strict`
+    /// counts events with warnings as invalid, and says so.
+    pub fn line(&self, strict: bool) -> String {
+        match (self.warned, strict) {
+            (0, _) => format!("{} valid, {} invalid", self.valid, self.invalid),
+            (warned, false) => format!(
+                "{} valid, {} invalid ({warned} valid with dropped hints)",
+                self.valid, self.invalid
+            ),
+            (warned, true) => format!(
+                "{} valid, {} invalid ({warned} only for dropped hints, --strict)",
+                self.valid - warned,
+                self.invalid + warned
+            ),
+        }
+    }
 }
 
 /// Validates newline-delimited events, writing one verdict per event:
 /// `line 3 ok purchase evt_123` or `line 4 INVALID evt_9: /currency: ...`,
-/// with further violations on indented lines. Blank lines are skipped but
-/// counted, so line numbers match an editor's. Only I/O failures are errors;
-/// a line that is not UTF-8 or not JSON is an invalid event.
+/// with further violations on indented lines. A valid event's malformed
+/// identity hints follow its verdict, one per line:
+/// `    warning /email: not an email address (3 characters, no '@'); the hint
+/// is dropped, the event is routed`. Blank lines are skipped but counted, so
+/// line numbers match an editor's. Only I/O failures are errors; a line that
+/// is not UTF-8 or not JSON is an invalid event.
 pub fn check_ndjson<R: BufRead, W: Write>(mut input: R, mut out: W) -> io::Result<NdjsonSummary> {
     let mut summary = NdjsonSummary::default();
     let mut line = Vec::new();
@@ -184,14 +291,21 @@ pub fn check_ndjson<R: BufRead, W: Write>(mut input: R, mut out: W) -> io::Resul
             continue;
         }
         let id = match value.get("event_id") {
-            Some(Value::String(id)) if is_event_id(id) => id.as_str(),
+            Some(Value::String(id)) if is_event_id(id.trim()) => id.trim(),
             _ => "(no valid event_id)",
         };
-        let violations = validate_value(&value);
+        let (violations, dropped) = check_value(&value);
         if violations.is_empty() {
             summary.valid += 1;
+            summary.warned += usize::from(!dropped.is_empty());
             let name = value.get("event").and_then(Value::as_str).unwrap_or("");
             writeln!(out, "line {number} ok {name} {id}")?;
+            for hint in &dropped {
+                writeln!(
+                    out,
+                    "    warning {hint}; the hint is dropped, the event is routed"
+                )?;
+            }
         } else {
             summary.invalid += 1;
             for (i, violation) in violations.iter().enumerate() {
@@ -280,6 +394,7 @@ fn render_pointer(at: &[Seg<'_>]) -> String {
 
 struct Checker {
     out: Vec<Violation>,
+    dropped: Vec<DroppedHint>,
 }
 
 const CLICK_ID_FIELDS: [&str; 7] = ["fbc", "fbp", "gclid", "gbraid", "wbraid", "ttclid", "ttp"];
@@ -344,11 +459,11 @@ impl Checker {
                 }
                 "event_id" => {
                     seen.event_id = true;
-                    if !matches!(value, Value::String(s) if is_event_id(s)) {
+                    if !matches!(value, Value::String(s) if is_event_id(s.trim())) {
                         self.report(
                             &at,
                             format!(
-                                "\"event_id\" must be 1 to 128 visible ASCII characters (no spaces), got {}",
+                                "\"event_id\" must be 1 to 128 visible ASCII characters (no spaces inside; whitespace around it is trimmed), got {}",
                                 got(value)
                             ),
                         );
@@ -361,35 +476,20 @@ impl Checker {
                 "source" => self.text(&at, key, value, 1, 64),
                 "user_id" => {
                     seen.user_id = true;
-                    self.text(&at, key, value, 1, 256);
+                    self.person_id(&at, key, value);
                 }
                 "anonymous_id" => {
                     seen.anonymous_id = true;
-                    self.text(&at, key, value, 1, 256);
+                    self.person_id(&at, key, value);
                 }
-                "email" => {
-                    if !matches!(value, Value::String(s) if is_email_field(s)) {
-                        self.report(
-                            &at,
-                            format!(
-                                "\"email\" must be one email address (at most 254 characters, no whitespace), got {}",
-                                got(value)
-                            ),
-                        );
-                    }
+                "email" => self.hint(&at, "email", Hint::Email, value),
+                "phone" => self.hint(&at, "phone", Hint::Phone, value),
+                "email_sha256" => {
+                    self.hint(&at, "email_sha256", Hint::Sha256, value);
                 }
-                "phone" => {
-                    if !matches!(value, Value::String(s) if is_phone_field(s)) {
-                        self.report(
-                            &at,
-                            format!(
-                                "\"phone\" must be 6 to 32 characters of digits with an optional leading '+' and spaces, dots, dashes or parentheses, got {}",
-                                got(value)
-                            ),
-                        );
-                    }
+                "phone_sha256" => {
+                    self.hint(&at, "phone_sha256", Hint::Sha256, value);
                 }
-                "email_sha256" | "phone_sha256" => self.sha256(&at, key, value),
                 "external_ids" => self.external_ids(value),
                 "click_ids" => self.click_ids(value),
                 "context" => self.context(value),
@@ -549,32 +649,47 @@ impl Checker {
         );
     }
 
-    fn sha256(&mut self, at: &[Seg<'_>], name: &str, value: &Value) {
-        let Value::String(s) = value else {
+    /// `user_id` and `anonymous_id`: trimmed, then 1 to 256 characters.
+    /// They key everything about the person, so unlike a hint a bad one is
+    /// an error.
+    fn person_id(&mut self, at: &[Seg<'_>], name: &str, value: &Value) {
+        if !matches!(value, Value::String(s) if len_within(s.trim(), 1, 256)) {
             self.report(
                 at,
                 format!(
-                    "\"{name}\" must be a SHA-256 hex string, got {}",
+                    "\"{name}\" must be a string of 1 to 256 characters (whitespace around it is trimmed), got {}",
                     got(value)
                 ),
             );
-            return;
-        };
-        if is_sha256_hex(s) {
-            return;
         }
-        let hint = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            " (lowercase it)"
-        } else {
-            ""
-        };
-        self.report(
-            at,
-            format!(
-                "\"{name}\" must be a SHA-256 digest as 64 lowercase hex characters, got {}{hint}",
-                got(value)
-            ),
-        );
+    }
+
+    /// An identity hint: a string of any other type is a violation, a
+    /// malformed string only a dropped hint.
+    fn hint(&mut self, at: &[Seg<'_>], field: &'static str, hint: Hint, value: &Value) {
+        match value {
+            Value::String(s) => {
+                if let Some(reason) = hint.problem(s) {
+                    self.dropped.push(DroppedHint {
+                        field,
+                        pointer: render_pointer(at),
+                        reason,
+                    });
+                }
+            }
+            other => {
+                let key = match at.last() {
+                    Some(Seg::Key(key)) => truncate(key),
+                    _ => field,
+                };
+                let what = if hint == Hint::ExternalId {
+                    format!("external id \"{key}\"")
+                } else {
+                    format!("\"{key}\"")
+                };
+                self.report(at, format!("{what} must be a string, got {}", got(other)));
+            }
+        }
     }
 
     /// A number ≥ 0.
@@ -609,15 +724,7 @@ impl Checker {
             if !is_snake_key(key, 32) {
                 self.report(&at, bad_key("external_ids", key));
             }
-            if !matches!(id, Value::String(s) if len_within(s, 1, 256)) {
-                self.report(
-                    &at,
-                    format!(
-                        "external id \"{key}\" must be a string of 1 to 256 characters, got {}",
-                        got(id)
-                    ),
-                );
-            }
+            self.hint(&at, "external_ids", Hint::ExternalId, id);
         }
     }
 
@@ -628,7 +735,7 @@ impl Checker {
         for (key, id) in ids {
             let at = [Seg::Key("click_ids"), Seg::Key(key)];
             if CLICK_ID_FIELDS.contains(&key.as_str()) {
-                self.text(&at, key, id, 1, 512);
+                self.hint(&at, "click_ids", Hint::ClickId, id);
             } else {
                 self.unknown_field(
                     &at,
@@ -648,14 +755,7 @@ impl Checker {
         for (key, field) in context {
             let at = [Seg::Key("context"), Seg::Key(key)];
             match key.as_str() {
-                "ip" => {
-                    if !matches!(field, Value::String(s) if s.parse::<IpAddr>().is_ok()) {
-                        self.report(
-                            &at,
-                            format!("\"ip\" must be an IPv4 or IPv6 address, got {}", got(field)),
-                        );
-                    }
-                }
+                "ip" => self.hint(&at, "ip", Hint::Ip, field),
                 "user_agent" => self.text(&at, key, field, 0, 1024),
                 "page_url" | "referrer" => {
                     if !matches!(field, Value::String(s) if is_url_field(s)) {
@@ -1002,6 +1102,157 @@ fn is_locale(s: &str) -> bool {
     (2..=3).contains(&language.len())
         && language.bytes().all(|b| b.is_ascii_lowercase())
         && parts.all(|p| (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+// ---- identifiers: trimming, case, and hints that are dropped -------------
+
+/// Leading and trailing whitespace (Unicode `White_Space`, as `str::trim`)
+/// removed in place, without allocating.
+pub(crate) fn trim_in_place(s: &mut String) {
+    let end = s.trim_end().len();
+    s.truncate(end);
+    let start = s.len() - s.trim_start().len();
+    if start > 0 {
+        s.drain(..start);
+    }
+}
+
+/// `str::to_lowercase` in place; allocates only for non-ASCII text that
+/// lowercasing changes.
+fn lowercase_in_place(s: &mut String) {
+    if s.is_ascii() {
+        s.make_ascii_lowercase();
+    } else if s.chars().any(|c| c.to_lowercase().ne(std::iter::once(c))) {
+        *s = s.to_lowercase();
+    }
+}
+
+/// The identity hints that are dropped, not refused, when malformed: each
+/// only improves matching at the ad platforms, and losing a conversion over
+/// a hint costs more than losing the hint.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Hint {
+    /// Trimmed and lowercased, as every vendor hashes it.
+    Email,
+    /// Trimmed; formatting is the router's business (E.164 per vendor).
+    Phone,
+    /// Trimmed and lowercased: the digest is the same in either case.
+    Sha256,
+    /// Trimmed, case kept (ids are case-sensitive).
+    ExternalId,
+    /// Trimmed, case kept (gclid and fbc are case-sensitive).
+    ClickId,
+    /// Trimmed.
+    Ip,
+}
+
+impl Hint {
+    /// Why `raw` is no usable hint once normalised, in words that never
+    /// quote it; `None` when it is fine. Allocates only for a bad hint (and
+    /// for a non-ASCII email, whose lowercase may differ in length).
+    pub(super) fn problem(self, raw: &str) -> Option<String> {
+        let s = raw.trim();
+        let ok = match self {
+            // ASCII lowercasing changes neither the length nor the bytes
+            // `is_email` looks at.
+            Hint::Email if s.is_ascii() => is_email_field(s),
+            Hint::Email => is_email_field(&s.to_lowercase()),
+            Hint::Phone => is_phone_field(s),
+            Hint::Sha256 => s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+            Hint::ExternalId => len_within(s, 1, 256),
+            Hint::ClickId => len_within(s, 1, 512),
+            Hint::Ip => s.parse::<IpAddr>().is_ok(),
+        };
+        (!ok).then(|| self.describe(s))
+    }
+
+    /// Makes a hint that has no [`Hint::problem`] canonical, in place.
+    pub(super) fn normalize(self, s: &mut String) {
+        trim_in_place(s);
+        match self {
+            Hint::Email => lowercase_in_place(s),
+            Hint::Sha256 => s.make_ascii_lowercase(),
+            Hint::Phone | Hint::ExternalId | Hint::ClickId | Hint::Ip => {}
+        }
+    }
+
+    /// The shape of a trimmed value that failed, for people fixing the
+    /// publisher. Counts and classes of characters only: the value may be
+    /// personal data and this text goes to logs and dead-letter headers.
+    fn describe(self, s: &str) -> String {
+        let n = s.chars().count();
+        let size = match n {
+            0 => "empty after trimming".to_owned(),
+            1 => "1 character".to_owned(),
+            n => format!("{n} characters"),
+        };
+        match self {
+            Hint::Email => {
+                let (local, domain) = s.split_once('@').unwrap_or((s, ""));
+                if n == 0 {
+                    None
+                } else if !s.contains('@') {
+                    Some("no '@'")
+                } else if domain.contains('@') {
+                    Some("more than one '@'")
+                } else if s.bytes().any(|b| b <= 0x20 || b == 0x7F) {
+                    Some("contains spaces or control characters")
+                } else if local.is_empty() {
+                    Some("nothing before the '@'")
+                } else if !domain
+                    .bytes()
+                    .enumerate()
+                    .any(|(i, b)| b == b'.' && i > 0 && i + 1 < domain.len())
+                {
+                    Some("no '.' inside the domain")
+                } else {
+                    Some("longer than 254 characters once lowercased")
+                }
+                .map_or(format!("not an email address ({size})"), |why| {
+                    format!("not an email address ({size}, {why})")
+                })
+            }
+            Hint::Phone => {
+                let allowed = |c: char| c.is_ascii_digit() || " .()-+".contains(c);
+                let why = if n == 0 {
+                    None
+                } else if s.chars().any(char::is_alphabetic) {
+                    Some("contains letters")
+                } else if !s.chars().all(allowed) {
+                    Some(
+                        "contains characters other than digits, '+', spaces, dots, dashes and parentheses",
+                    )
+                } else if n < 6 {
+                    Some("fewer than 6")
+                } else if n > 32 {
+                    Some("more than 32")
+                } else {
+                    Some(
+                        "not shaped like \"+1 (650) 253-0000\": '+' only first, a digit first and last",
+                    )
+                };
+                why.map_or(format!("not a phone number ({size})"), |why| {
+                    format!("not a phone number ({size}, {why})")
+                })
+            }
+            Hint::Sha256 if n > 0 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                format!("not a SHA-256 digest ({n} hex digits, expected 64)")
+            }
+            Hint::Sha256 => format!("not a SHA-256 digest ({size}, expected 64 hex digits)"),
+            Hint::ExternalId => format!("not an id of 1 to 256 characters ({size})"),
+            Hint::ClickId => format!("not a click id of 1 to 512 characters ({size})"),
+            Hint::Ip => {
+                let why = if s.parse::<std::net::SocketAddr>().is_ok() {
+                    ", an address with a port"
+                } else if s.contains('%') {
+                    ", an address with a zone index"
+                } else {
+                    ""
+                };
+                format!("not an IPv4 or IPv6 address ({size}{why})")
+            }
+        }
+    }
 }
 
 enum TimestampError {
@@ -1530,7 +1781,8 @@ mod tests {
             summary,
             NdjsonSummary {
                 valid: 1,
-                invalid: 3
+                invalid: 3,
+                warned: 0,
             }
         );
         let out = String::from_utf8(out).unwrap();
@@ -1539,5 +1791,392 @@ mod tests {
         assert!(lines[1].starts_with("line 3 INVALID evt_1: /currency: \"currency\" must be"));
         assert!(lines[2].starts_with("line 4 INVALID: not valid JSON: "));
         assert_eq!(lines[3], "line 5 INVALID: not a JSON object (got array)");
+    }
+
+    fn warnings(v: &Value) -> Vec<String> {
+        check_value(v).1.into_iter().map(|h| h.pointer).collect()
+    }
+
+    #[test]
+    fn malformed_hints_are_warnings_not_violations() {
+        for (field, bad) in [
+            ("email", json!("n/a")),
+            ("phone", json!("+1 650 CALL NOW")),
+            ("email_sha256", json!("abc")),
+            ("phone_sha256", json!("z".repeat(64))),
+        ] {
+            let event = with(field, bad);
+            assert_eq!(validate_value(&event), [], "{event}");
+            assert_eq!(warnings(&event), [format!("/{field}")], "{event}");
+        }
+        let event = with("external_ids", json!({"crm": " ", "erp": "E-1"}));
+        assert_eq!(pointers(&event), Vec::<String>::new());
+        assert_eq!(warnings(&event), ["/external_ids/crm"]);
+        let event = with("click_ids", json!({"gclid": "", "fbc": "fb.1.2.x"}));
+        assert_eq!(warnings(&event), ["/click_ids/gclid"]);
+        let event = with("context", json!({"ip": "203.0.113.42:443"}));
+        assert_eq!(validate_value(&event), []);
+        let (_, dropped) = check_value(&event);
+        assert_eq!(
+            dropped,
+            [DroppedHint {
+                field: "ip",
+                pointer: "/context/ip".into(),
+                reason: "not an IPv4 or IPv6 address (16 characters, an address with a port)"
+                    .into(),
+            }]
+        );
+        // A warning does not hide an error, nor an error a warning.
+        let mut event = with("email", json!("n/a"));
+        event["currency"] = json!("usd");
+        assert_eq!(pointers(&event), ["/currency"]);
+        assert_eq!(warnings(&event), ["/email"]);
+    }
+
+    #[test]
+    fn hints_of_the_wrong_type_are_still_violations() {
+        for (field, bad) in [
+            ("email", json!(42)),
+            ("phone", json!(6_502_530_000_u64)),
+            ("email_sha256", json!(null)),
+            ("phone_sha256", json!(["x"])),
+        ] {
+            let event = with(field, bad);
+            assert_eq!(pointers(&event), [format!("/{field}")], "{event}");
+            assert_eq!(warnings(&event), Vec::<String>::new());
+        }
+        let v = validate_value(&with("email", json!(42)));
+        assert_eq!(
+            v[0].to_string(),
+            "/email: \"email\" must be a string, got 42"
+        );
+        let v = validate_value(&with("external_ids", json!({"crm": 1})));
+        assert_eq!(
+            v[0].to_string(),
+            "/external_ids/crm: external id \"crm\" must be a string, got 1"
+        );
+        assert_eq!(
+            pointers(&with("click_ids", json!({"gclid": true}))),
+            ["/click_ids/gclid"]
+        );
+        assert_eq!(
+            pointers(&with("context", json!({"ip": 2_130_706_433}))),
+            ["/context/ip"]
+        );
+        // Structure around the hints stays an error.
+        assert_eq!(
+            pointers(&with("external_ids", json!({"CRM": "1"}))),
+            ["/external_ids/CRM"]
+        );
+        assert_eq!(
+            pointers(&with("click_ids", json!({"fbclid": "x"}))),
+            ["/click_ids/fbclid"]
+        );
+    }
+
+    #[test]
+    fn ids_are_trimmed_but_still_required_to_be_valid() {
+        assert_eq!(validate_value(&with("event_id", json!("  evt_1\t"))), []);
+        assert_eq!(validate_value(&with("user_id", json!("\u{a0}u1 "))), []);
+        for bad in ["", " ", "\t\u{3000}", "evt 1", " évt "] {
+            assert_eq!(pointers(&with("event_id", json!(bad))), ["/event_id"]);
+        }
+        let padded = format!(" {} ", "e".repeat(128));
+        assert_eq!(validate_value(&with("event_id", json!(padded))), []);
+        let padded = format!(" {} ", "e".repeat(129));
+        assert_eq!(pointers(&with("event_id", json!(padded))), ["/event_id"]);
+        for id in ["user_id", "anonymous_id"] {
+            assert_eq!(pointers(&with(id, json!("  "))), [format!("/{id}")]);
+            let padded = format!("\n{}\n", "u".repeat(256));
+            assert_eq!(validate_value(&with(id, json!(padded))), []);
+            let padded = format!("\n{}\n", "u".repeat(257));
+            assert_eq!(pointers(&with(id, json!(padded))), [format!("/{id}")]);
+        }
+        // Not whitespace, so not trimmed: a byte-order mark is part of the id.
+        assert_eq!(
+            pointers(&with("event_id", json!("\u{feff}evt"))),
+            ["/event_id"]
+        );
+    }
+
+    #[test]
+    fn parse_event_normalises_identifiers_and_drops_bad_hints() {
+        let mut event = with("email", json!("  Jane.Doe@Example.COM "));
+        event["event_id"] = json!(" evt_1\n");
+        event["user_id"] = json!(" U-1 ");
+        event["phone"] = json!(" +1 (650) 555-1234 ");
+        event["email_sha256"] = json!(format!(" {}", "AB".repeat(32)));
+        event["external_ids"] = json!({"crm": " CRM-1 ", "erp": "  "});
+        event["click_ids"] = json!({"gclid": " Cj0KCQ_Ab ", "fbc": ""});
+        event["context"] = json!({"ip": " 203.0.113.7 "});
+        let parsed = parse_event(event.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.event_id, "evt_1");
+        assert_eq!(parsed.user_id.as_deref(), Some("U-1"));
+        assert_eq!(parsed.email.as_deref(), Some("jane.doe@example.com"));
+        assert_eq!(parsed.phone.as_deref(), Some("+1 (650) 555-1234"));
+        assert_eq!(parsed.email_sha256, Some("ab".repeat(32)));
+        assert_eq!(
+            parsed.external_ids.into_iter().collect::<Vec<_>>(),
+            [("crm".to_owned(), "CRM-1".to_owned())]
+        );
+        let clicks = parsed.click_ids.unwrap();
+        assert_eq!(clicks.gclid.as_deref(), Some("Cj0KCQ_Ab"));
+        assert_eq!(clicks.fbc, None);
+        assert_eq!(
+            parsed.context.unwrap().ip,
+            Some("203.0.113.7".parse().unwrap())
+        );
+        let dropped: Vec<(&str, &str)> = parsed
+            .dropped_hints
+            .iter()
+            .map(|h| (h.field, h.pointer.as_str()))
+            .collect();
+        assert_eq!(
+            dropped,
+            [
+                ("click_ids", "/click_ids/fbc"),
+                ("external_ids", "/external_ids/erp")
+            ]
+        );
+        // The same through the reference path.
+        let slow = parse_event_slow(event.to_string().as_bytes()).unwrap();
+        assert_eq!(slow.dropped_hints, parsed.dropped_hints);
+        assert_eq!(slow.email.as_deref(), Some("jane.doe@example.com"));
+    }
+
+    #[test]
+    fn non_ascii_emails_are_lowercased_as_str_to_lowercase_does() {
+        let parsed = parse_event(
+            with("email", json!(" ÉLODIE@Exemple.FR "))
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(parsed.email.as_deref(), Some("élodie@exemple.fr"));
+        let mut s = String::from("İx@Y.de");
+        lowercase_in_place(&mut s);
+        assert_eq!(s, "İx@Y.de".to_lowercase());
+    }
+
+    #[test]
+    fn trimming_is_in_place() {
+        for (raw, trimmed) in [
+            ("abc", "abc"),
+            ("  abc\t", "abc"),
+            ("\u{3000}a b\u{a0}", "a b"),
+            (" ", ""),
+        ] {
+            let mut s = String::from(raw);
+            let (ptr, capacity) = (s.as_ptr(), s.capacity());
+            trim_in_place(&mut s);
+            assert_eq!(s, trimmed);
+            assert_eq!((s.as_ptr(), s.capacity()), (ptr, capacity), "{raw:?}");
+            assert_eq!(s, raw.trim());
+        }
+        let mut s = String::from("Jane@Example.com");
+        let ptr = s.as_ptr();
+        Hint::Email.normalize(&mut s);
+        assert_eq!((s.as_str(), s.as_ptr()), ("jane@example.com", ptr));
+    }
+
+    #[test]
+    fn reasons_describe_the_shape_never_the_value() {
+        let cases = [
+            (
+                Hint::Email,
+                "n/a",
+                "not an email address (3 characters, no '@')",
+            ),
+            (
+                Hint::Email,
+                "   ",
+                "not an email address (empty after trimming)",
+            ),
+            (
+                Hint::Email,
+                "jane@doe@example.com",
+                "not an email address (20 characters, more than one '@')",
+            ),
+            (
+                Hint::Email,
+                "jane doe@example.com",
+                "not an email address (20 characters, contains spaces or control characters)",
+            ),
+            (
+                Hint::Email,
+                "@example.com",
+                "not an email address (12 characters, nothing before the '@')",
+            ),
+            (
+                Hint::Email,
+                "jane@localhost",
+                "not an email address (14 characters, no '.' inside the domain)",
+            ),
+            (
+                Hint::Phone,
+                "+1 650 CALL NOW",
+                "not a phone number (15 characters, contains letters)",
+            ),
+            (
+                Hint::Phone,
+                "650#253#0000",
+                "not a phone number (12 characters, contains characters other than digits, '+', spaces, dots, dashes and parentheses)",
+            ),
+            (
+                Hint::Phone,
+                "12345",
+                "not a phone number (5 characters, fewer than 6)",
+            ),
+            (
+                Hint::Phone,
+                "++16502530000",
+                "not a phone number (13 characters, not shaped like \"+1 (650) 253-0000\": '+' only first, a digit first and last)",
+            ),
+            (
+                Hint::Sha256,
+                "abc123",
+                "not a SHA-256 digest (6 hex digits, expected 64)",
+            ),
+            (
+                Hint::Sha256,
+                "sha256:abc",
+                "not a SHA-256 digest (10 characters, expected 64 hex digits)",
+            ),
+            (
+                Hint::ExternalId,
+                " ",
+                "not an id of 1 to 256 characters (empty after trimming)",
+            ),
+            (
+                Hint::ClickId,
+                &"g".repeat(513),
+                "not a click id of 1 to 512 characters (513 characters)",
+            ),
+            (
+                Hint::Ip,
+                "localhost",
+                "not an IPv4 or IPv6 address (9 characters)",
+            ),
+            (
+                Hint::Ip,
+                "fe80::1%eth0",
+                "not an IPv4 or IPv6 address (12 characters, an address with a zone index)",
+            ),
+        ];
+        for (hint, raw, expected) in cases {
+            let reason = hint
+                .problem(raw)
+                .unwrap_or_else(|| panic!("{raw:?} is fine"));
+            assert_eq!(reason, expected, "{hint:?} {raw:?}");
+            let value = raw.trim();
+            if value.len() > 3 {
+                assert!(!reason.contains(value), "{reason} quotes {raw:?}");
+            }
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert_eq!(
+            Hint::Email.problem(&long).as_deref(),
+            Some(
+                "not an email address (262 characters, longer than 254 characters once lowercased)"
+            )
+        );
+        for (hint, fine) in [
+            (Hint::Email, " Jane@Example.com "),
+            (Hint::Phone, " +1 (650) 253-0000 "),
+            (Hint::Sha256, &"AbC1".repeat(16)),
+            (Hint::ExternalId, " x "),
+            (Hint::ClickId, "\tCj0\n"),
+            (Hint::Ip, " ::1 "),
+        ] {
+            assert_eq!(hint.problem(fine), None, "{hint:?} {fine:?}");
+        }
+    }
+
+    /// The schema spells "whitespace" as a character class (its regex
+    /// dialects disagree on `\s`); it must be exactly what `str::trim`
+    /// removes.
+    #[test]
+    fn the_schemas_whitespace_is_what_trim_removes() {
+        let schema: Value = serde_json::from_str(SCHEMA_JSON).unwrap();
+        let pattern = |field: &str| {
+            let p = schema["properties"][field]["pattern"].as_str().unwrap();
+            regex::Regex::new(p).unwrap()
+        };
+        let event_id = pattern("event_id");
+        let user_id = pattern("user_id");
+        assert_eq!(user_id.as_str(), pattern("anonymous_id").as_str());
+        // Every White_Space character is below U+3001; a few beyond for luck.
+        let chars = (0..=0x3100u32)
+            .chain([0xfeff, 0xffff, 0x1_f600, 0x10_ffff])
+            .filter_map(char::from_u32);
+        for c in chars {
+            let padded = format!("{c}id{c}");
+            assert_eq!(
+                event_id.is_match(&padded),
+                c.is_whitespace() || c.is_ascii_graphic(),
+                "event_id, U+{:04X}",
+                u32::from(c)
+            );
+            assert!(user_id.is_match(&padded), "user_id, U+{:04X}", u32::from(c));
+            assert_eq!(
+                user_id.is_match(&c.to_string()),
+                !c.is_whitespace(),
+                "user_id alone, U+{:04X}",
+                u32::from(c)
+            );
+        }
+        let id = |n: usize| format!(" \u{3000}{}\u{a0}", "é".repeat(n));
+        assert!(user_id.is_match(&id(256)) && !user_id.is_match(&id(257)));
+        assert!(user_id.is_match(" a \n b "));
+    }
+
+    #[test]
+    fn ndjson_report_warns_about_dropped_hints() {
+        let mut padded = with("email", json!("  Jane.Doe@Example.COM "));
+        padded["event_id"] = json!(" evt_2 ");
+        let mut two = with("email", json!("n/a"));
+        two["event_id"] = json!("evt_3");
+        two["click_ids"] = json!({"gclid": ""});
+        let input = format!("{padded}\n{}\n{two}\n", with("phone", json!(42)));
+        let mut out = Vec::new();
+        let summary = check_ndjson(input.as_bytes(), &mut out).unwrap();
+        assert_eq!(
+            summary,
+            NdjsonSummary {
+                valid: 2,
+                invalid: 1,
+                warned: 1,
+            }
+        );
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "line 1 ok purchase evt_2",
+                "line 2 INVALID evt_1: /phone: \"phone\" must be a string, got 42",
+                "line 3 ok purchase evt_3",
+                "    warning /click_ids/gclid: not a click id of 1 to 512 characters (empty after trimming); the hint is dropped, the event is routed",
+                "    warning /email: not an email address (3 characters, no '@'); the hint is dropped, the event is routed",
+            ]
+        );
+        assert_eq!(
+            summary.line(false),
+            "2 valid, 1 invalid (1 valid with dropped hints)"
+        );
+        assert_eq!(
+            summary.line(true),
+            "1 valid, 2 invalid (1 only for dropped hints, --strict)"
+        );
+        assert!(!summary.passes(false) && !summary.passes(true));
+        let clean = NdjsonSummary {
+            valid: 3,
+            invalid: 0,
+            warned: 0,
+        };
+        assert_eq!(clean.line(true), "3 valid, 0 invalid");
+        assert!(clean.passes(true));
+        let warned = NdjsonSummary { warned: 1, ..clean };
+        assert!(warned.passes(false) && !warned.passes(true));
     }
 }

@@ -22,7 +22,7 @@ use sha1::Sha1;
 use super::config::{Environment, Route};
 use super::map::Mapped;
 use super::{Gateway, Key, metrics, mixpanel, posthog, segment};
-use crate::event::validate_value;
+use crate::event::{DroppedHint, check_value};
 
 /// Names the environment a request means; must match its key's.
 const ENVIRONMENT_HEADER: &str = "x-switchyard-environment";
@@ -476,28 +476,12 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
                 metrics::unmapped(source, via, &name);
                 results.push(json!({"index": index, "status": "unmapped", "name": name}));
             }
-            Mapped::Event(mut event) => {
-                let mut violations = validate_value(&event);
-                if let Value::Object(o) = &mut event {
-                    bind_source(o, source, via, &mut violations);
+            Mapped::Event(mut event) => match admit(&mut event, source, via, g.max_record_bytes) {
+                Ok(admitted) => {
+                    results.push(admitted.result(index));
+                    records.push((admitted.id, admitted.payload));
                 }
-                // Serialising a Value cannot fail.
-                let payload = serde_json::to_vec(&event).unwrap_or_default();
-                if payload.len() > g.max_record_bytes {
-                    violations.push(crate::event::Violation {
-                        pointer: String::new(),
-                        message: format!(
-                            "the event is {} bytes; the router accepts at most {} (router.max_record_bytes)",
-                            payload.len(),
-                            g.max_record_bytes
-                        ),
-                    });
-                }
-                if violations.is_empty() {
-                    let id = event["event_id"].as_str().unwrap_or_default().to_string();
-                    results.push(json!({"index": index, "status": "accepted", "event_id": id}));
-                    records.push((id, payload));
-                } else {
+                Err(violations) => {
                     invalid += 1;
                     let v = serde_json::to_value(&violations).unwrap_or_default();
                     if first_violations.is_null() {
@@ -505,7 +489,7 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
                     }
                     results.push(json!({"index": index, "status": "invalid", "violations": v}));
                 }
-            }
+            },
         }
     }
     if invalid > 0 {
@@ -569,6 +553,78 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
         "unmapped": n - records.len(),
         "results": results,
     })))
+}
+
+/// An event that may be published.
+#[derive(Debug)]
+struct Admitted {
+    /// The record key: the event id as the router reads it (trimmed).
+    id: String,
+    payload: Vec<u8>,
+    /// Malformed identity hints the router will drop.
+    warnings: Vec<DroppedHint>,
+}
+
+impl Admitted {
+    /// The per-item answer; `warnings` appears only when there are some.
+    fn result(&self, index: usize) -> Value {
+        let mut result = json!({"index": index, "status": "accepted", "event_id": self.id});
+        if !self.warnings.is_empty() {
+            result["warnings"] = self
+                .warnings
+                .iter()
+                .map(|h| {
+                    json!({
+                        "pointer": h.pointer,
+                        "message": format!("{}; the hint is dropped, the event is routed", h.reason),
+                    })
+                })
+                .collect();
+        }
+        result
+    }
+}
+
+/// Checks one mapped event against the contract and the key's source and
+/// serialises it. A malformed identity hint is not refused: the event is
+/// published as sent and the router drops the hint, so the publisher hears
+/// about it as a warning instead of losing the conversion.
+fn admit(
+    event: &mut Value,
+    source: &str,
+    via: &str,
+    max_record_bytes: usize,
+) -> Result<Admitted, Vec<crate::event::Violation>> {
+    let (mut violations, warnings) = check_value(event);
+    if let Value::Object(o) = event {
+        bind_source(o, source, via, &mut violations);
+    }
+    // Serialising a Value cannot fail.
+    let payload = serde_json::to_vec(event).unwrap_or_default();
+    if payload.len() > max_record_bytes {
+        violations.push(crate::event::Violation {
+            pointer: String::new(),
+            message: format!(
+                "the event is {} bytes; the router accepts at most {max_record_bytes} (router.max_record_bytes)",
+                payload.len(),
+            ),
+        });
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    // The router trims the id it dedups by; the record key is the same
+    // string, so a retry with different padding lands on the same partition.
+    let id = event["event_id"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Ok(Admitted {
+        id,
+        payload,
+        warnings,
+    })
 }
 
 /// The key's source names the events: filled in when absent, and a native
@@ -765,4 +821,61 @@ fn with_fields(Json(mut v): Json<Value>, fields: &[(&str, Value)]) -> Json<Value
         }
     }
     Json(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lead(extra: Value) -> Value {
+        let mut event = json!({"event": "lead", "event_id": "e1",
+            "occurred_at": "2026-11-26T10:00:00Z", "user_id": "u1"});
+        for (k, v) in extra.as_object().unwrap() {
+            event[k] = v.clone();
+        }
+        event
+    }
+
+    #[test]
+    fn a_malformed_hint_is_published_as_sent_with_a_warning() {
+        let mut event =
+            lead(json!({"event_id": " e1 ", "email": "n/a", "phone": " +1 650 253 0000 "}));
+        let admitted = admit(&mut event, "web", "canonical", 1 << 20).unwrap();
+        assert_eq!(admitted.id, "e1");
+        let published: Value = serde_json::from_slice(&admitted.payload).unwrap();
+        assert_eq!(published["email"], "n/a");
+        assert_eq!(published["event_id"], " e1 ");
+        assert_eq!(published["source"], "web");
+        assert_eq!(
+            admitted.result(3),
+            json!({"index": 3, "status": "accepted", "event_id": "e1", "warnings": [{
+                "pointer": "/email",
+                "message": "not an email address (3 characters, no '@'); the hint is dropped, the event is routed"
+            }]})
+        );
+    }
+
+    #[test]
+    fn a_clean_event_has_no_warnings_key() {
+        let mut event = lead(json!({"email": "Jane@Example.com"}));
+        let admitted = admit(&mut event, "web", "canonical", 1 << 20).unwrap();
+        assert_eq!(
+            admitted.result(0),
+            json!({"index": 0, "status": "accepted", "event_id": "e1"})
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_other_rules_are_still_refused() {
+        let mut event = lead(json!({"email": 42, "context": {"ip": "unknown"}}));
+        let violations = admit(&mut event, "web", "canonical", 1 << 20).unwrap_err();
+        let pointers: Vec<&str> = violations.iter().map(|v| v.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/email"]);
+        let mut event = lead(json!({"source": "crm"}));
+        let violations = admit(&mut event, "web", "canonical", 1 << 20).unwrap_err();
+        assert_eq!(violations[0].pointer, "/source");
+        let mut event = lead(json!({}));
+        let violations = admit(&mut event, "web", "canonical", 10).unwrap_err();
+        assert_eq!(violations[0].pointer, "");
+    }
 }

@@ -6,8 +6,8 @@
 //! every `None` falls back to the reference walk, which decides and writes
 //! the messages. So it may refuse more than the contract (a duplicated key,
 //! for instance), but it must never accept anything the walk refuses, and
-//! what it returns must equal what the walk's `serde_json::from_value`
-//! returns. The typed model alone is more lenient than the contract in a few
+//! what it returns must equal what the reference path returns, normalised
+//! identifiers and dropped hints included. The typed model alone is more lenient than the contract in a few
 //! ways, which the strict deserialisers below close before the typed check
 //! runs:
 //!
@@ -35,12 +35,13 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Value};
 
 use super::{
-    LISTS, MAX_QUANTITY, Timestamp, check_timestamp, is_currency, is_email_field, is_event_id,
-    is_locale, is_phone_field, is_sha256_hex, is_url_field, len_within, non_negative,
+    Hint, LISTS, MAX_QUANTITY, Seg, Timestamp, check_timestamp, is_currency, is_email_field,
+    is_event_id, is_locale, is_phone_field, is_sha256_hex, is_url_field, len_within, non_negative,
+    render_pointer, sort_hints, trim_in_place,
 };
 use crate::event::model::{
-    CanonicalEvent, ClickIds, ConsentState, Context, EventName, Item, is_custom_event_name,
-    is_snake_key, whole_number,
+    CanonicalEvent, ClickIds, ConsentState, Context, DroppedHint, EventName, Item,
+    is_custom_event_name, is_snake_key, whole_number,
 };
 
 /// The event when `bytes` is certainly a valid canonical event; `None` when
@@ -50,11 +51,86 @@ pub(super) fn parse(bytes: &[u8]) -> Option<CanonicalEvent> {
     // is what `from_slice` does; for UTF-8 input the two read the same.
     let text = std::str::from_utf8(bytes).ok()?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let event = StrictEvent::deserialize(MapOnly(&mut de)).ok()?;
+    let mut event = StrictEvent::deserialize(MapOnly(&mut de)).ok()?;
     // What `serde_json::from_slice` does after the value: only whitespace may
     // follow.
     de.end().ok()?;
+    normalize_identifiers(&mut event);
     contract_holds(&event).then_some(event)
+}
+
+/// What the reference path's `normalize_identifiers` does to the JSON tree,
+/// done to the typed event, with the walk's `Hint` rules and its pointers
+/// and order for what is dropped. In place: an event whose ids need no
+/// trimming and whose hints are fine costs no allocation here. (`ip` was
+/// trimmed as it was read, and a malformed one sent the event to the
+/// reference path.)
+fn normalize_identifiers(e: &mut CanonicalEvent) {
+    trim_in_place(&mut e.event_id);
+    for id in [&mut e.user_id, &mut e.anonymous_id].into_iter().flatten() {
+        trim_in_place(id);
+    }
+    let mut dropped = Vec::new();
+    let mut keep =
+        |field: &'static str, at: &[Seg<'_>], hint: Hint, s: &mut String| match hint.problem(s) {
+            None => {
+                hint.normalize(s);
+                true
+            }
+            Some(reason) => {
+                dropped.push(DroppedHint {
+                    field,
+                    pointer: render_pointer(at),
+                    reason,
+                });
+                false
+            }
+        };
+    for (field, hint, slot) in [
+        ("email", Hint::Email, &mut e.email),
+        ("phone", Hint::Phone, &mut e.phone),
+        ("email_sha256", Hint::Sha256, &mut e.email_sha256),
+        ("phone_sha256", Hint::Sha256, &mut e.phone_sha256),
+    ] {
+        if let Some(s) = slot
+            && !keep(field, &[Seg::Key(field)], hint, s)
+        {
+            *slot = None;
+        }
+    }
+    e.external_ids.retain(|key, id| {
+        let at = [Seg::Key("external_ids"), Seg::Key(key)];
+        keep("external_ids", &at, Hint::ExternalId, id)
+    });
+    if let Some(ids) = &mut e.click_ids {
+        let ClickIds {
+            fbc,
+            fbp,
+            gclid,
+            gbraid,
+            wbraid,
+            ttclid,
+            ttp,
+        } = ids;
+        for (key, slot) in [
+            ("fbc", fbc),
+            ("fbp", fbp),
+            ("gclid", gclid),
+            ("gbraid", gbraid),
+            ("wbraid", wbraid),
+            ("ttclid", ttclid),
+            ("ttp", ttp),
+        ] {
+            let at = [Seg::Key("click_ids"), Seg::Key(key)];
+            if let Some(s) = slot
+                && !keep("click_ids", &at, Hint::ClickId, s)
+            {
+                *slot = None;
+            }
+        }
+    }
+    sort_hints(&mut dropped);
+    e.dropped_hints = dropped;
 }
 
 /// Everything the reference walk (`Checker`) enforces that the strict
@@ -189,6 +265,8 @@ struct StrictEvent {
     traits: Option<Map<String, Value>>,
     #[serde(default, deserialize_with = "present")]
     metadata: Option<Map<String, Value>>,
+    #[serde(skip)]
+    dropped_hints: Vec<DroppedHint>,
 }
 
 #[derive(Deserialize)]
@@ -213,8 +291,7 @@ struct StrictClickIds {
 #[derive(Deserialize)]
 #[serde(remote = "Context", deny_unknown_fields)]
 struct StrictContext {
-    // serde reads an address with `str::parse`, as the walk checks it.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "ip")]
     ip: Option<IpAddr>,
     #[serde(default, deserialize_with = "present")]
     user_agent: Option<String>,
@@ -249,6 +326,25 @@ struct StrictItem {
 /// A present optional field: `null` is refused instead of read as absent.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
+}
+
+/// Trimmed, then read with `str::parse` as the walk's `Hint::Ip` checks it.
+/// A malformed address is an error here, so that the reference path drops
+/// it and says why.
+fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    struct Address;
+    impl Visitor<'_> for Address {
+        type Value = IpAddr;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an IPv4 or IPv6 address")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<IpAddr, E> {
+            s.trim()
+                .parse()
+                .map_err(|_| E::invalid_value(de::Unexpected::Str(s), &self))
+        }
+    }
+    d.deserialize_str(Address).map(Some)
 }
 
 fn click_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ClickIds>, D::Error> {
@@ -413,6 +509,22 @@ mod tests {
             "{json}"
         );
         fast
+    }
+
+    /// The fast path takes `json` without the hint at `pointer`, as the
+    /// reference path does.
+    #[track_caller]
+    fn drops(json: &str, pointer: &str) -> CanonicalEvent {
+        let event = takes(json);
+        let dropped: Vec<&str> = event
+            .dropped_hints
+            .iter()
+            .map(|h| h.pointer.as_str())
+            .collect();
+        assert_eq!(dropped, [pointer], "{json}");
+        let again = serde_json::to_value(&event).unwrap();
+        assert_eq!(again.pointer(pointer), None, "{json}");
+        event
     }
 
     /// The fast path has no opinion on `json`, and the reference path refuses
@@ -821,10 +933,18 @@ mod tests {
         refuses(&with("event_id", json!("e".repeat(129))));
         refuses(&with("event_id", json!(e)));
         takes(&with("phone", json!(format!("+{}", "1".repeat(31)))));
-        refuses(&with("phone", json!(format!("+{}", "1".repeat(32)))));
-        refuses(&with("phone", json!("12345")));
+        drops(
+            &with("phone", json!(format!("+{}", "1".repeat(32)))),
+            "/phone",
+        );
+        drops(&with("phone", json!("12345")), "/phone");
         takes(&with("email", json!(format!("{}@b.co", "a".repeat(249)))));
-        refuses(&with("email", json!(format!("{}@b.co", "a".repeat(250)))));
+        drops(
+            &with("email", json!(format!("{}@b.co", "a".repeat(250)))),
+            "/email",
+        );
+        // Counted once trimmed.
+        takes(&with("email", json!(format!(" {}@b.co ", "a".repeat(249)))));
         takes(&with(
             "context",
             json!({"user_agent": "", "locale": "en-US"}),
@@ -838,8 +958,11 @@ mod tests {
             json!({"referrer": format!("{long_url}p")}),
         ));
         takes(&with("click_ids", json!({"fbc": "f".repeat(512)})));
-        refuses(&with("click_ids", json!({"fbp": "f".repeat(513)})));
-        refuses(&with("click_ids", json!({"gclid": ""})));
+        drops(
+            &with("click_ids", json!({"fbp": "f".repeat(513)})),
+            "/click_ids/fbp",
+        );
+        drops(&with("click_ids", json!({"gclid": ""})), "/click_ids/gclid");
         takes(&with(
             "items",
             json!([{"id": e.repeat(128), "name": "", "variant": e.repeat(256)}]),
@@ -855,7 +978,10 @@ mod tests {
         refuses(&with("external_ids", Value::Object(ids.clone())));
         let ids: Map<String, Value> = ids.into_iter().take(16).collect();
         takes(&with("external_ids", Value::Object(ids)));
-        refuses(&with("external_ids", json!({"crm": ""})));
+        drops(
+            &with("external_ids", json!({"crm": ""})),
+            "/external_ids/crm",
+        );
         refuses(&with("external_ids", json!({"crm": 1})));
         refuses(&with("external_ids", json!({"CRM": "1"})));
         refuses(&with("external_ids", json!({"a".repeat(33): "1"})));
@@ -864,17 +990,26 @@ mod tests {
     #[test]
     fn formats_use_the_walks_predicates() {
         takes(&with("email_sha256", json!("a".repeat(64))));
-        refuses(&with("email_sha256", json!("A".repeat(64))));
-        refuses(&with("phone_sha256", json!("a".repeat(63))));
+        let event = takes(&with("email_sha256", json!("A".repeat(64))));
+        assert_eq!(event.email_sha256, Some("a".repeat(64)));
+        drops(
+            &with("phone_sha256", json!("a".repeat(63))),
+            "/phone_sha256",
+        );
         refuses(&with("currency", json!("usd")));
         refuses(&with("currency", json!("XXX")));
-        refuses(&with("email", json!("a@b")));
-        refuses(&with("phone", json!("tel:+1650")));
-        for ip in ["::1", "203.0.113.7", "::ffff:1.2.3.4"] {
+        drops(&with("email", json!("a@b")), "/email");
+        drops(&with("phone", json!("tel:+1650")), "/phone");
+        for ip in ["::1", "203.0.113.7", "::ffff:1.2.3.4", " 1.2.3.4\n"] {
             takes(&with("context", json!({ "ip": ip })));
         }
-        for ip in ["1.2.3.04", "fe80::1%eth0", " 1.2.3.4", "1.2.3", ""] {
-            refuses(&with("context", json!({ "ip": ip })));
+        // A malformed address is left to the reference path, which drops it.
+        for ip in ["1.2.3.04", "fe80::1%eth0", "1.2.3", ""] {
+            let json = with("context", json!({ "ip": ip }));
+            assert_eq!(parse(json.as_bytes()), None, "{json}");
+            let event = parse_event(json.as_bytes()).unwrap();
+            assert_eq!(event.context, Some(Context::default()), "{json}");
+            assert_eq!(event.dropped_hints[0].pointer, "/context/ip");
         }
         refuses(&with("context", json!({"page_url": "example.com/page"})));
         refuses(&with("context", json!({"locale": "EN"})));
@@ -982,7 +1117,14 @@ mod tests {
         for line in corpus.lines().filter(|l| !l.trim().is_empty()) {
             let case: Value = serde_json::from_str(line).unwrap();
             let event = case["event"].to_string();
-            if case["valid"] == true {
+            let bad_ip = case["warnings"]
+                .as_array()
+                .is_some_and(|w| w.contains(&json!("/context/ip")));
+            if case["valid"] == true && bad_ip {
+                // Left to the reference path (see `ip`).
+                assert_eq!(parse(event.as_bytes()), None);
+                assert!(parse_event(event.as_bytes()).is_ok());
+            } else if case["valid"] == true {
                 takes(&event);
                 valid += 1;
             } else {
