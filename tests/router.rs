@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::kafka::{Record, produce, read_all, read_until, sigkill, sigterm};
-use common::router::Setup;
+use common::router::{Setup, sample};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -240,6 +240,68 @@ async fn validates_dedups_rekeys_enriches_and_routes_with_consent() {
 
     let status = sigterm(&mut router, Duration::from_secs(30)).expect("router stops on SIGTERM");
     assert!(status.success(), "{}", s.logs("r1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messy_identifiers_never_cost_the_event() {
+    let s = Setup::new("at_least_once", 2);
+    let ads = json!({"ads": "granted", "analytics": "granted"});
+    let padded = json!({"event":"sign_up","event_id":"  h-1 ","occurred_at":T,"user_id":"u-h1",
+        "email":"  Jane.Doe@Example.COM ","phone":" +1 (650) 253-0000\t","consent":ads});
+    let malformed = json!({"event":"sign_up","event_id":"h-2","occurred_at":T,"user_id":"u-h2",
+        "email":"n/a","phone":"call me","click_ids":{"gclid":"  "},"consent":ads});
+    produce(&s.brokers, &s.canonical, &[ev(padded), ev(malformed)]).await;
+    let mut router = s.router("r1");
+    let wait = Duration::from_secs(90);
+    let meta = by_id(&read_until(&s.brokers, &s.deliver("meta"), wait, |r| {
+        r.len() >= 2
+    }));
+    let ga4 = read_until(&s.brokers, &s.deliver("ga4"), wait, |r| r.len() >= 2);
+    let logs = s.logs("r1");
+    assert_eq!(meta.len(), 2, "both sign-ups reach Meta\n{logs}");
+
+    // Trimmed (the event_id too) and hashed as the vendors' SDKs hash the
+    // trimmed value: Meta lowercases the email, phone as digits only.
+    let h1 = &meta["h-1"];
+    assert_eq!(h1["event"]["email_sha256"], sha("jane.doe@example.com"));
+    assert_eq!(h1["event"]["phone_sha256"], sha("16502530000"));
+    let g1 = ga4
+        .iter()
+        .find(|r| r.json()["event"]["event_id"] == "h-1")
+        .unwrap();
+    assert_eq!(g1.json()["event"]["phone_sha256"], sha("+16502530000"));
+    assert!(!g1.headers.contains_key("switchyard-hints-dropped"));
+
+    // The malformed hints are left out, and every delivery says which and why.
+    let h2 = &meta["h-2"];
+    assert!(h2["event"].get("email_sha256").is_none(), "{h2}");
+    assert!(h2["event"].get("phone_sha256").is_none(), "{h2}");
+    for r in ga4
+        .iter()
+        .filter(|r| r.json()["event"]["event_id"] == "h-2")
+    {
+        let why = &r.headers["switchyard-hints-dropped"];
+        for pointer in ["/click_ids/gclid: ", "/email: ", "/phone: "] {
+            assert!(why.contains(pointer), "{why}");
+        }
+        assert!(!why.contains("n/a") && !why.contains("call me"), "{why}");
+    }
+    let metrics = s.metrics("r1").await;
+    for (field, n) in [("email", 1), ("phone", 1), ("click_ids", 1)] {
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("switchyard_hints_dropped_total{{field=\"{field}\"}}")
+            ),
+            Some(n),
+            "{metrics}"
+        );
+    }
+    assert!(
+        read_all(&s.brokers, &format!("{}.dlq", s.prefix)).is_empty(),
+        "nothing dead-lettered"
+    );
+    s.stop(&mut router, "r1");
 }
 
 /// Fixture stream for the crash tests: `n` unique purchases, 10% of them

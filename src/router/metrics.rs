@@ -35,6 +35,13 @@ pub static REROUTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["reason"],
     )
 });
+pub static HINTS_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "switchyard_hints_dropped_total",
+        "Identity hints left out of routed events as malformed, by field.",
+        &["field"],
+    )
+});
 pub static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "switchyard_router_duplicates_dropped_total",

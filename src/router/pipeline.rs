@@ -14,7 +14,7 @@ use super::dedup::{self, ChunkId, DedupKey, PartitionDedup};
 use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile};
 use super::route::{self, DeliveryWriter, Skip, Stamp};
 use crate::config::Config;
-use crate::event::{InvalidEvent, parse_event};
+use crate::event::{DroppedHint, InvalidEvent, parse_event};
 use crate::kafka::partitioner::partition_for;
 use crate::sink::records::header;
 
@@ -137,6 +137,8 @@ pub struct Batch {
     pub routed: Vec<u64>,
     /// Per enabled destination: events withheld for want of consent.
     pub denied: Vec<u64>,
+    /// The field of every identity hint dropped from a routed event.
+    pub hints_dropped: Vec<&'static str>,
     /// When this batch was routed, as a JSON string; empty until needed.
     routed_at: Vec<u8>,
 }
@@ -159,6 +161,7 @@ impl Batch {
         self.outcomes.clear();
         self.routed.clear();
         self.denied.clear();
+        self.hints_dropped.clear();
         self.routed_at.clear();
     }
 
@@ -539,6 +542,28 @@ impl Pipeline {
         batch.staged_order.push((rec.partition, k, now_secs));
 
         let hints = Profile::from_event(&ev, &mut self.phones);
+        // A phone of the right shape that is no number in E.164 (with the
+        // configured default country) is dropped like any malformed hint.
+        let bad_phone = ev
+            .phone
+            .as_deref()
+            .filter(|raw| self.phones.hash(raw).is_none())
+            .map(|raw| DroppedHint {
+                field: "phone",
+                pointer: "/phone".into(),
+                reason: format!(
+                    "not a phone number in E.164 with default country {} ({} characters)",
+                    self.config.identity.default_phone_country,
+                    raw.chars().count()
+                ),
+            });
+        let dropped: Vec<&DroppedHint> = ev.dropped_hints.iter().chain(&bad_phone).collect();
+        let hint_header: Vec<(&'static str, String)> = if dropped.is_empty() {
+            Vec::new()
+        } else {
+            let all: Vec<String> = dropped.iter().map(|h| h.to_string()).collect();
+            vec![(header::HINTS_DROPPED, all.join("; "))]
+        };
         let who = self
             .identity
             .observe(&ev, &hints, |id: IdKey<'_>, profile| {
@@ -582,7 +607,7 @@ impl Pipeline {
                         },
                     );
                     let payload = start..batch.buf.len();
-                    batch.push(topic, None, Some(key), Some(payload), Vec::new());
+                    batch.push(topic, None, Some(key), Some(payload), hint_header.clone());
                     Batch::count(&mut batch.routed, i);
                     routed += 1;
                 }
@@ -592,6 +617,7 @@ impl Pipeline {
                 Err(Skip::NotMapped | Skip::NotInAllowlist) => {}
             }
         }
+        batch.hints_dropped.extend(dropped.iter().map(|h| h.field));
         Outcome::Routed {
             destinations: routed,
         }
@@ -900,6 +926,42 @@ consent = "analytics"
         let mut b = Batch::default();
         p.process(&on(home, Some("e1"), 2), late, &mut b);
         assert_eq!(b.outcomes[0], Outcome::Routed { destinations: 2 });
+    }
+
+    #[test]
+    fn a_malformed_hint_is_dropped_and_named_on_every_delivery_never_its_value() {
+        let mut p = pipeline();
+        let mut b = Batch::default();
+        let ev = r#"{"event":"purchase","event_id":"e1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","email":" n/a ","phone":"+1 555 0100 99","value":5,"currency":"USD","consent":{"ads":"granted"}}"#;
+        p.process(&rec(Some("e1"), ev, 1), 1000, &mut b);
+        assert_eq!(b.outcomes[0], Outcome::Routed { destinations: 2 });
+        assert_eq!(b.hints_dropped, vec!["email", "phone"]);
+        let deliveries: Vec<Out<'_>> = b
+            .records()
+            .filter(|o| o.topic.starts_with("switchyard.deliver."))
+            .collect();
+        assert_eq!(deliveries.len(), 2);
+        for d in &deliveries {
+            let h: HashMap<&str, &str> = d.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let why = h[header::HINTS_DROPPED];
+            assert!(why.starts_with("/email: "), "{why}");
+            assert!(
+                why.contains("; /phone: not a phone number in E.164"),
+                "{why}"
+            );
+            assert!(!why.contains("n/a") && !why.contains("555"), "{why}");
+            let sent: Delivery = serde_json::from_slice(d.payload.unwrap()).unwrap();
+            assert!(sent.event.email_sha256.is_none() && sent.event.phone_sha256.is_none());
+        }
+        // A clean event carries no such header.
+        let mut clean = Batch::default();
+        p.process(
+            &rec(Some("e2"), &PURCHASE.replace("e1", "e2"), 2),
+            1000,
+            &mut clean,
+        );
+        assert!(clean.hints_dropped.is_empty());
+        assert!(clean.records().all(|o| o.headers.is_empty()));
     }
 
     #[test]

@@ -680,7 +680,8 @@ raw_contact = true
         );
         assert!(hook.traits.as_ref().unwrap().get("email").is_none());
         let crm = shaped(&c, "crm", &e, &who);
-        assert_eq!(crm.email.as_deref(), Some("John.Smith@gmail.com"));
+        // Trimmed and lowercased once, at parse time, for every destination.
+        assert_eq!(crm.email.as_deref(), Some("john.smith@gmail.com"));
     }
 
     #[test]

@@ -621,6 +621,9 @@ fn record_metrics(batch: &Batch, pipeline: &Pipeline, config: &Config) {
                 .inc_by(n);
         }
     }
+    for field in &batch.hints_dropped {
+        m::HINTS_DROPPED.with_label_values(&[field]).inc();
+    }
     m::DEDUP_KEYS.set(pipeline.dedup_keys() as i64);
     m::DEDUP_BYTES.set(pipeline.dedup_heap_bytes() as i64);
 }
