@@ -11,10 +11,6 @@ use std::time::Duration;
 
 use common::kafka::{Record, produce_with, read_all, read_until};
 use common::router::{Setup, sample};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use switchyard::kafka::partitioner::partition_for;
 
@@ -235,41 +231,25 @@ consent = "analytics"
         .unwrap();
 }
 
-/// The only way to change a topic's partition count on tansu 0.6.0 (it has
-/// no CreatePartitions): delete it and create it again. The router's group
-/// keeps its committed offsets, so they are set back to the start.
-async fn recreate_input(s: &Setup, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &s.brokers)
-        .create()
-        .unwrap();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin.delete_topics(&[&s.canonical], &opts).await.unwrap() {
-        r.unwrap();
-    }
-    let topic = NewTopic::new(&s.canonical, partitions, TopicReplication::Fixed(1));
-    let mut created = false;
-    for _ in 0..50 {
-        let r = admin.create_topics([&topic], &opts).await.unwrap();
-        if r[0].is_ok() {
-            created = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(created, "recreate {}", s.canonical);
-    let group: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &s.brokers)
-        .set("group.id", format!("{}-router", s.prefix))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(&s.canonical, p, Offset::Offset(0))
-            .unwrap();
-    }
-    group.commit(&tpl, CommitMode::Sync).unwrap();
+/// Moves the router to an input topic of `partitions` partitions, keeping
+/// every state topic: what the router sees when partitions are added to its
+/// input. (tansu 0.6.0 cannot add partitions, having no CreatePartitions,
+/// and its DeleteTopics drops every topic, so the input cannot be recreated
+/// in place.) Returns the new input topic.
+fn move_input(s: &Setup, partitions: i32) -> String {
+    let moved = format!("{}{partitions}", s.canonical);
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text
+        .replace(
+            &format!("canonical = \"{}\"", s.canonical),
+            &format!("canonical = \"{moved}\""),
+        )
+        .replace(
+            "\npartitions = 2\n",
+            &format!("\npartitions = {partitions}\n"),
+        );
+    std::fs::write(&s.config, text).unwrap();
+    moved
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -292,7 +272,7 @@ async fn dedup_stays_exact_when_the_input_partition_count_changes() {
     settled(&s.brokers, &s.deliver("hook"), first_ids.len()).await;
     s.stop(&mut router, "r1");
 
-    recreate_input(&s, 4).await;
+    let input = move_input(&s, 4);
     let report = common::run_ok(&["topics", "create"], &s.config);
     let dedup = format!("{}.dedup", s.prefix);
     let line = |name: &str| -> String {
@@ -323,7 +303,7 @@ async fn dedup_stays_exact_when_the_input_partition_count_changes() {
     all_ids.extend(second.iter().map(|e| e.0.clone()));
     let mut replay = keyed_by_id(&first);
     replay.extend(keyed_by_id(&second));
-    produce_with(&s.brokers, &s.canonical, "murmur2_random", &replay).await;
+    produce_with(&s.brokers, &input, "murmur2_random", &replay).await;
 
     let mut router = s.router("r1");
     for d in ["meta", "hook"] {

@@ -91,11 +91,13 @@ impl Setup {
         assert!(status.success(), "{}", self.logs(instance));
     }
 
-    /// The router's Prometheus text, from the address its log names.
+    /// The router's Prometheus text, from the address its log names last
+    /// (a restarted instance appends to the same log).
     pub async fn metrics(&self, instance: &str) -> String {
         let logs = self.logs(instance);
         let line = logs
             .lines()
+            .rev()
             .find(|l| l.contains("metrics endpoint listening"))
             .unwrap_or_else(|| panic!("no metrics address in the log:\n{logs}"));
         let addr = line
