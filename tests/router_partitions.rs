@@ -7,12 +7,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::kafka::{Record, produce_with, read_all, read_until};
 use common::router::{Setup, sample};
 use serde_json::json;
+use switchyard::config::Config;
 use switchyard::kafka::partitioner::partition_for;
+use switchyard::kafka::{Cluster, topics};
+use switchyard::run::RoleContext;
+use tokio_util::sync::CancellationToken;
 
 const T: &str = "2026-11-20T10:00:00Z";
 
@@ -163,26 +168,15 @@ async fn any_key_and_partitioner_reach_each_destination_once_at_least_once() {
     s.stop(&mut router, "r1");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn any_key_and_partitioner_reach_each_destination_once_exactly_once() {
-    use std::sync::Arc;
-    use switchyard::config::Config;
-    use switchyard::kafka::{Cluster, topics};
-
-    use switchyard::run::RoleContext;
-    use tokio_util::sync::CancellationToken;
-
-    let _watchdog = common::watchdog(
-        "any_key_and_partitioner_reach_each_destination_once_exactly_once",
-        Duration::from_secs(600),
-    );
-    let config = Arc::new(
-        Config::parse(
-            r#"
+/// An exactly-once config for the embedded mock cluster, on `input`.
+fn eos_config(input: &str, partitions: i32) -> Arc<Config> {
+    let text = format!(
+        r#"
 [kafka]
 guarantee = "exactly_once"
 [topics]
-partitions = 4
+canonical = "{input}"
+partitions = {partitions}
 [destinations.meta]
 type = "meta_capi"
 pixel_id = "1"
@@ -192,12 +186,46 @@ type = "webhook"
 url = "http://127.0.0.1:9/"
 secret = "0123456789abcdef"
 consent = "analytics"
-"#,
-            Path::new("eos.toml"),
-            &|_| None,
-        )
-        .unwrap(),
+"#
     );
+    Arc::new(Config::parse(&text, Path::new("eos.toml"), &|_| None).unwrap())
+}
+
+/// A router task in this process; it stops when the token is cancelled.
+struct InProcess {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), switchyard::router::RouterError>>,
+}
+
+impl InProcess {
+    fn start(config: &Arc<Config>, cluster: &Cluster) -> InProcess {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(switchyard::router::run(RoleContext {
+            config: config.clone(),
+            bootstrap: cluster.bootstrap().to_string(),
+            instance_id: "eos-partitions".into(),
+            shutdown: token.clone(),
+        }));
+        InProcess { token, task }
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(120), self.task)
+            .await
+            .expect("the router stopped within 120 s of shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_key_and_partitioner_reach_each_destination_once_exactly_once() {
+    let _watchdog = common::watchdog(
+        "any_key_and_partitioner_reach_each_destination_once_exactly_once",
+        Duration::from_secs(600),
+    );
+    let config = eos_config("events.canonical", 4);
     let cluster = Cluster::connect(&config).unwrap();
     topics::ensure(&cluster, &config).await.unwrap();
     let brokers = cluster.bootstrap().to_string();
@@ -206,29 +234,61 @@ consent = "analytics"
     let (wrong_partition, wrong_key) =
         publish_three_ways(&brokers, &config.topics.canonical, 4, &evs).await;
 
-    let token = CancellationToken::new();
-    let router = tokio::spawn(switchyard::router::run(RoleContext {
-        config: config.clone(),
-        bootstrap: brokers.clone(),
-        instance_id: "eos-partitions".into(),
-        shutdown: token.clone(),
-    }));
+    let router = InProcess::start(&config, &cluster);
     for d in ["meta", "hook"] {
         let got = settled(&brokers, &config.topics.deliver(d), ids.len()).await;
         assert_once(&got, &ids, d);
     }
-    // Only this test routes in this process, so the counters are its own.
+    // The other in-process test publishes every record on its home
+    // partition, so these counters are this test's own.
     assert_eq!(
         switchyard::router::records_rerouted("wrong_partition"),
         wrong_partition
     );
     assert_eq!(switchyard::router::records_rerouted("wrong_key"), wrong_key);
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(120), router)
-        .await
-        .expect("the router stopped within 120 s of shutdown")
-        .unwrap()
-        .unwrap();
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dedup_stays_exact_across_a_layout_change_exactly_once() {
+    let _watchdog = common::watchdog(
+        "dedup_stays_exact_across_a_layout_change_exactly_once",
+        Duration::from_secs(600),
+    );
+    let before = eos_config("events.canonical", 2);
+    let cluster = Cluster::connect(&before).unwrap();
+    topics::ensure(&cluster, &before).await.unwrap();
+    let brokers = cluster.bootstrap().to_string();
+    let first = events("eg", 30);
+    let first_ids: Vec<String> = first.iter().map(|e| e.0.clone()).collect();
+    produce_with(
+        &brokers,
+        "events.canonical",
+        "murmur2_random",
+        &keyed_by_id(&first),
+    )
+    .await;
+    let router = InProcess::start(&before, &cluster);
+    settled(&brokers, &before.topics.deliver("hook"), first_ids.len()).await;
+    router.stop().await;
+
+    // The same state topics under an input of 4 partitions (see `move_input`).
+    let after = eos_config("events.canonical4", 4);
+    let reports = topics::ensure(&cluster, &after).await.unwrap();
+    let names: Vec<&str> = reports.iter().map(|r| r.spec.name.as_str()).collect();
+    assert!(names.contains(&"switchyard.dedup.p4"), "{names:?}");
+    let second = events("eh", 30);
+    let mut all_ids = first_ids.clone();
+    all_ids.extend(second.iter().map(|e| e.0.clone()));
+    let mut replay = keyed_by_id(&first);
+    replay.extend(keyed_by_id(&second));
+    produce_with(&brokers, "events.canonical4", "murmur2_random", &replay).await;
+    let router = InProcess::start(&after, &cluster);
+    for d in ["meta", "hook"] {
+        let got = settled(&brokers, &after.topics.deliver(d), all_ids.len()).await;
+        assert_once(&got, &all_ids, d);
+    }
+    router.stop().await;
 }
 
 /// Moves the router to an input topic of `partitions` partitions, keeping

@@ -152,34 +152,59 @@ async fn state_topics_follow_an_existing_input_topic() {
     assert_eq!(partitions(&admin, &format!("{prefix}.dedup")), 5);
 }
 
+/// Creates `topics` (name, partitions; the dedup ones compacted).
+async fn create_topics(admin: &AdminClient<DefaultClientContext>, topics: &[(&str, i32)]) {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let new: Vec<rdkafka::admin::NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, n)| {
+            let t =
+                rdkafka::admin::NewTopic::new(name, *n, rdkafka::admin::TopicReplication::Fixed(1));
+            if name.contains(".dedup") {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let res = admin.create_topics(&new, &opts).await.unwrap();
+    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+}
+
 #[tokio::test]
-async fn a_dedup_topic_with_the_wrong_partition_count_is_an_error() {
+async fn a_dedup_topic_of_another_partition_count_is_kept_as_an_earlier_layout() {
     let brokers = common::brokers();
     let canonical = common::unique("canonical");
     let prefix = common::unique("sy");
     let admin = admin(&brokers);
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let dedup = format!("{prefix}.dedup");
-    let res = admin
-        .create_topics(
-            &[
-                rdkafka::admin::NewTopic::new(
-                    &canonical,
-                    4,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                ),
-                rdkafka::admin::NewTopic::new(
-                    &dedup,
-                    2,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                )
-                .set("cleanup.policy", "compact"),
-            ],
-            &opts,
-        )
-        .await
-        .unwrap();
-    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    create_topics(&admin, &[(&canonical, 4), (&dedup, 2)]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::write_config(dir.path(), &config_text(&brokers, &canonical, &prefix));
+    let out = common::run_ok(&["topics", "create"], &cfg);
+    assert_eq!(partitions(&admin, &format!("{dedup}.p4")), 4);
+    assert_eq!(partitions(&admin, &dedup), 2, "left as it is");
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(dedup.as_str()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("exists") && line.contains("dedup state of the 2-partition input"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_layout_dedup_topic_with_the_wrong_partition_count_is_an_error() {
+    let brokers = common::brokers();
+    let canonical = common::unique("canonical");
+    let prefix = common::unique("sy");
+    let admin = admin(&brokers);
+    let dedup = format!("{prefix}.dedup");
+    let layout = format!("{dedup}.p4");
+    // Not made by switchyard: the 4-partition layout's topic with 2.
+    create_topics(&admin, &[(&canonical, 4), (&dedup, 3), (&layout, 2)]).await;
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::write_config(dir.path(), &config_text(&brokers, &canonical, &prefix));
@@ -191,7 +216,7 @@ async fn a_dedup_topic_with_the_wrong_partition_count_is_an_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(&dedup) && stderr.contains("co-partitioned"),
+        stderr.contains(&format!("{layout} has 2 partitions but {canonical} has 4")),
         "{stderr}"
     );
 }
