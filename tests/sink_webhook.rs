@@ -349,6 +349,56 @@ async fn sigkill_mid_batch_resends_only_the_batch_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_any_size_dead_letters_and_never_freezes_the_destination() {
+    let fake = FakeVendor::start(SECRET).await;
+    fake.script([Reply::TooMany {
+        retry_after_s: u64::MAX,
+    }]);
+    let s = setup(
+        &fake,
+        "batch_max_events = 50\nlinger = \"300ms\"\nmax_in_flight = 1\n\
+         [destinations.hook.delivery.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"200ms\"\n",
+    );
+    let tag = common::unique("huge-wait");
+    let first = events(&tag, 10, 2);
+    ensure_topics(&s.config).await;
+    produce(&s.config, &first).await;
+    let sink = start(&s.config).await;
+
+    // The events of the answered request are past any budget: dead letters.
+    let bootstrap = common::brokers();
+    let mut letters = Vec::new();
+    for _ in 0..300 {
+        letters = dlq::read_all(&s.config, &bootstrap).await.unwrap();
+        if !letters.is_empty() && letters.len() + fake.delivered().len() >= first.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!letters.is_empty(), "the 429's events are dead-lettered");
+    assert!(
+        letters.iter().all(|l| l.error_class == "retries_exhausted"),
+        "{:?}",
+        letters.iter().map(|l| &l.error_class).collect::<Vec<_>>()
+    );
+    let mut outcomes: HashSet<String> = fake.delivered();
+    for l in &letters {
+        let d: Delivery = serde_json::from_slice(&l.payload).unwrap();
+        outcomes.insert(d.event.event_id);
+    }
+    assert_eq!(outcomes, ids(&first), "every event has one outcome");
+
+    // The destination paused for at most the backoff maximum, not forever.
+    let later = events(&format!("{tag}-later"), 10, 2);
+    produce(&s.config, &later).await;
+    wait_until("later events delivered", Duration::from_secs(30), || {
+        fake.delivered().is_superset(&ids(&later))
+    })
+    .await;
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
     let fake = FakeVendor::start(SECRET).await;
     fake.script([Reply::TooMany { retry_after_s: 6 }]);

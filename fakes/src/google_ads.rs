@@ -133,7 +133,7 @@ impl OAuthClient {
         Reply::json(
             200,
             json!({
-                "access_token": self.issue(now.timestamp() + lifetime),
+                "access_token": self.issue(now.timestamp().saturating_add(lifetime)),
                 "expires_in": lifetime,
                 "scope": "https://www.googleapis.com/auth/adwords",
                 "token_type": "Bearer"

@@ -121,7 +121,9 @@ impl TokenSource {
             serde_json::from_slice(&body).map_err(|_| AuthError::Malformed { status })?;
         // Google states about an hour; without a stated lifetime, assume
         // that and let a 401 correct it.
-        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3600));
+        // A stated lifetime beyond a day is not trusted (a token server's
+        // `u64::MAX` must not overflow the renewal time): renew daily.
+        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3600).min(MAX_LIFETIME_S));
         let renew_in = if lifetime > EARLY * 2 {
             lifetime - EARLY
         } else {
@@ -137,6 +139,9 @@ impl TokenSource {
         })
     }
 }
+
+/// The longest token lifetime believed.
+const MAX_LIFETIME_S: u64 = 24 * 3600;
 
 #[cfg(test)]
 mod tests {
@@ -188,6 +193,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         s.token(&http).await.unwrap();
         assert_eq!(refreshes(), 3, "renewed before expiry");
+    }
+
+    #[tokio::test]
+    async fn a_token_lifetime_near_u64_max_is_cached_without_overflow() {
+        let fake = switchyard_fakes::serve(Settings {
+            oauth: OAuthClient {
+                // The fake states it as a JSON integer (i64).
+                token_lifetime: Duration::from_secs(i64::MAX as u64),
+                ..OAuthClient::default()
+            },
+            ..Settings::default()
+        })
+        .await
+        .unwrap();
+        let http = reqwest::Client::new();
+        let s = source(&fake.base_url(), "demo-refresh-token");
+        let t = s.token(&http).await.unwrap();
+        assert_eq!(s.token(&http).await.unwrap(), t, "cached");
     }
 
     #[tokio::test]

@@ -108,10 +108,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         &send::PRODUCE_TIMEOUT.as_millis().to_string(),
     );
     let producer = ProducerGuard::new(producer_config, format!("sink {destination}"))?;
-    let http = reqwest::Client::builder()
-        .timeout(settings.request_timeout)
-        .pool_max_idle_per_host(settings.max_in_flight)
-        .build()?;
+    let http = send::vendor_client(&settings)?;
     let ownership = Arc::new(Ownership::default());
     let shared = Arc::new(Shared {
         destination: destination.to_string(),
@@ -1070,8 +1067,13 @@ struct ParkedPerson {
     retry_partition: Option<i32>,
 }
 
+/// The monotonic time of a wall-clock due time. A due time read from a
+/// record header may be anything; one beyond a year (far past any retry
+/// budget) counts as a year rather than overflowing.
 fn instant_at(at: DateTime<Utc>) -> Instant {
-    Instant::now() + (at - Utc::now()).to_std().unwrap_or_default()
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+    let wait = (at - Utc::now()).to_std().unwrap_or_default().min(YEAR);
+    Instant::now() + wait
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

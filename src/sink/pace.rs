@@ -123,11 +123,15 @@ impl Pace {
         }
     }
 
-    /// The vendor said "slow down": nobody sends before `after` has passed,
-    /// and the rate drops to half of what it was.
-    pub fn throttled(&self, after: Option<Duration>) {
+    /// The vendor said "slow down": nobody sends before `after` has passed
+    /// (at most `max_pause`: the vendor's number pauses the whole
+    /// destination, and a year-long or overflowing one must not freeze it;
+    /// each event still waits out its own Retry-After), and the rate drops to
+    /// half of what it was.
+    pub fn throttled(&self, after: Option<Duration>, max_pause: Duration) {
         let mut s = self.lock();
-        let until = Instant::now() + after.unwrap_or(DEFAULT_THROTTLE_PAUSE);
+        let pause = after.unwrap_or(DEFAULT_THROTTLE_PAUSE).min(max_pause);
+        let until = Instant::now() + pause;
         let until = s.blocked_until.map_or(until, |old| old.max(until));
         s.blocked_until = Some(until);
         s.share = (s.share / 2.0).max(MIN_SHARE);
@@ -196,8 +200,8 @@ mod tests {
         let pace = Pace::new(&limits(Some(10), None), 100);
         starts(&pace, 20, 1).await; // burst spent, at the steady rate
         let t0 = Instant::now();
-        pace.throttled(Some(Duration::from_millis(300)));
-        pace.throttled(Some(Duration::from_millis(100)));
+        pace.throttled(Some(Duration::from_millis(300)), Duration::from_secs(60));
+        pace.throttled(Some(Duration::from_millis(100)), Duration::from_secs(60));
         assert_eq!(pace.share(), 0.25);
         // Retry-After (the longer pause) wins; then no burst is left, and a
         // request at a quarter of the rate costs four intervals.
@@ -234,7 +238,7 @@ mod tests {
         let t0 = Instant::now();
         pace.acquire(1).await;
         assert_eq!(t0.elapsed(), Duration::ZERO);
-        pace.throttled(None);
+        pace.throttled(None, Duration::from_secs(60));
         pace.acquire(1).await;
         pace.acquire(1).await;
         assert_eq!(t0.elapsed(), DEFAULT_THROTTLE_PAUSE);

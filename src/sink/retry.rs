@@ -90,7 +90,9 @@ pub fn next_step(
         return Next::GiveUp;
     }
     let wait = retry_after.unwrap_or_else(|| ceiling(policy, attempts).mul_f64(jitter));
-    if elapsed + wait > policy.max_elapsed {
+    // A vendor's wait can be any number (`Retry-After: 18446744073709551615`):
+    // one past the budget gives up instead of overflowing the sum.
+    if elapsed.saturating_add(wait) > policy.max_elapsed {
         return Next::GiveUp;
     }
     if wait > policy.park_after {
@@ -191,6 +193,24 @@ mod tests {
         assert_eq!(
             next_step(&p, 3, Duration::ZERO, None, 0.5),
             Next::Wait(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn a_vendor_wait_of_any_size_gives_up_instead_of_overflowing() {
+        let p = policy();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let huge = retry_after("18446744073709551615", now).unwrap();
+        for wait in [huge, Duration::MAX] {
+            assert_eq!(
+                next_step(&p, 1, Duration::from_secs(5), Some(wait), 0.0),
+                Next::GiveUp
+            );
+        }
+        assert_eq!(
+            next_step(&p, 1, Duration::MAX, None, 0.5),
+            Next::GiveUp,
+            "an elapsed time near the maximum too"
         );
     }
 

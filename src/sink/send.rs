@@ -191,7 +191,9 @@ pub async fn deliver(
                         let after = resp
                             .header("retry-after")
                             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-                        shared.pace.throttled(after);
+                        shared
+                            .pace
+                            .throttled(after, shared.settings.retry.max_backoff);
                     } else if (200..300).contains(&resp.status) {
                         shared.pace.succeeded();
                     }
@@ -389,6 +391,19 @@ async fn send_request(shared: &Shared, req: Request) -> Result<Response, String>
         }
         return Ok(resp);
     }
+}
+
+/// The HTTP client a sink sends with. Redirects are not followed: a vendor
+/// endpoint that redirects (or a hijacked one) would otherwise receive the
+/// request again elsewhere with its secret headers (TikTok's `Access-Token`,
+/// Google's `developer-token`), and the original URL's query secrets in
+/// `Referer`. A 3xx is a refusal like a 4xx.
+pub fn vendor_client(settings: &DeliverySettings) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(settings.request_timeout)
+        .pool_max_idle_per_host(settings.max_in_flight)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// A network failure in words, without the request URL: a URL can carry a
@@ -636,6 +651,51 @@ fn is_permanent(e: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn vendor_calls_never_follow_a_redirect_with_their_secrets() {
+        use axum::http::{HeaderMap, StatusCode, header};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        // Where a redirect would lead: counts whatever reaches it.
+        let reached = Arc::new(AtomicUsize::new(0));
+        let seen = reached.clone();
+        let elsewhere = axum::Router::new().fallback(move |_: HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                StatusCode::OK
+            }
+        });
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(other, elsewhere).await });
+        let vendor = axum::Router::new().fallback(move || async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("http://{other_addr}/collect"))],
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, vendor).await });
+
+        let settings: DeliverySettings = crate::sink::config::DeliverySettings::default();
+        let resp = vendor_client(&settings)
+            .unwrap()
+            .post(format!("http://{addr}/events?api_secret=s3cr3t"))
+            .header("Access-Token", "t0ken")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+    }
 
     #[tokio::test]
     async fn network_reasons_never_carry_the_url() {
