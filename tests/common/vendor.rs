@@ -13,6 +13,8 @@ use switchyard::sink::destination::{Destination, Outcome, Request, Response};
 /// chain. A fresh pipeline: the event's own identity hints are all it knows.
 pub fn routed(config: &Config, dest: &str, raw: &serde_json::Value) -> Delivery {
     let mut pipeline = Pipeline::new(Arc::new(config.clone()));
+    // One input partition, so every event_id's home is the record's own.
+    pipeline.set_layout(1, &config.topics.dedup());
     pipeline.install(0, PartitionDedup::default());
     let payload = raw.to_string();
     let rec = InRecord {
