@@ -578,3 +578,95 @@ consent = "analytics"
         .unwrap()
         .unwrap();
 }
+
+/// A transaction commit that outlasts its timeout is retriable and may still
+/// complete on the broker: the router must keep committing it (never abort a
+/// commit whose outcome is unknown) and route on, each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::sync::Arc;
+    use switchyard::config::Config;
+    use switchyard::kafka::topics;
+    use switchyard::run::RoleContext;
+    use tokio_util::sync::CancellationToken;
+
+    let _watchdog = common::watchdog(
+        "a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once",
+        Duration::from_secs(600),
+    );
+    // A mock cluster of our own: its handle lets the test delay EndTxn.
+    let holder: BaseProducer = ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .create()
+        .unwrap();
+    let mock = holder.client().mock_cluster().unwrap();
+    let brokers = mock.bootstrap_servers();
+    let config = Arc::new(
+        Config::parse(
+            &format!(
+                r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "exactly_once"
+[topics]
+partitions = 2
+[destinations.hook]
+type = "webhook"
+url = "http://127.0.0.1:9/"
+secret = "0123456789abcdef"
+consent = "analytics"
+"#
+            ),
+            Path::new("eos.toml"),
+            &|_| None,
+        )
+        .unwrap(),
+    );
+    for spec in topics::plan(&config, 2, &config.topics.dedup()) {
+        mock.create_topic(&spec.name, spec.partitions, 1).unwrap();
+    }
+    // The next two EndTxn answers come 35 s late, beyond the router's 30 s
+    // commit timeout; the commits themselves succeed on the broker.
+    const END_TXN: i16 = 26;
+    let late = 35_000 as std::ffi::c_int;
+    let ok = 0 as std::ffi::c_int;
+    let raw =
+        unsafe { rdkafka::bindings::rd_kafka_handle_mock_cluster(holder.client().native_ptr()) };
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+            raw, 1, END_TXN, 2, ok, late, ok, late,
+        )
+    };
+    assert_eq!(err as i32, 0);
+
+    let (records, ids) = crash_fixture(2_000);
+    produce(&brokers, &config.topics.canonical, &records).await;
+    let token = CancellationToken::new();
+    let router = tokio::spawn(switchyard::router::run(RoleContext {
+        config: config.clone(),
+        bootstrap: brokers.clone(),
+        instance_id: "eos-late-commit".into(),
+        shutdown: token.clone(),
+    }));
+    let topic = config.topics.deliver("hook");
+    let want = ids.len();
+    let got = read_until(&brokers, &topic, Duration::from_secs(400), |r| {
+        r.len() >= want
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more = read_until(&brokers, &topic, Duration::from_secs(5), |r| r.len() > want);
+    let delivered = event_ids(if more.len() > got.len() { &more } else { &got });
+    let unique: BTreeSet<String> = delivered.iter().cloned().collect();
+    assert_eq!(unique.len(), ids.len(), "events lost");
+    assert_eq!(delivered.len(), ids.len(), "duplicates under exactly-once");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(120), router)
+        .await
+        .expect("the router stopped within 120 s of shutdown")
+        .unwrap()
+        .unwrap();
+    drop(mock);
+    holder.flush(Duration::from_secs(1)).ok();
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
@@ -309,7 +309,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             info_span!("batch", n = batch_no, records = msgs.len(), offsets = ?batch.offsets);
         let result = match &marks_producer {
             None => {
-                commit_transaction(&producer, &consumer, &config, &batch)
+                commit_transaction(&producer, &consumer, &config, &batch, &stop)
                     .instrument(span)
                     .await
             }
@@ -337,6 +337,12 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 pipeline.commit(&batch);
                 record_metrics(&batch, &pipeline, &config);
                 reroutes.count(&batch.outcomes);
+            }
+            Err(BatchError::Fatal(e)) if ctx.shutdown.is_cancelled() => {
+                // Stopped while a commit was unconfirmed: the transactional
+                // id's next producer settles it (completes or aborts) when it starts.
+                warn!(error = %e, "stopping with the last transaction unsettled");
+                break;
             }
             Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
             Err(BatchError::Retry(e)) => {
@@ -545,6 +551,7 @@ async fn commit_transaction(
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
     batch: &Batch,
+    stop: &CancellationToken,
 ) -> Result<(), BatchError> {
     let classify = |e: KafkaError| match &e {
         KafkaError::Transaction(t) if t.is_fatal() => BatchError::Fatal(e),
@@ -561,11 +568,14 @@ async fn commit_transaction(
             .group_metadata()
             .ok_or(BatchError::Retry(KafkaError::Canceled))?;
         let p = producer.clone();
+        let stop = stop.clone();
         tokio::task::spawn_blocking(move || {
             if tpl.count() > 0 {
-                p.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)?;
+                until_known(&stop, "send offsets", || {
+                    p.send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
+                })?;
             }
-            p.commit_transaction(TXN_TIMEOUT)
+            until_known(&stop, "commit", || p.commit_transaction(TXN_TIMEOUT))
         })
         .await
         .map_err(|_| BatchError::Retry(KafkaError::Canceled))?
@@ -580,13 +590,38 @@ async fn commit_transaction(
         Err(BatchError::Fatal(e)) => Err(BatchError::Fatal(e)),
         Err(BatchError::Retry(e)) => {
             let p = producer.clone();
-            let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT))
-                .await
-                .map_err(|_| BatchError::Retry(KafkaError::Canceled))?;
+            let stop = stop.clone();
+            let aborted = tokio::task::spawn_blocking(move || {
+                until_known(&stop, "abort", || p.abort_transaction(TXN_TIMEOUT))
+            })
+            .await
+            .map_err(|_| BatchError::Retry(KafkaError::Canceled))?;
             match aborted {
                 Ok(()) => Err(BatchError::Retry(e)),
-                Err(abort_err) => Err(classify(abort_err)),
+                // A producer whose transaction is neither committed nor
+                // aborted cannot begin another: only a new one (which fences
+                // this one's transaction) can go on.
+                Err(abort_err) => Err(BatchError::Fatal(abort_err)),
             }
+        }
+    }
+}
+
+/// Repeats a transactional call while librdkafka reports it retriable: a
+/// commit or abort that timed out may still complete on the broker, and
+/// giving up on it (say, aborting a commit) leaves the producer unusable.
+/// Stops repeating on shutdown; the next instance's producer settles it.
+fn until_known(
+    stop: &CancellationToken,
+    what: &'static str,
+    mut call: impl FnMut() -> KafkaResult<()>,
+) -> KafkaResult<()> {
+    loop {
+        match call() {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !stop.is_cancelled() => {
+                warn!(error = %e, "transaction {what} not confirmed yet; retrying");
+            }
+            r => return r,
         }
     }
 }
