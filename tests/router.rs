@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
+use rdkafka::producer::Producer as _;
+
 use common::kafka::{Record, produce, read_all, read_until, sigkill, sigterm};
 use common::router::{Setup, sample};
 use serde_json::{Value, json};
@@ -579,37 +581,37 @@ consent = "analytics"
         .unwrap();
 }
 
-/// A transaction commit that outlasts its timeout is retriable and may still
-/// complete on the broker: the router must keep committing it (never abort a
-/// commit whose outcome is unknown) and route on, each event once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once() {
-    use rdkafka::ClientConfig;
-    use rdkafka::producer::{BaseProducer, Producer};
-    use std::sync::Arc;
-    use switchyard::config::Config;
-    use switchyard::kafka::topics;
-    use switchyard::run::RoleContext;
-    use tokio_util::sync::CancellationToken;
+/// librdkafka's mock cluster, held by the test so it can inject broker
+/// misbehaviour (the embedded broker keeps its handle to itself).
+struct OwnMock {
+    holder: rdkafka::producer::BaseProducer,
+}
 
-    let _watchdog = common::watchdog(
-        "a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once",
-        Duration::from_secs(600),
-    );
-    // A mock cluster of our own: its handle lets the test delay EndTxn.
-    let holder: BaseProducer = ClientConfig::new()
-        .set("test.mock.num.brokers", "1")
-        .create()
-        .unwrap();
-    let mock = holder.client().mock_cluster().unwrap();
-    let brokers = mock.bootstrap_servers();
-    let config = Arc::new(
-        Config::parse(
-            &format!(
-                r#"
+impl OwnMock {
+    fn start() -> OwnMock {
+        let holder = rdkafka::ClientConfig::new()
+            .set("test.mock.num.brokers", "1")
+            .create()
+            .unwrap();
+        OwnMock { holder }
+    }
+
+    fn mock(&self) -> rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext> {
+        self.holder.client().mock_cluster().unwrap()
+    }
+
+    fn brokers(&self) -> String {
+        self.mock().bootstrap_servers()
+    }
+
+    /// A config on this cluster; `extra` is appended to its `[kafka]` table.
+    fn config(&self, guarantee: &str, extra: &str) -> std::sync::Arc<switchyard::config::Config> {
+        let text = format!(
+            r#"
 [kafka]
-brokers = "{brokers}"
-guarantee = "exactly_once"
+brokers = "{}"
+guarantee = "{guarantee}"
+{extra}
 [topics]
 partitions = 2
 [destinations.hook]
@@ -617,39 +619,78 @@ type = "webhook"
 url = "http://127.0.0.1:9/"
 secret = "0123456789abcdef"
 consent = "analytics"
-"#
-            ),
-            Path::new("eos.toml"),
-            &|_| None,
-        )
-        .unwrap(),
-    );
-    for spec in topics::plan(&config, 2, &config.topics.dedup()) {
-        mock.create_topic(&spec.name, spec.partitions, 1).unwrap();
+"#,
+            self.brokers()
+        );
+        let config =
+            switchyard::config::Config::parse(&text, Path::new("mock.toml"), &|_| None).unwrap();
+        // The mock cluster has no CreateTopics: the topics are made here.
+        for spec in switchyard::kafka::topics::plan(&config, 2, &config.topics.dedup()) {
+            self.mock()
+                .create_topic(&spec.name, spec.partitions, 1)
+                .unwrap();
+        }
+        std::sync::Arc::new(config)
     }
+
+    /// The next requests of `api_key` to broker 1 are answered after each
+    /// of `delays` in turn (and then succeed).
+    fn delay(&self, api_key: i16, delays: &[Duration]) {
+        let raw = unsafe {
+            rdkafka::bindings::rd_kafka_handle_mock_cluster(self.holder.client().native_ptr())
+        };
+        for d in delays {
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                    raw,
+                    1,
+                    api_key,
+                    1,
+                    0 as std::ffi::c_int,
+                    d.as_millis() as std::ffi::c_int,
+                )
+            };
+            assert_eq!(err as i32, 0);
+        }
+    }
+}
+
+type RouterTask = tokio::task::JoinHandle<Result<(), switchyard::router::RouterError>>;
+
+fn start_router(
+    config: &std::sync::Arc<switchyard::config::Config>,
+    instance: &str,
+) -> (tokio_util::sync::CancellationToken, RouterTask) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(switchyard::router::run(switchyard::run::RoleContext {
+        config: config.clone(),
+        bootstrap: config.kafka.brokers.clone().unwrap(),
+        instance_id: instance.into(),
+        shutdown: token.clone(),
+    }));
+    (token, task)
+}
+
+/// A transaction commit that outlasts its timeout is retriable and may still
+/// complete on the broker: the router must keep committing it (never abort a
+/// commit whose outcome is unknown) and route on, each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once() {
+    let _watchdog = common::watchdog(
+        "a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exactly_once",
+        Duration::from_secs(600),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("exactly_once", "");
     // The next two EndTxn answers come 35 s late, beyond the router's 30 s
     // commit timeout; the commits themselves succeed on the broker.
     const END_TXN: i16 = 26;
-    let late = 35_000 as std::ffi::c_int;
-    let ok = 0 as std::ffi::c_int;
-    let raw =
-        unsafe { rdkafka::bindings::rd_kafka_handle_mock_cluster(holder.client().native_ptr()) };
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
-            raw, 1, END_TXN, 2, ok, late, ok, late,
-        )
-    };
-    assert_eq!(err as i32, 0);
+    cluster.delay(END_TXN, &[Duration::from_secs(35); 2]);
 
+    let brokers = cluster.brokers();
     let (records, ids) = crash_fixture(2_000);
     produce(&brokers, &config.topics.canonical, &records).await;
-    let token = CancellationToken::new();
-    let router = tokio::spawn(switchyard::router::run(RoleContext {
-        config: config.clone(),
-        bootstrap: brokers.clone(),
-        instance_id: "eos-late-commit".into(),
-        shutdown: token.clone(),
-    }));
+    let (token, router) = start_router(&config, "eos-late-commit");
     let topic = config.topics.deliver("hook");
     let want = ids.len();
     let got = read_until(&brokers, &topic, Duration::from_secs(400), |r| {
@@ -667,6 +708,38 @@ consent = "analytics"
         .expect("the router stopped within 120 s of shutdown")
         .unwrap()
         .unwrap();
-    drop(mock);
-    holder.flush(Duration::from_secs(1)).ok();
+}
+
+/// A broker that takes no writes fills the router's local produce queue; a
+/// shutdown must still end the router promptly (the batch is simply not
+/// committed and is read again by whoever routes next).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_produce_queue_never_holds_up_a_shutdown() {
+    let _watchdog = common::watchdog(
+        "a_full_produce_queue_never_holds_up_a_shutdown",
+        Duration::from_secs(600),
+    );
+    let cluster = OwnMock::start();
+    // A tiny queue whose records never time out: only the router's own
+    // patience can end its wait for room.
+    let config = cluster.config(
+        "at_least_once",
+        r#"producer_properties = { "queue.buffering.max.messages" = 5, "message.timeout.ms" = 900000 }"#,
+    );
+    let brokers = cluster.brokers();
+    let (records, _) = crash_fixture(500);
+    produce(&brokers, &config.topics.canonical, &records).await;
+    // From now on every write waits ten minutes for its answer.
+    const PRODUCE: i16 = 0;
+    cluster.delay(PRODUCE, &[Duration::from_secs(600); 50]);
+    let (token, router) = start_router(&config, "queue-full");
+    // Long enough to join the group and fill the queue.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(!router.is_finished(), "the router gave up on its own");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(20), router)
+        .await
+        .expect("the router stopped within 20 s of shutdown")
+        .unwrap()
+        .unwrap();
 }

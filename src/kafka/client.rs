@@ -98,11 +98,15 @@ pub fn check_properties(kafka: &KafkaConfig) -> Result<(), Error> {
     c.create::<BaseConsumer>().map(drop).map_err(Error::Client)
 }
 
-/// Enqueues a record now (so a batch travels together) and returns its ack;
-/// a full local queue is waited out, any other error is returned.
+/// Enqueues a record now (so a batch travels together) and returns its ack.
+/// A full local queue is waited out until `deadline` or `stop`, then its
+/// `QueueFull` is returned like any other error: a broker that takes nothing
+/// must not hold a caller (or a shutdown) forever.
 pub async fn enqueue<K, P>(
     producer: &rdkafka::producer::FutureProducer,
     mut record: rdkafka::producer::FutureRecord<'_, K, P>,
+    deadline: std::time::Instant,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
@@ -113,7 +117,9 @@ where
     loop {
         match producer.send_result(record) {
             Ok(ack) => return Ok(ack),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if std::time::Instant::now() < deadline && !stop.is_cancelled() =>
+            {
                 record = back;
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }

@@ -435,7 +435,7 @@ async fn produce(
         let r = FutureRecord::to(topic)
             .key(k.as_bytes())
             .payload(v.as_slice());
-        acks.push(client::enqueue(&producer, r).await?);
+        acks.push(enqueue(&producer, r).await?);
     }
     client::acked(acks).await?;
     Ok(())
@@ -528,7 +528,7 @@ async fn raw_copy(cfg: &Config, brokers: &str, n: usize) -> Result<f64, BenchErr
                 let r = FutureRecord::to(t)
                     .key(m.key().unwrap_or_default())
                     .payload(m.payload().unwrap_or_default());
-                acks.push(client::enqueue(&producer, r).await?);
+                acks.push(enqueue(&producer, r).await?);
             }
         }
         client::acked(acks).await?;
@@ -557,7 +557,7 @@ async fn restore_time(cfg: &Arc<Config>, brokers: &str, keys: usize) -> Result<f
             .partition(0)
             .key(&id[..])
             .payload(&v[..]);
-        acks.push(client::enqueue(&producer, r).await?);
+        acks.push(enqueue(&producer, r).await?);
     }
     client::acked(acks).await?;
     let pipeline = Pipeline::new(cfg.clone());
@@ -584,7 +584,7 @@ async fn identity_load_time(
     let mut acks = Vec::with_capacity(records.len());
     for (k, v) in records {
         let r = FutureRecord::to(&topic).key(&k[..]).payload(&v[..]);
-        acks.push(client::enqueue(&producer, r).await?);
+        acks.push(enqueue(&producer, r).await?);
     }
     client::acked(acks).await?;
     let mut pipeline = Pipeline::new(cfg.clone());
@@ -602,4 +602,17 @@ async fn identity_load_time(
         );
     }
     Ok(secs)
+}
+
+/// The bench's own writes: a broker that takes nothing for a minute fails the run.
+async fn enqueue<K, P>(
+    producer: &FutureProducer,
+    record: FutureRecord<'_, K, P>,
+) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    client::enqueue(producer, record, deadline, &CancellationToken::new()).await
 }

@@ -282,12 +282,13 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
         // as they exist, so the broker works on the first while the rest are
         // routed. (A transaction has to begin first; it takes them at the end.)
         let mut sent: Result<Vec<DeliveryFuture>, KafkaError> = Ok(Vec::new());
+        let wait = Patience::from_now(&stop);
         for msg in &msgs {
             let from = batch.len();
             pipeline.process(&in_record(msg), now, &mut batch);
             if !exactly_once
                 && let Ok(acks) = &mut sent
-                && let Err(e) = enqueue_into(&producer, batch.records_from(from), acks).await
+                && let Err(e) = enqueue_into(&producer, batch.records_from(from), acks, wait).await
             {
                 sent = Err(e);
             }
@@ -309,7 +310,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             info_span!("batch", n = batch_no, records = msgs.len(), offsets = ?batch.offsets);
         let result = match &marks_producer {
             None => {
-                commit_transaction(&producer, &consumer, &config, &batch, &stop)
+                commit_transaction(&producer, &consumer, &config, &batch, wait)
                     .instrument(span)
                     .await
             }
@@ -317,9 +318,17 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 let producers = (&producer, marks);
                 let dedup_topic = pipeline.dedup_topic();
                 let sent = (sent, streamed);
-                commit_at_least_once(producers, &consumer, &config, dedup_topic, &batch, sent)
-                    .instrument(span)
-                    .await
+                commit_at_least_once(
+                    producers,
+                    &consumer,
+                    &config,
+                    dedup_topic,
+                    &batch,
+                    sent,
+                    wait,
+                )
+                .instrument(span)
+                .await
             }
         };
         tracing::debug!(
@@ -345,6 +354,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 break;
             }
             Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
+            Err(BatchError::Retry(_)) if ctx.shutdown.is_cancelled() => break,
             Err(BatchError::Retry(e)) => {
                 m::TRANSACTIONS.with_label_values(&["aborted"]).inc();
                 warn!(error = %e, "batch not committed; rewinding to its first offsets");
@@ -459,13 +469,31 @@ fn to_record(o: Out<'_>) -> FutureRecord<'_, [u8], [u8]> {
     r
 }
 
+/// How long a batch's writes may wait on the broker: until the batch's
+/// deadline, or until shutdown (the batch is then simply not committed).
+#[derive(Clone, Copy)]
+struct Patience<'a> {
+    deadline: Instant,
+    stop: &'a CancellationToken,
+}
+
+impl<'a> Patience<'a> {
+    fn from_now(stop: &'a CancellationToken) -> Patience<'a> {
+        Patience {
+            deadline: Instant::now() + PRODUCE_TIMEOUT,
+            stop,
+        }
+    }
+}
+
 /// Enqueues every record now (so they travel together) and returns their acks.
 async fn enqueue<'a>(
     producer: &FutureProducer,
     records: impl Iterator<Item = Out<'a>>,
+    wait: Patience<'_>,
 ) -> Result<Vec<DeliveryFuture>, KafkaError> {
     let mut acks = Vec::new();
-    enqueue_into(producer, records, &mut acks).await?;
+    enqueue_into(producer, records, &mut acks, wait).await?;
     Ok(acks)
 }
 
@@ -473,20 +501,21 @@ async fn enqueue_into<'a>(
     producer: &FutureProducer,
     records: impl Iterator<Item = Out<'a>>,
     acks: &mut Vec<DeliveryFuture>,
+    wait: Patience<'_>,
 ) -> Result<(), KafkaError> {
     for o in records {
-        acks.push(client::enqueue(producer, to_record(o)).await?);
+        acks.push(client::enqueue(producer, to_record(o), wait.deadline, wait.stop).await?);
     }
     Ok(())
 }
 
-async fn await_acks(acks: Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+async fn await_acks(acks: Vec<DeliveryFuture>, wait: Patience<'_>) -> Result<(), KafkaError> {
     // A broker that never answers must not hold the batch forever.
-    match tokio::time::timeout(PRODUCE_TIMEOUT, client::acked(acks)).await {
-        Ok(r) => r,
-        Err(_) => Err(KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut,
-        )),
+    tokio::select! {
+        r = tokio::time::timeout_at(wait.deadline.into(), client::acked(acks)) => {
+            r.unwrap_or(Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)))
+        }
+        _ = wait.stop.cancelled() => Err(KafkaError::Canceled),
     }
 }
 
@@ -510,6 +539,7 @@ async fn commit_at_least_once(
     dedup_topic: &str,
     batch: &Batch,
     (sent, streamed): (Result<Vec<DeliveryFuture>, KafkaError>, usize),
+    wait: Patience<'_>,
 ) -> Result<(), BatchError> {
     // After what `process` wrote, `seal` adds the identity updates and the
     // dedup marks, and `expire` dedup tombstones.
@@ -518,15 +548,15 @@ async fn commit_at_least_once(
         .partition(|o| o.topic == dedup_topic);
     let mut acks = sent.map_err(BatchError::Retry)?;
     let t = Instant::now();
-    enqueue_into(producer, rest.into_iter(), &mut acks)
+    enqueue_into(producer, rest.into_iter(), &mut acks, wait)
         .await
         .map_err(BatchError::Retry)?;
-    await_acks(acks).await.map_err(BatchError::Retry)?;
+    await_acks(acks, wait).await.map_err(BatchError::Retry)?;
     let outputs_ms = t.elapsed().as_millis() as u64;
-    let acks = enqueue(marks_producer, marks.into_iter())
+    let acks = enqueue(marks_producer, marks.into_iter(), wait)
         .await
         .map_err(BatchError::Retry)?;
-    await_acks(acks).await.map_err(BatchError::Retry)?;
+    await_acks(acks, wait).await.map_err(BatchError::Retry)?;
     tracing::debug!(
         outputs_ms,
         marks_ms = t.elapsed().as_millis() as u64 - outputs_ms,
@@ -551,7 +581,7 @@ async fn commit_transaction(
     consumer: &StreamConsumer<RebalanceLog>,
     config: &Config,
     batch: &Batch,
-    stop: &CancellationToken,
+    wait: Patience<'_>,
 ) -> Result<(), BatchError> {
     let classify = |e: KafkaError| match &e {
         KafkaError::Transaction(t) if t.is_fatal() => BatchError::Fatal(e),
@@ -559,16 +589,16 @@ async fn commit_transaction(
     };
     let result = async {
         producer.begin_transaction().map_err(classify)?;
-        let acks = enqueue(producer, batch.records())
+        let acks = enqueue(producer, batch.records(), wait)
             .await
             .map_err(BatchError::Retry)?;
-        await_acks(acks).await.map_err(BatchError::Retry)?;
+        await_acks(acks, wait).await.map_err(BatchError::Retry)?;
         let tpl = offsets_tpl(&config.topics.canonical, batch).map_err(BatchError::Retry)?;
         let cgm = consumer
             .group_metadata()
             .ok_or(BatchError::Retry(KafkaError::Canceled))?;
         let p = producer.clone();
-        let stop = stop.clone();
+        let stop = wait.stop.clone();
         tokio::task::spawn_blocking(move || {
             if tpl.count() > 0 {
                 until_known(&stop, "send offsets", || {
@@ -590,7 +620,7 @@ async fn commit_transaction(
         Err(BatchError::Fatal(e)) => Err(BatchError::Fatal(e)),
         Err(BatchError::Retry(e)) => {
             let p = producer.clone();
-            let stop = stop.clone();
+            let stop = wait.stop.clone();
             let aborted = tokio::task::spawn_blocking(move || {
                 until_known(&stop, "abort", || p.abort_transaction(TXN_TIMEOUT))
             })
