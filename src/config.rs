@@ -138,6 +138,10 @@ pub struct KafkaConfig {
     pub consumer_properties: BTreeMap<String, PropertyValue>,
     /// Passed through to producers only, after `properties`.
     pub producer_properties: BTreeMap<String, PropertyValue>,
+    /// The largest record any switchyard producer writes, derived from
+    /// `router.max_record_bytes` (see [`RouterConfig::produced_record_bytes`]).
+    #[serde(skip)]
+    pub max_message_bytes: usize,
 }
 
 impl Default for KafkaConfig {
@@ -149,6 +153,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
+            max_message_bytes: RouterConfig::default().produced_record_bytes(),
         }
     }
 }
@@ -253,15 +258,43 @@ pub struct RouterConfig {
     /// How long an event_id is remembered for dedup (Meta and TikTok use 48 h).
     #[serde(deserialize_with = "de_duration")]
     pub dedup_window: Duration,
-    /// Records larger than this are dead-lettered as oversize.
+    /// The one size setting: input records larger than this are
+    /// dead-lettered as oversize (ingest answers 413), and every producer and
+    /// topic limit is derived from it.
     pub max_record_bytes: usize,
+}
+
+/// What the router may add to an accepted record: enrichment, the
+/// delivery's own fields and headers (deliveries larger than the input plus
+/// this are dead-lettered, not produced).
+pub const ROUTED_ALLOWANCE: usize = 48 * 1024;
+/// What the sinks add on top of a delivery: the failure headers of a retry
+/// or dead-letter copy (each capped well below this).
+pub const FAILURE_ALLOWANCE: usize = 16 * 1024;
+/// librdkafka's and Kafka's own bounds on `message.max.bytes`.
+const MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
+impl RouterConfig {
+    /// The largest delivery (key, value and headers) the router produces.
+    pub fn routed_record_bytes(&self) -> usize {
+        self.max_record_bytes + ROUTED_ALLOWANCE
+    }
+
+    /// The largest record any switchyard producer writes: a delivery plus a
+    /// sink's failure headers. Producers and created topics are set to it.
+    pub fn produced_record_bytes(&self) -> usize {
+        self.routed_record_bytes() + FAILURE_ALLOWANCE
+    }
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             dedup_window: Duration::from_secs(48 * 3600),
-            max_record_bytes: 1024 * 1024,
+            // With the allowances, what is produced stays under librdkafka's
+            // and the broker's default 1,000,000-byte message limit, so no
+            // broker or topic setting has to change.
+            max_record_bytes: 900 * 1024,
         }
     }
 }
@@ -680,6 +713,7 @@ impl Config {
             }
         }
         config.check(&mut problems);
+        config.kafka.max_message_bytes = config.router.produced_record_bytes();
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -753,8 +787,34 @@ impl Config {
         if self.router.dedup_window < Duration::from_secs(60) {
             bad("router.dedup_window", "must be at least 1m".into());
         }
-        if self.router.max_record_bytes < 1024 {
-            bad("router.max_record_bytes", "must be at least 1024".into());
+        let max_input = MAX_MESSAGE_BYTES - ROUTED_ALLOWANCE - FAILURE_ALLOWANCE;
+        if !(1024..=max_input).contains(&self.router.max_record_bytes) {
+            bad(
+                "router.max_record_bytes",
+                format!("must be 1024..={max_input}"),
+            );
+        }
+        let needed = self.router.produced_record_bytes();
+        for (table, props) in [
+            ("properties", &self.kafka.properties),
+            ("producer_properties", &self.kafka.producer_properties),
+        ] {
+            let Some(v) = props.get("message.max.bytes") else {
+                continue;
+            };
+            if v.to_kafka_string()
+                .parse::<usize>()
+                .is_ok_and(|n| n < needed)
+            {
+                bad(
+                    &format!("kafka.{table}.message.max.bytes"),
+                    format!(
+                        "must be at least {needed}: router.max_record_bytes plus {} bytes the \
+                         router and sinks add to a record; leave it unset to have it derived",
+                        ROUTED_ALLOWANCE + FAILURE_ALLOWANCE
+                    ),
+                );
+            }
         }
         if parse_country(&self.identity.default_phone_country).is_none() {
             bad(

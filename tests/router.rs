@@ -581,6 +581,71 @@ consent = "analytics"
         .unwrap();
 }
 
+/// An event of `size` bytes: its properties carry the padding.
+fn sized(id: &str, size: usize) -> (Option<String>, Vec<u8>) {
+    let v = json!({"event":"purchase","event_id":id,"occurred_at":T,"user_id":"u-big","value":1,
+        "currency":"USD","consent":{"ads":"granted","analytics":"granted"},"properties":{"pad":""}});
+    let base = serde_json::to_vec(&v).unwrap().len();
+    let mut v = v;
+    v["properties"]["pad"] = json!("x".repeat(size - base));
+    let bytes = serde_json::to_vec(&v).unwrap();
+    assert_eq!(bytes.len(), size);
+    (Some(id.to_string()), bytes)
+}
+
+/// Records near the size limit never stall a partition: what fits is
+/// routed, what cannot be produced is dead-lettered, and the events behind
+/// them flow on.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_at_the_size_limit_are_routed_or_dead_lettered_and_never_stall_the_partition() {
+    let s = Setup::new("at_least_once", 1);
+    let mut records = vec![ev(
+        json!({"event":"purchase","event_id":"before","occurred_at":T,
+        "user_id":"u-1","value":1,"currency":"USD","consent":{"ads":"granted","analytics":"granted"}}),
+    )];
+    // Under router.max_record_bytes (900 KiB by default): routed everywhere.
+    records.push(sized("fits", 900 * 1024 - 2048));
+    // Over it, though under 1 MiB and the old limit: dead-lettered, cut.
+    records.push(sized("too-big", 1_000_000 - 200));
+    records.push(sized("far-too-big", 1_040_000));
+    for i in 0..20 {
+        records.push(ev(json!({"event":"purchase","event_id":format!("after-{i}"),"occurred_at":T,
+            "user_id":"u-1","value":1,"currency":"USD","consent":{"ads":"granted","analytics":"granted"}})));
+    }
+    produce(&s.brokers, &s.canonical, &records).await;
+    let mut router = s.router("r1");
+    let hook = read_until(
+        &s.brokers,
+        &s.deliver("hook"),
+        Duration::from_secs(120),
+        |r| r.len() >= 22,
+    );
+    let ids = event_ids(&hook);
+    assert!(ids.iter().any(|i| i == "fits"), "{ids:?}");
+    assert!(
+        ids.iter().any(|i| i == "after-19"),
+        "the partition stalled: {ids:?}"
+    );
+    assert_eq!(ids.len(), 22, "{ids:?}");
+    let dlq = read_until(
+        &s.brokers,
+        &format!("{}.dlq", s.prefix),
+        Duration::from_secs(30),
+        |r| r.len() >= 2,
+    );
+    assert_eq!(dlq.len(), 2);
+    for r in &dlq {
+        assert_eq!(
+            r.headers["switchyard-error-class"], "oversize",
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(r.headers["switchyard-truncated"], "true");
+        assert!(r.payload.as_ref().unwrap().len() <= 64 * 1024);
+    }
+    s.stop(&mut router, "r1");
+}
+
 /// librdkafka's mock cluster, held by the test so it can inject broker
 /// misbehaviour (the embedded broker keeps its handle to itself).
 struct OwnMock {

@@ -31,6 +31,12 @@ pub fn consumer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
 pub fn producer(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     let mut c = base(kafka, bootstrap);
     pass_through(&mut c, &kafka.producer_properties);
+    // Every record switchyard writes fits (the config refuses a smaller one).
+    set_default(
+        &mut c,
+        "message.max.bytes",
+        &kafka.max_message_bytes.to_string(),
+    );
     c
 }
 

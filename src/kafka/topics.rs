@@ -26,6 +26,9 @@ impl Cleanup {
     }
 }
 
+/// A record batch's header (61 bytes) and a record's framing, with margin.
+const BATCH_OVERHEAD: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSpec {
     pub name: String,
@@ -38,6 +41,9 @@ pub struct TopicSpec {
     /// Dedup state must be co-partitioned with the input: partition p's keys
     /// live in state partition p, so the counts must be equal, not just close.
     pub copartitioned: bool,
+    /// The largest record batch the topic takes (`max.message.bytes`): the
+    /// largest record switchyard produces, with room for the batch header.
+    pub max_message_bytes: usize,
 }
 
 /// The dedup topics for an input topic of some partition count.
@@ -84,7 +90,10 @@ pub fn dedup_topics(
 
 impl TopicSpec {
     fn configs(&self) -> Vec<(&'static str, String)> {
-        let mut c = vec![("cleanup.policy", self.cleanup.as_str().to_string())];
+        let mut c = vec![
+            ("cleanup.policy", self.cleanup.as_str().to_string()),
+            ("max.message.bytes", self.max_message_bytes.to_string()),
+        ];
         match self.cleanup {
             Cleanup::Compact => {
                 // Small segments so the log cleaner can compact state soon after it changes;
@@ -115,6 +124,7 @@ pub fn plan(config: &Config, input_partitions: i32, dedup: &str) -> Vec<TopicSpe
         cleanup,
         retention,
         copartitioned,
+        max_message_bytes: config.kafka.max_message_bytes + BATCH_OVERHEAD,
     };
     let week = Some(Duration::from_secs(7 * 86_400));
     let mut topics = vec![
@@ -236,6 +246,7 @@ pub async fn ensure(cluster: &Cluster, config: &Config) -> Result<Vec<TopicRepor
                 cleanup: Cleanup::Compact,
                 retention: None,
                 copartitioned: false,
+                max_message_bytes: config.kafka.max_message_bytes + BATCH_OVERHEAD,
             },
             partitions: n,
             action: Action::Existed,

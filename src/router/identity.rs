@@ -104,7 +104,11 @@ impl From<WireProfile> for Profile {
                 w.phone_sha256_e164,
                 w.phone_sha256_digits,
             ]),
-            external_ids: w.external_ids,
+            external_ids: {
+                let mut ids = w.external_ids;
+                ids.truncate(MAX_EXTERNAL_IDS);
+                ids
+            },
             click_ids: w.click_ids,
             as_of: w.as_of,
         }
@@ -201,6 +205,9 @@ fn take<T: Clone + PartialEq>(slot: &mut Option<T>, v: &Option<T>, older: bool) 
 }
 
 /// `take` for one entry of a map.
+/// The most external ids one person keeps: twice what one event may carry.
+pub const MAX_EXTERNAL_IDS: usize = 32;
+
 fn take_entry<K: Ord + Clone, V: Clone + PartialEq>(
     map: &mut CompactMap<K, V>,
     key: &K,
@@ -297,6 +304,11 @@ impl Profile {
             changed |= take_entry(&mut self.contacts, &c, newer.contacts.get(&c), older);
         }
         for (k, v) in newer.external_ids.iter() {
+            if self.external_ids.len() >= MAX_EXTERNAL_IDS && self.external_ids.get(k).is_none() {
+                // A full set keeps the ids it has: what a person's record
+                // (and so every delivery enriched from it) can hold is bounded.
+                continue;
+            }
             changed |= take_entry(&mut self.external_ids, k, Some(v), older);
         }
         for (k, v) in newer.click_ids.iter() {
@@ -787,6 +799,37 @@ mod tests {
         assert_eq!(empty, Profile::default());
         assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
         assert!(serde_json::from_str::<Profile>(r#"{"email_sha256":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn a_persons_external_ids_are_bounded_however_many_events_bring_new_ones() {
+        let mut person = Profile::default();
+        for i in 0..100 {
+            let newer: Profile = serde_json::from_value(serde_json::json!({
+                "external_ids": { format!("sys{i:03}"): Sha256Digest::of("x") },
+                "as_of": i,
+            }))
+            .unwrap();
+            person.merge(&newer);
+        }
+        assert_eq!(person.external_ids.len(), MAX_EXTERNAL_IDS);
+        // A known id still changes.
+        let update: Profile = serde_json::from_value(serde_json::json!({
+            "external_ids": { "sys000": Sha256Digest::of("y") }, "as_of": 200,
+        }))
+        .unwrap();
+        assert!(person.merge(&update));
+        assert_eq!(
+            person.external_ids.get("sys000"),
+            Some(&Sha256Digest::of("y"))
+        );
+        // A record written before the bound is cut to it when read.
+        let ids: serde_json::Map<String, serde_json::Value> = (0..100)
+            .map(|i| (format!("k{i:03}"), serde_json::json!(Sha256Digest::of("z"))))
+            .collect();
+        let old: Profile =
+            serde_json::from_value(serde_json::json!({ "external_ids": ids })).unwrap();
+        assert_eq!(old.external_ids.len(), MAX_EXTERNAL_IDS);
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct Batch {
     pub denied: Vec<u64>,
     /// The field of every identity hint dropped from a routed event.
     pub hints_dropped: Vec<&'static str>,
+    /// Deliveries dead-lettered because they would not fit in a record.
+    pub oversize_deliveries: u64,
     /// When this batch was routed, as a JSON string; empty until needed.
     routed_at: Vec<u8>,
 }
@@ -162,6 +164,7 @@ impl Batch {
         self.routed.clear();
         self.denied.clear();
         self.hints_dropped.clear();
+        self.oversize_deliveries = 0;
         self.routed_at.clear();
     }
 
@@ -280,6 +283,8 @@ struct Topics {
 
 pub struct Pipeline {
     config: Arc<Config>,
+    /// The largest delivery produced (`RouterConfig::routed_record_bytes`).
+    delivery_limit: usize,
     topics: Topics,
     phones: PhoneHasher,
     window_secs: u32,
@@ -297,6 +302,20 @@ pub struct Pipeline {
 /// refuse records above their message size limit, so the whole of a 10 MB
 /// record cannot be written anywhere.
 const OVERSIZE_KEEP: usize = 64 * 1024;
+
+/// A record's size as the producer counts it against `message.max.bytes`:
+/// key, value and headers, and generously their framing (varint lengths,
+/// timestamps, attributes).
+fn wire_size(key: usize, payload: usize, headers: &[(&'static str, String)]) -> usize {
+    const RECORD_FRAMING: usize = 64;
+    const HEADER_FRAMING: usize = 10;
+    key + payload
+        + RECORD_FRAMING
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + HEADER_FRAMING)
+            .sum::<usize>()
+}
 const REASON_MAX: usize = 4096;
 
 impl Pipeline {
@@ -322,6 +341,7 @@ impl Pipeline {
             dedup: HashMap::new(),
             carried: Vec::new(),
             identity: IdentityTable::default(),
+            delivery_limit: config.router.routed_record_bytes(),
             config,
         }
     }
@@ -607,6 +627,27 @@ impl Pipeline {
                         },
                     );
                     let payload = start..batch.buf.len();
+                    let size = wire_size(key.len(), payload.len(), &hint_header);
+                    let limit = self.delivery_limit;
+                    if size > limit {
+                        // No producer or broker would take it, and a refused
+                        // record would stall the partition: the event goes to
+                        // the DLQ for this destination instead.
+                        batch.buf.truncate(start);
+                        let reason = format!(
+                            "the delivery for destination {} would be {size} bytes; the limit is \
+                             {limit} (router.max_record_bytes plus what routing may add)",
+                            dest.name
+                        );
+                        let to = (
+                            &self.config.topics.canonical[..],
+                            &self.topics.dlq,
+                            self.config.router.max_record_bytes,
+                        );
+                        dead_letter(to, rec, batch, "delivery_oversize", reason, None);
+                        batch.oversize_deliveries += 1;
+                        continue;
+                    }
                     batch.push(topic, None, Some(key), Some(payload), hint_header.clone());
                     Batch::count(&mut batch.routed, i);
                     routed += 1;
@@ -632,40 +673,58 @@ impl Pipeline {
         rec: &InRecord<'_>,
         batch: &mut Batch,
         class: &'static str,
-        mut reason: String,
+        reason: String,
         oversize: Option<usize>,
     ) -> Outcome {
-        if reason.len() > REASON_MAX {
-            let mut cut = REASON_MAX;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-        }
-        let mut headers = vec![
-            (header::STAGE, "router".to_string()),
-            (header::ERROR_CLASS, class.to_string()),
-            (header::REASON, reason),
-            (header::ORIGIN_TOPIC, self.config.topics.canonical.clone()),
-            (header::ORIGIN_PARTITION, rec.partition.to_string()),
-            (header::ORIGIN_OFFSET, rec.offset.to_string()),
-            (header::FAILED_AT, Utc::now().to_rfc3339()),
-        ];
-        if let Some(ts) = rec.timestamp_ms {
-            headers.push((header::ORIGIN_TIMESTAMP_MS, ts.to_string()));
-        }
-        let payload = rec.payload.map(|p| match oversize {
-            Some(size) => {
-                headers.push((header::ORIGIN_SIZE, size.to_string()));
-                headers.push((header::TRUNCATED, "true".into()));
-                batch.bytes(&p[..OVERSIZE_KEEP.min(p.len())])
-            }
-            None => batch.bytes(p),
-        });
-        let key = rec.key.map(|k| batch.bytes(k));
-        batch.push(&self.topics.dlq, None, key, payload, headers);
-        Outcome::Invalid { class }
+        let to = (
+            &self.config.topics.canonical[..],
+            &self.topics.dlq,
+            self.config.router.max_record_bytes,
+        );
+        dead_letter(to, rec, batch, class, reason, oversize)
     }
+}
+
+/// Writes `rec` to the DLQ (`to`: the input topic's name, the DLQ's and the
+/// record limit), with why; an oversize payload is cut to fit.
+fn dead_letter(
+    (canonical, dlq, max_record_bytes): (&str, &Arc<str>, usize),
+    rec: &InRecord<'_>,
+    batch: &mut Batch,
+    class: &'static str,
+    mut reason: String,
+    oversize: Option<usize>,
+) -> Outcome {
+    if reason.len() > REASON_MAX {
+        let mut cut = REASON_MAX;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    let mut headers = vec![
+        (header::STAGE, "router".to_string()),
+        (header::ERROR_CLASS, class.to_string()),
+        (header::REASON, reason),
+        (header::ORIGIN_TOPIC, canonical.to_string()),
+        (header::ORIGIN_PARTITION, rec.partition.to_string()),
+        (header::ORIGIN_OFFSET, rec.offset.to_string()),
+        (header::FAILED_AT, Utc::now().to_rfc3339()),
+    ];
+    if let Some(ts) = rec.timestamp_ms {
+        headers.push((header::ORIGIN_TIMESTAMP_MS, ts.to_string()));
+    }
+    let payload = rec.payload.map(|p| match oversize {
+        Some(size) => {
+            headers.push((header::ORIGIN_SIZE, size.to_string()));
+            headers.push((header::TRUNCATED, "true".into()));
+            batch.bytes(&p[..OVERSIZE_KEEP.min(max_record_bytes).min(p.len())])
+        }
+        None => batch.bytes(p),
+    });
+    let key = rec.key.map(|k| batch.bytes(k));
+    batch.push(dlq, None, key, payload, headers);
+    Outcome::Invalid { class }
 }
 
 #[cfg(test)]
@@ -741,6 +800,68 @@ consent = "analytics"
         assert_eq!(d.name, "Purchase");
         assert_eq!(d.origin.offset, 7);
         assert_eq!(b.offsets[&0], (7, 7));
+    }
+
+    #[test]
+    fn a_delivery_that_would_not_fit_a_record_is_dead_lettered_and_the_others_still_go() {
+        let sizes = |limit: Option<usize>| {
+            let mut p = pipeline();
+            if let Some(l) = limit {
+                p.delivery_limit = l;
+            }
+            let mut b = Batch::default();
+            p.process(&rec(Some("e1"), PURCHASE, 7), 1000, &mut b);
+            let out: Vec<(String, usize, Option<String>)> = b
+                .records()
+                .map(|o| {
+                    let reason = o
+                        .headers
+                        .iter()
+                        .find(|(k, _)| *k == header::REASON)
+                        .map(|(_, v)| v.clone());
+                    let size = wire_size(
+                        o.key.map_or(0, <[u8]>::len),
+                        o.payload.map_or(0, <[u8]>::len),
+                        o.headers,
+                    );
+                    (o.topic.to_string(), size, reason)
+                })
+                .collect();
+            (out, b.oversize_deliveries, b.outcomes[0])
+        };
+        let (full, none, _) = sizes(None);
+        assert_eq!(none, 0);
+        let size_of = |t: &str| full.iter().find(|o| o.0 == t).unwrap().1;
+        let hook = size_of("switchyard.deliver.hook");
+        let meta = size_of("switchyard.deliver.meta");
+        let bigger = if hook >= meta { "hook" } else { "meta" };
+
+        // A delivery of exactly the limit goes out.
+        let (out, oversize, _) = sizes(Some(hook.max(meta)));
+        assert_eq!(oversize, 0);
+        assert!(out.iter().all(|o| o.0 != "switchyard.dlq"));
+
+        // One byte less: the bigger one is dead-lettered with its reason,
+        // the other still delivered (both, when they are the same size).
+        let (out, oversize, outcome) = sizes(Some(hook.max(meta) - 1));
+        let both = hook == meta;
+        assert_eq!(oversize, if both { 2 } else { 1 });
+        assert_eq!(
+            outcome,
+            Outcome::Routed {
+                destinations: if both { 0 } else { 1 }
+            }
+        );
+        let dead: Vec<&str> = out
+            .iter()
+            .filter(|o| o.0 == "switchyard.dlq")
+            .map(|o| o.2.as_deref().unwrap())
+            .collect();
+        assert!(
+            dead.iter()
+                .any(|r| r.contains(&format!("destination {bigger} would be"))),
+            "{dead:?}"
+        );
     }
 
     #[test]

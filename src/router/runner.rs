@@ -686,6 +686,11 @@ fn record_metrics(batch: &Batch, pipeline: &Pipeline, config: &Config) {
                 .inc_by(n);
         }
     }
+    if batch.oversize_deliveries > 0 {
+        m::INVALID
+            .with_label_values(&["delivery_oversize"])
+            .inc_by(batch.oversize_deliveries);
+    }
     for field in &batch.hints_dropped {
         m::HINTS_DROPPED.with_label_values(&[field]).inc();
     }

@@ -76,6 +76,15 @@ impl<K, V> CompactMap<K, V> {
         &self.0
     }
 
+    /// Keeps the first `n` entries in key order.
+    pub fn truncate(&mut self, n: usize) {
+        if self.0.len() > n {
+            let mut v = std::mem::take(&mut self.0).into_vec();
+            v.truncate(n);
+            self.0 = v.into_boxed_slice();
+        }
+    }
+
     /// The entries' own allocation, not what they point to.
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.0)
