@@ -554,9 +554,10 @@ pub async fn persist(
                 });
             }
             Final::Parked { due, reason } => {
+                let partition = shared.settings.ordering.then(|| retry_partition(item));
                 outs.push(retry_record(
                     item.retry_headers(name, *due, reason, None),
-                    None,
+                    partition,
                 ));
             }
             Final::Requeued { due, reason, at } => {
@@ -671,6 +672,14 @@ pub async fn persist(
         });
     }
     Ok(done)
+}
+
+/// With ordering, the retry partition an item is parked on: its deliver
+/// partition's number (the topics have as many partitions, and the sink's
+/// range assignor gives both to one instance), so the instance that tracks a
+/// parked person is the one that reads their event back (decision 0003).
+pub fn retry_partition(item: &Item) -> i32 {
+    item.origin.partition
 }
 
 /// Produce errors that a retry (or a fresh producer) cannot fix.

@@ -32,6 +32,11 @@ pub enum Reply {
     Slow(Duration),
     /// Answer with this status and a body that never ends.
     Endless(u16),
+    /// 503 with Retry-After: a wait the vendor sets, without the throttle
+    /// a 429 puts on the pace.
+    Unavailable {
+        retry_after_s: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +94,11 @@ impl FakeVendor {
 
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.inner.lock().unwrap().script.extend(replies);
+    }
+
+    /// Drops the replies not used yet.
+    pub fn clear_script(&self) {
+        self.inner.lock().unwrap().script.clear();
     }
 
     pub fn refuse(&self, ids: &[&str]) {
@@ -228,6 +238,15 @@ async fn handle(State(fake): State<FakeVendor>, headers: HeaderMap, body: Bytes)
         // Unwinding without the panic hook ends the connection's task, so
         // the socket closes with no answer and no noise on stderr.
         Some(Reply::Drop) => std::panic::resume_unwind(Box::new("drop the connection")),
+        Some(Reply::Unavailable { retry_after_s }) => {
+            answer(503);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", retry_after_s.to_string())],
+                "down for maintenance",
+            )
+                .into_response()
+        }
         Some(Reply::Endless(s)) => {
             answer(s);
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
