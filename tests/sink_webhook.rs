@@ -399,6 +399,82 @@ async fn a_retry_after_of_any_size_dead_letters_and_never_freezes_the_destinatio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendors_error_text_of_any_size_is_cut_and_the_sink_keeps_delivering() {
+    let fake = FakeVendor::start(SECRET).await;
+    // The first request is refused with a body that never ends.
+    fake.script([Reply::Endless(400)]);
+    let tag = common::unique("huge-text");
+    let refused = format!("{tag}-refused");
+    // A 3 MB reason of two-byte characters, far beyond any Kafka record.
+    fake.refuse_with(&[&refused], &"é".repeat(1_500_000));
+    let s = setup(
+        &fake,
+        "batch_max_events = 50\nlinger = \"100ms\"\nmax_in_flight = 1\nrequest_timeout = \"3s\"\n\
+         [destinations.hook.delivery.retry]\nmax_attempts = 2\ninitial_backoff = \"50ms\"\nmax_backoff = \"100ms\"\n",
+    );
+    let sink = start(&s.config).await;
+    let endless = format!("{tag}-endless");
+    produce(&s.config, &[(endless.clone(), "user-a".into())]).await;
+
+    let bootstrap = common::brokers();
+    let letter_of = async |id: &str| {
+        for _ in 0..300 {
+            let letters = dlq::read_all(&s.config, &bootstrap).await.unwrap();
+            if let Some(l) = letters.into_iter().find(|l| {
+                serde_json::from_slice::<Delivery>(&l.payload).is_ok_and(|d| d.event.event_id == id)
+            }) {
+                return l;
+            }
+            assert!(!sink.handle.is_finished(), "the sink stopped");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no dead letter for {id}");
+    };
+    let hdr = |l: &dlq::DeadLetter, k: &str| {
+        let v = l
+            .headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("dead letter has header {k}"));
+        String::from_utf8(v).expect("cut on a character boundary")
+    };
+
+    // The endless body is read up to a cap, and the 400 counts.
+    let l = letter_of(&endless).await;
+    assert_eq!(l.error_class, "http_400");
+    assert_eq!(hdr(&l, header::ATTEMPTS), "1");
+    for k in [header::REASON, header::RESPONSE] {
+        let v = hdr(&l, k);
+        assert!(v.len() <= 4096, "{k} is {} bytes", v.len());
+        assert!(v.contains("(cut, "), "{k} says it was cut: {v}");
+    }
+
+    let rest = events(&tag, 6, 2);
+    let mut evs = vec![(refused.clone(), "user-b".to_string())];
+    evs.extend(rest.iter().cloned());
+    produce(&s.config, &evs).await;
+    let l = letter_of(&refused).await;
+    assert_eq!(l.error_class, "webhook_refused");
+    let reason = hdr(&l, header::REASON);
+    assert!(reason.len() <= 4096, "reason is {} bytes", reason.len());
+    assert!(reason.contains("éé"), "{reason}");
+    assert!(reason.contains("(cut, "), "{reason}");
+
+    wait_until("the others delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&ids(&rest))
+    })
+    .await;
+    let later = events(&format!("{tag}-later"), 4, 2);
+    produce(&s.config, &later).await;
+    wait_until("later events delivered", Duration::from_secs(60), || {
+        fake.delivered().is_superset(&ids(&later))
+    })
+    .await;
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
     let fake = FakeVendor::start(SECRET).await;
     fake.script([Reply::TooMany { retry_after_s: 6 }]);

@@ -15,6 +15,9 @@ use crate::config::OAuthSettings;
 /// Renew this long before the vendor's stated expiry, so a token never
 /// expires in flight.
 const EARLY: Duration = Duration::from_secs(60);
+/// The most of a token endpoint's answer read; a token response is a few
+/// hundred bytes.
+const TOKEN_RESPONSE_MAX_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum AuthError {
@@ -105,8 +108,7 @@ impl TokenSource {
             .await
             .map_err(|e| AuthError::Network(e.without_url().to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
+        let body = super::send::read_body(resp, TOKEN_RESPONSE_MAX_BYTES)
             .await
             .map_err(|e| AuthError::Network(e.without_url().to_string()))?;
         if !(200..300).contains(&status) {

@@ -28,6 +28,11 @@ pub struct DeliverySettings {
     /// While one of a person's events waits to retry, their later events wait
     /// behind it (CRMs apply updates in arrival order; ad platforms do not care).
     pub ordering: bool,
+    /// With ordering: the most parked events (on the retry topic, with
+    /// people waiting behind them) one instance tracks. At the limit it
+    /// reads no new deliveries until some are resolved; the backlog waits on
+    /// the deliver topic instead of in memory.
+    pub max_parked: usize,
     /// How long a partition being handed to another instance (rebalance)
     /// waits for its batches in flight before it is given up without them.
     #[serde(deserialize_with = "de_duration")]
@@ -52,6 +57,7 @@ impl Default for DeliverySettings {
             retry: RetrySettings::default(),
             rate_limit: RateLimitSettings::default(),
             ordering: false,
+            max_parked: 100_000,
             handover_timeout: Duration::from_secs(15),
             // The router's dedup window, the span in which a resend is likely.
             ledger_window: Duration::from_secs(48 * 3600),
@@ -120,6 +126,9 @@ impl DeliverySettings {
         }
         if self.request_timeout < Duration::from_millis(10) {
             bad("request_timeout", "must be at least 10ms");
+        }
+        if self.max_parked == 0 {
+            bad("max_parked", "must be at least 1");
         }
         if self.handover_timeout > Duration::from_secs(240) {
             // librdkafka's default max.poll.interval.ms is 300 s: a longer
@@ -196,6 +205,7 @@ mod tests {
         assert_eq!(d.ledger_window.as_secs(), 7200);
         assert_eq!(d.handover_timeout.as_secs(), 3);
         assert_eq!(d.ledger_max_entries, 1_000_000);
+        assert_eq!(d.max_parked, 100_000);
         assert_eq!(d.retry.park_after.as_secs(), 120);
         assert_eq!(d.rate_limit.requests_per_second.unwrap().get(), 3);
         assert_eq!(d.max_in_flight, 4);

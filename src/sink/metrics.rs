@@ -54,6 +54,15 @@ pub static RETRY_QUEUE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static PARKED_EVENTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "switchyard_sink_parked_events",
+        "With ordering: events on the retry topic whose people wait behind them, tracked by this instance (bounded by max_parked)",
+        &["destination"]
+    )
+    .expect("metric registers once")
+});
+
 pub static DLQ_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "switchyard_dlq_writes_total",

@@ -68,6 +68,15 @@ pub enum SinkError {
     Scan { topic: String, message: String },
     #[error("batch task failed: {0}")]
     Task(String),
+    #[error(
+        "with ordering, {deliver} ({deliver_partitions} partitions) and {retry} ({retry_partitions}) need the same partition count"
+    )]
+    NotCopartitioned {
+        deliver: String,
+        deliver_partitions: i32,
+        retry: String,
+        retry_partitions: i32,
+    },
     #[error(transparent)]
     Cluster(#[from] crate::kafka::Error),
 }
@@ -127,7 +136,14 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     });
 
     let group = group_id(&ctx.config, destination);
+    let deliver_topic = topics.deliver(destination);
+    if shared.settings.ordering {
+        check_copartitioned(&ctx, &deliver_topic, &shared.retry_topic).await?;
+    }
     let mut consumer_config = client::manual_commit_consumer(&config.kafka, &ctx.bootstrap, &group);
+    if shared.settings.ordering {
+        colocate(&mut consumer_config, destination);
+    }
     consumer_config
         .set(
             "group.instance.id",
@@ -145,7 +161,6 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         ownership: ownership.clone(),
         handover_timeout: shared.settings.handover_timeout,
     })?);
-    let deliver_topic = topics.deliver(destination);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
 
@@ -159,7 +174,8 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         ready_since: None,
         active: HashMap::new(),
         held: 0,
-        parked: HashMap::new(),
+        parked: Parked::default(),
+        parked_full: false,
         retries: BTreeMap::new(),
         requeue: Vec::new(),
         batches: JoinSet::new(),
@@ -178,8 +194,73 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     drop(consumer);
     let _ = shared.producer.flush(Duration::from_secs(5));
     RETRY_QUEUE.with_label_values(&[destination]).set(0);
+    if shared.settings.ordering {
+        metrics::PARKED_EVENTS
+            .with_label_values(&[destination])
+            .set(0);
+    }
     tracing::info!(destination, "sink stopped");
     result
+}
+
+/// With ordering, the instance that parks a person's event must be the one
+/// that reads it back, or it never sees it resolved (decision 0003). Parked
+/// records go to their deliver partition's number on the retry topic, and
+/// the range assignor gives partition k of both topics to one member.
+fn colocate(consumer_config: &mut rdkafka::ClientConfig, destination: &str) {
+    if consumer_config
+        .get("group.protocol")
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("consumer"))
+    {
+        // The broker assigns: only `group.remote.assignor = "range"` co-locates.
+        if consumer_config.get("group.remote.assignor") != Some("range") {
+            tracing::warn!(
+                destination,
+                "ordering needs group.remote.assignor = \"range\" with group.protocol = consumer; parked people may be tracked where they are never resolved"
+            );
+        }
+        return;
+    }
+    if let Some(configured) = consumer_config
+        .get("partition.assignment.strategy")
+        .filter(|s| s.trim() != "range")
+    {
+        tracing::warn!(
+            destination,
+            configured,
+            "ordering needs the range assignor; this sink uses it instead"
+        );
+    }
+    consumer_config.set("partition.assignment.strategy", "range");
+}
+
+/// With ordering, a person's deliver and retry partitions have one number:
+/// both topics need the same partition count.
+async fn check_copartitioned(
+    ctx: &RoleContext,
+    deliver: &str,
+    retry: &str,
+) -> Result<(), SinkError> {
+    let kafka = ctx.config.kafka.clone();
+    let bootstrap = ctx.bootstrap.clone();
+    let counts = tokio::task::spawn_blocking(move || {
+        let admin = client::base(&kafka, &bootstrap)
+            .create()
+            .map_err(crate::kafka::Error::Client)?;
+        crate::kafka::topics::existing_partitions(&admin, &bootstrap)
+    })
+    .await
+    .map_err(|e| SinkError::Task(e.to_string()))??;
+    let count = |t: &str| counts.get(t).copied().unwrap_or(0);
+    if count(deliver) != count(retry) {
+        return Err(SinkError::NotCopartitioned {
+            deliver: deliver.to_string(),
+            deliver_partitions: count(deliver),
+            retry: retry.to_string(),
+            retry_partitions: count(retry),
+        });
+    }
+    Ok(())
 }
 
 /// The consumer's context: hands partitions over on a rebalance, and
@@ -321,7 +402,9 @@ struct Engine {
     active: HashMap<String, Person>,
     held: usize,
     /// With ordering: people with events on the retry topic.
-    parked: HashMap<String, ParkedPerson>,
+    parked: Parked,
+    /// Deliver partitions are paused: `parked` is at its bound.
+    parked_full: bool,
     /// Retry-topic partitions: records read before they are due.
     retries: BTreeMap<i32, RetryPartition>,
     /// Retry records to write back to the end of their partition.
@@ -550,6 +633,11 @@ impl Engine {
         RETRY_QUEUE
             .with_label_values(&[name])
             .set(i64::try_from(held).unwrap_or(i64::MAX));
+        if self.shared.settings.ordering {
+            metrics::PARKED_EVENTS
+                .with_label_values(&[name])
+                .set(i64::try_from(self.parked.events).unwrap_or(i64::MAX));
+        }
         if let Some(ledger) = &self.shared.ledger {
             let mut l = ledger.lock().expect("ledger lock");
             l.expire(Utc::now());
@@ -586,21 +674,44 @@ impl Engine {
         } else {
             buffered >= self.max_buffered
         };
-        if throttle == self.throttled && !assigned {
+        let max_parked = self.shared.settings.max_parked;
+        let parked_full = if self.parked_full {
+            self.parked.events > max_parked * 3 / 4
+        } else {
+            self.parked.events >= max_parked
+        };
+        if throttle == self.throttled && parked_full == self.parked_full && !assigned {
             return;
         }
+        if parked_full != self.parked_full {
+            tracing::info!(
+                destination = %self.shared.destination,
+                parked = self.parked.events,
+                max_parked,
+                "{}",
+                if parked_full {
+                    "parked events at their bound; new deliveries wait until some are resolved"
+                } else {
+                    "room for parked events again; reading new deliveries"
+                }
+            );
+        }
         self.throttled = throttle;
+        self.parked_full = parked_full;
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
         let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
         for e in assignment.elements() {
-            let waits_on_its_own = e.topic() == self.shared.retry_topic
+            let is_retry = e.topic() == self.shared.retry_topic;
+            let waits_on_its_own = is_retry
                 && self
                     .retries
                     .get(&e.partition())
                     .is_some_and(RetryPartition::is_paused);
-            if throttle || waits_on_its_own {
+            // Retry partitions read on: resolving parked events makes room.
+            let no_room = parked_full && !is_retry;
+            if throttle || waits_on_its_own || no_room {
                 pause.add_partition(e.topic(), e.partition());
             } else {
                 resume.add_partition(e.topic(), e.partition());
@@ -762,8 +873,7 @@ impl Engine {
         self.retries.retain(|p, _| !retry_gone(*p));
         self.requeue.retain(|(i, _)| !is_gone(&i.source));
         // Their parked events are read by the retry partition's new owner.
-        self.parked
-            .retain(|_, pp| pp.retry_partition.is_none_or(|p| !retry_gone(p)));
+        self.parked.forget_partitions(retry_gone);
         let mut release = Vec::new();
         for (anchor, person) in &mut self.active {
             let n = person.waiting.len();
@@ -801,7 +911,7 @@ impl Engine {
                 .done(&source.topic, source.partition, source.offset, item.epoch);
             // Not sent, so it releases nobody waiting behind an event in
             // flight; but if it was parked, it no longer holds anyone back.
-            self.unpark(item.anchor(), item.origin.offset);
+            self.parked.remove(item.anchor(), item.origin.offset);
             return;
         }
         let anchor = item.anchor().to_string();
@@ -831,26 +941,22 @@ impl Engine {
     /// behind them. Deliver-topic offsets order one person's events (one
     /// key, one partition).
     fn must_follow(&self, item: &Item) -> Option<DateTime<Utc>> {
-        let parked = self.parked.get(item.anchor())?;
+        let parked = self.parked.people.get(item.anchor())?;
         let oldest = *parked.origins.first()?;
         let is_oldest =
             item.source.topic == self.shared.retry_topic && item.origin.offset == oldest;
         (!is_oldest).then_some(parked.due)
     }
 
-    /// Parks `item` behind its person's earlier parked event (same key, so
-    /// the same retry partition, so read back in order).
+    /// Parks `item` behind its person's earlier parked event (same deliver
+    /// partition, so the same retry partition, so read back in order).
     fn follow(&mut self, item: Item, due: DateTime<Utc>) {
-        let entry = self
-            .parked
-            .entry(item.anchor().to_string())
-            .or_insert_with(|| ParkedPerson {
-                origins: BTreeSet::new(),
-                due,
-                retry_partition: None,
-            });
-        entry.origins.insert(item.origin.offset);
-        entry.due = entry.due.max(due);
+        self.parked.add(
+            item.anchor(),
+            item.origin.offset,
+            due,
+            send::retry_partition(&item),
+        );
         self.shared.ownership.dispatched([&item]);
         self.writing += 1;
         let shared = self.shared.clone();
@@ -913,17 +1019,8 @@ impl Engine {
                 due,
                 retry_partition,
             } => {
-                let entry = self
-                    .parked
-                    .entry(d.anchor.clone())
-                    .or_insert_with(|| ParkedPerson {
-                        origins: BTreeSet::new(),
-                        due,
-                        retry_partition: None,
-                    });
-                entry.origins.insert(d.origin_offset);
-                entry.due = entry.due.max(due);
-                entry.retry_partition = Some(retry_partition);
+                self.parked
+                    .add(&d.anchor, d.origin_offset, due, retry_partition);
                 let waiting = self
                     .active
                     .remove(&d.anchor)
@@ -934,18 +1031,11 @@ impl Engine {
                     self.follow(item, due);
                 }
             }
-            DoneKind::Followed {
-                retry_partition, ..
-            } => {
-                if let Some(p) = self.parked.get_mut(&d.anchor) {
-                    p.retry_partition = Some(retry_partition);
-                }
-            }
             DoneKind::Resolved => {
-                self.unpark(&d.anchor, d.origin_offset);
+                self.parked.remove(&d.anchor, d.origin_offset);
                 self.release_next(&d.anchor);
             }
-            DoneKind::Requeued => {}
+            DoneKind::Followed { .. } | DoneKind::Requeued => {}
         }
     }
 
@@ -958,15 +1048,6 @@ impl Engine {
             && let Some(resume) = rp.lap_pause
         {
             rp.lap_pause = Some(resume.min(instant_at(due - horizon)));
-        }
-    }
-
-    fn unpark(&mut self, anchor: &str, origin_offset: i64) {
-        if let Some(p) = self.parked.get_mut(anchor) {
-            p.origins.remove(&origin_offset);
-            if p.origins.is_empty() {
-                self.parked.remove(anchor);
-            }
         }
     }
 
@@ -1058,13 +1139,62 @@ impl Engine {
     }
 }
 
+/// With ordering: the people with events on the retry topic, and how many
+/// events that is (what bounds it).
+#[derive(Default)]
+struct Parked {
+    people: HashMap<String, ParkedPerson>,
+    events: usize,
+}
+
 struct ParkedPerson {
     /// Deliver-topic offsets of their parked events (oldest first).
     origins: BTreeSet<i64>,
     /// The latest due time among them.
     due: DateTime<Utc>,
-    /// The retry partition holding them, once a write of theirs was acked.
-    retry_partition: Option<i32>,
+    /// The retry partition holding them: their deliver partition's number,
+    /// so this instance reads it back and sees them resolved.
+    retry_partition: i32,
+}
+
+impl Parked {
+    fn add(&mut self, anchor: &str, origin_offset: i64, due: DateTime<Utc>, retry_partition: i32) {
+        let person = self
+            .people
+            .entry(anchor.to_string())
+            .or_insert_with(|| ParkedPerson {
+                origins: BTreeSet::new(),
+                due,
+                retry_partition,
+            });
+        if person.origins.insert(origin_offset) {
+            self.events += 1;
+        }
+        person.due = person.due.max(due);
+    }
+
+    fn remove(&mut self, anchor: &str, origin_offset: i64) {
+        if let Some(p) = self.people.get_mut(anchor)
+            && p.origins.remove(&origin_offset)
+        {
+            self.events -= 1;
+            if p.origins.is_empty() {
+                self.people.remove(anchor);
+            }
+        }
+    }
+
+    /// Forgets the people whose retry partition `gone` says another instance reads now.
+    fn forget_partitions(&mut self, gone: impl Fn(i32) -> bool) {
+        let events = &mut self.events;
+        self.people.retain(|_, p| {
+            let keep = !gone(p.retry_partition);
+            if !keep {
+                *events -= p.origins.len();
+            }
+            keep
+        });
+    }
 }
 
 /// The monotonic time of a wall-clock due time. A due time read from a

@@ -9,6 +9,7 @@ use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 
+use super::retry::cut;
 use crate::delivery::Delivery;
 
 /// Header names switchyard sets on dead letters (router and sink alike, so
@@ -54,6 +55,11 @@ pub mod header {
 
 /// The most of a vendor response a dead letter keeps.
 pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
+/// The most of a reason (often a vendor's words) records and logs keep.
+pub const REASON_MAX_BYTES: usize = 2048;
+/// The most of an error class kept: some are vendors' codes, and classes
+/// are metric labels too.
+pub const CLASS_MAX_BYTES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -133,7 +139,10 @@ impl Item {
             first_attempt: time(header::FIRST_ATTEMPT),
             last_attempt: time(header::LAST_ATTEMPT),
             due: time(header::DUE),
-            reason: own.get(header::REASON).cloned(),
+            // Written by any version of switchyard, so cut again.
+            reason: own
+                .get(header::REASON)
+                .map(|r| cut(r, REASON_MAX_BYTES).into_owned()),
             requeued_at: time(header::REQUEUED_AT),
             epoch: 0,
             raw,
@@ -208,7 +217,7 @@ impl Item {
         })
         .insert(Header {
             key: header::REASON,
-            value: Some(reason),
+            value: Some(&*cut(reason, REASON_MAX_BYTES)),
         })
     }
 
@@ -226,18 +235,15 @@ impl Item {
             })
             .insert(Header {
                 key: header::ERROR_CLASS,
-                value: Some(&rejection.class),
+                value: Some(&*cut(&rejection.class, CLASS_MAX_BYTES)),
             })
             .insert(Header {
                 key: header::REASON,
-                value: Some(&rejection.reason),
+                value: Some(&*cut(&rejection.reason, REASON_MAX_BYTES)),
             })
             .insert(Header {
                 key: header::RESPONSE,
-                value: Some(
-                    super::retry::excerpt(rejection.response.as_bytes(), RESPONSE_EXCERPT_BYTES)
-                        .as_bytes(),
-                ),
+                value: Some(&*cut(&rejection.response, RESPONSE_EXCERPT_BYTES)),
             });
         if let Some(s) = rejection.status {
             h = h.insert(Header {
@@ -254,7 +260,7 @@ pub struct Rejection {
     pub class: String,
     pub reason: String,
     pub status: Option<u16>,
-    /// The vendor's response body (cut to 1 KB when written).
+    /// The head of the vendor's response body (see `RESPONSE_EXCERPT_BYTES`).
     pub response: String,
 }
 

@@ -2,6 +2,7 @@
 //! vendor asked us to wait, and whether the next attempt waits in memory,
 //! moves to the retry topic, or is out of budget.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -41,14 +42,52 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// At most `max` bytes of a body as text, cut on a character boundary.
+/// At most `max` bytes of a body as text, cut on a character boundary and
+/// marked when cut (see [`cut`]).
 pub fn excerpt(body: &[u8], max: usize) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut end = text.len().min(max);
+    // Only the head is decoded (a body may be megabytes); the character it
+    // may cut in two decodes as one replacement character, dropped here.
+    let head = &body[..body.len().min(max)];
+    let text = String::from_utf8_lossy(head);
+    let text = if head.len() < body.len() {
+        text.strip_suffix('\u{fffd}').unwrap_or(&text)
+    } else {
+        &text
+    };
+    cut_of(text, max, body.len()).into_owned()
+}
+
+/// `text` in at most `max` bytes: whole when it fits, else its head, cut on
+/// a character boundary, and `…(cut, N bytes)` saying how long it was.
+/// Vendors' texts go into record headers, logs and metric labels, and one of
+/// any size must not make the record too large to write.
+pub fn cut(text: &str, max: usize) -> Cow<'_, str> {
+    cut_of(text, max, text.len())
+}
+
+/// [`cut`] for an owned text, which stays as it is when it fits.
+pub fn cut_string(text: String, max: usize) -> String {
+    if text.len() <= max {
+        text
+    } else {
+        cut(&text, max).into_owned()
+    }
+}
+
+/// [`cut`] of a `text` that is the head of one `total` bytes long.
+fn cut_of(text: &str, max: usize, total: usize) -> Cow<'_, str> {
+    if text.len() <= max && total == text.len() {
+        return Cow::Borrowed(text);
+    }
+    let mut mark = format!("…(cut, {total} bytes)");
+    if mark.len() > max {
+        mark.clear();
+    }
+    let mut end = (max - mark.len()).min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_string()
+    Cow::Owned(format!("{}{mark}", &text[..end]))
 }
 
 /// What to do with an event that has to be tried again.
@@ -125,6 +164,25 @@ mod tests {
                 .collect(),
             body: b"nope".to_vec(),
         }
+    }
+
+    #[test]
+    fn vendor_text_is_cut_on_a_character_boundary_and_says_so() {
+        assert_eq!(cut("short", 10), "short");
+        let long = "é".repeat(1000);
+        let c = cut(&long, 101);
+        assert!(c.len() <= 101, "{}", c.len());
+        assert!(c.ends_with("…(cut, 2000 bytes)"), "{c}");
+        assert!(c.starts_with("éé"));
+        // A body cut within a character, or not UTF-8 at all.
+        let body = "ü".repeat(5000).into_bytes();
+        let e = excerpt(&body, 1023);
+        assert!(e.len() <= 1023 && e.ends_with("…(cut, 10000 bytes)"), "{e}");
+        assert!(!e.contains('\u{fffd}'), "{e}");
+        assert_eq!(excerpt(b"ok", 1024), "ok");
+        assert!(excerpt(&[0xff; 4096], 100).len() <= 100);
+        // Too small a room for the mark: only the head.
+        assert_eq!(cut("abcdef", 3), "abc");
     }
 
     #[test]

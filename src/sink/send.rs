@@ -22,8 +22,11 @@ use super::metrics::{
     BATCH_EVENTS, DLQ_WRITES, EVENTS, PACE_SHARE, REQUEST_SECONDS, REQUESTS, status_class,
 };
 use super::pace::Pace;
-use super::records::{Final, Item, LedgerEntry, LedgerIndex, Position, Rejection, ledger_key};
-use super::retry::{Next, excerpt, next_step, retry_after};
+use super::records::{
+    CLASS_MAX_BYTES, Final, Item, LedgerEntry, LedgerIndex, Position, REASON_MAX_BYTES,
+    RESPONSE_EXCERPT_BYTES, Rejection, ledger_key,
+};
+use super::retry::{Next, cut_string, excerpt, next_step, retry_after};
 use crate::delivery::Delivery;
 use crate::kafka::client::ProducerGuard;
 
@@ -33,6 +36,11 @@ use crate::kafka::client::ProducerGuard;
 pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest pause between attempts to make outcomes durable.
 const MAX_PERSIST_BACKOFF: Duration = Duration::from_secs(10);
+/// The most of a response body read: room for any vendor's per-event
+/// answers to a full batch. A longer body (or one without end) is read up to
+/// here and classified on what arrived, so a vendor cannot make a sink
+/// buffer gigabytes.
+pub const RESPONSE_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 /// Everything one destination's batches share.
 pub struct Shared {
@@ -122,7 +130,8 @@ pub async fn deliver(
             finals.push((item, reject("expired", reason)));
         } else if let Some(refusal) = shared.vendor.refuse(&d) {
             item.delivery = Some(d);
-            finals.push((item, reject(refusal.class, refusal.reason)));
+            let reason = cut_string(refusal.reason, REASON_MAX_BYTES);
+            finals.push((item, reject(refusal.class, reason)));
         } else if item.raw.len() > shared.limits.max_bytes {
             item.delivery = Some(d);
             finals.push((
@@ -200,16 +209,17 @@ pub async fn deliver(
                     PACE_SHARE
                         .with_label_values(&[name])
                         .set(shared.pace.share());
-                    let body = excerpt(&resp.body, super::records::RESPONSE_EXCERPT_BYTES);
+                    let body = excerpt(&resp.body, RESPONSE_EXCERPT_BYTES);
                     shared
                         .vendor
                         .classify(&resp, slice)
                         .into_iter()
-                        .map(|o| (o, Some(resp.status), body.clone()))
+                        .map(|o| (bounded(o), Some(resp.status), body.clone()))
                         .collect()
                 }
                 Err(reason) => {
                     REQUESTS.with_label_values(&[name, "network"]).inc();
+                    let reason = cut_string(reason, REASON_MAX_BYTES);
                     slice
                         .iter()
                         .map(|_| {
@@ -344,6 +354,22 @@ fn let_go_of_handed_over(shared: &Shared, pending: &mut Vec<(Item, Delivery)>) {
     });
 }
 
+/// A vendor's outcome with its texts cut to what records, logs and metric
+/// labels keep.
+fn bounded(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Delivered => Outcome::Delivered,
+        Outcome::Retry { after, reason } => Outcome::Retry {
+            after,
+            reason: cut_string(reason, REASON_MAX_BYTES),
+        },
+        Outcome::Rejected { class, reason } => Outcome::Rejected {
+            class: cut_string(class, CLASS_MAX_BYTES),
+            reason: cut_string(reason, REASON_MAX_BYTES),
+        },
+    }
+}
+
 /// One event's answer from its request.
 #[derive(Clone)]
 struct Answer {
@@ -443,12 +469,29 @@ async fn send(
             )
         })
         .collect();
-    let body = resp.bytes().await?.to_vec();
+    let body = read_body(resp, RESPONSE_MAX_BYTES).await?;
     Ok(Response {
         status,
         headers,
         body,
     })
+}
+
+/// A response body, read until its end or `max` bytes, whichever is first.
+pub(crate) async fn read_body(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let expected = resp.content_length().unwrap_or(0).min(max as u64);
+    let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(max));
+    while let Some(chunk) = resp.chunk().await? {
+        let room = max - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == max {
+            break;
+        }
+    }
+    Ok(body)
 }
 
 /// Writes every outcome (ledger, dead letter, retry record), waits for the
@@ -511,9 +554,10 @@ pub async fn persist(
                 });
             }
             Final::Parked { due, reason } => {
+                let partition = shared.settings.ordering.then(|| retry_partition(item));
                 outs.push(retry_record(
                     item.retry_headers(name, *due, reason, None),
-                    None,
+                    partition,
                 ));
             }
             Final::Requeued { due, reason, at } => {
@@ -628,6 +672,14 @@ pub async fn persist(
         });
     }
     Ok(done)
+}
+
+/// With ordering, the retry partition an item is parked on: its deliver
+/// partition's number (the topics have as many partitions, and the sink's
+/// range assignor gives both to one instance), so the instance that tracks a
+/// parked person is the one that reads their event back (decision 0003).
+pub fn retry_partition(item: &Item) -> i32 {
+    item.origin.partition
 }
 
 /// Produce errors that a retry (or a fresh producer) cannot fix.

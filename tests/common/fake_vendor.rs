@@ -30,6 +30,13 @@ pub enum Reply {
     Drop,
     /// Hold the request this long, then answer it the default way.
     Slow(Duration),
+    /// Answer with this status and a body that never ends.
+    Endless(u16),
+    /// 503 with Retry-After: a wait the vendor sets, without the throttle
+    /// a 429 puts on the pace.
+    Unavailable {
+        retry_after_s: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +57,8 @@ struct Inner {
     script: VecDeque<Reply>,
     /// Event ids refused permanently while present.
     refuse: HashSet<String>,
+    /// The reason given for permanent refusals, instead of the default.
+    refusal_reason: Option<String>,
     /// Event ids refused as retryable this many more times.
     fail: HashMap<String, u32>,
     /// Delay before every default 200.
@@ -87,9 +96,20 @@ impl FakeVendor {
         self.inner.lock().unwrap().script.extend(replies);
     }
 
+    /// Drops the replies not used yet.
+    pub fn clear_script(&self) {
+        self.inner.lock().unwrap().script.clear();
+    }
+
     pub fn refuse(&self, ids: &[&str]) {
         let mut i = self.inner.lock().unwrap();
         i.refuse = ids.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Refuses `ids` permanently, giving `reason` for each.
+    pub fn refuse_with(&self, ids: &[&str], reason: &str) {
+        self.refuse(ids);
+        self.inner.lock().unwrap().refusal_reason = Some(reason.to_string());
     }
 
     pub fn fail_times(&self, id: &str, times: u32) {
@@ -218,6 +238,27 @@ async fn handle(State(fake): State<FakeVendor>, headers: HeaderMap, body: Bytes)
         // Unwinding without the panic hook ends the connection's task, so
         // the socket closes with no answer and no noise on stderr.
         Some(Reply::Drop) => std::panic::resume_unwind(Box::new("drop the connection")),
+        Some(Reply::Unavailable { retry_after_s }) => {
+            answer(503);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", retry_after_s.to_string())],
+                "down for maintenance",
+            )
+                .into_response()
+        }
+        Some(Reply::Endless(s)) => {
+            answer(s);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let body = futures::stream::repeat_with(move || {
+                Ok::<_, std::convert::Infallible>(chunk.clone())
+            });
+            (
+                StatusCode::from_u16(s).unwrap(),
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
         Some(Reply::Slow(_)) => unreachable!("answered the default way"),
         None => {
             if !delay.is_zero() {
@@ -225,9 +266,13 @@ async fn handle(State(fake): State<FakeVendor>, headers: HeaderMap, body: Bytes)
             }
             let mut i = fake.inner.lock().unwrap();
             let mut errors = Vec::new();
+            let refusal = i
+                .refusal_reason
+                .clone()
+                .unwrap_or_else(|| "value must be positive".into());
             for (id, _) in &events {
                 if i.refuse.contains(id) {
-                    errors.push(serde_json::json!({"idempotency_key": id, "reason": "value must be positive"}));
+                    errors.push(serde_json::json!({"idempotency_key": id, "reason": refusal}));
                 } else if let Some(n) = i.fail.get_mut(id)
                     && *n > 0
                 {
