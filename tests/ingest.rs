@@ -511,6 +511,23 @@ async fn refusals_have_the_right_status_and_body_and_publish_nothing() {
             "body_too_large",
         ),
         (
+            "mixpanel oversize after gzip",
+            http.post(format!("{base}/mixpanel/track"))
+                .header("Content-Encoding", "gzip")
+                .body(gzip(&vec![b' '; 20_000])),
+            413,
+            "body_too_large",
+        ),
+        (
+            "wrong write key, checked before the body is inflated",
+            http.post(format!("{base}/v1/batch"))
+                .basic_auth("wrong_0123456789abcdef", Some(""))
+                .header("Content-Encoding", "gzip")
+                .body(gzip(&vec![b' '; 20_000])),
+            401,
+            "unknown_key",
+        ),
+        (
             "unknown endpoint",
             http.post(format!("{base}/v2/events")).json(&valid),
             404,

@@ -28,6 +28,17 @@ pub struct IngestConfig {
     /// Longest wait for the broker's ack before answering 503.
     #[serde(deserialize_with = "crate::config::de_duration")]
     pub produce_timeout: Duration,
+    /// Requests in flight at once; above it the gateway answers 503 with
+    /// `Retry-After` at once. Each holds up to twice `body_limit_bytes`
+    /// (the body as sent and inflated), which bounds the gateway's memory.
+    pub max_concurrent_requests: usize,
+    /// Longest time to receive a request body; a client that stalls is
+    /// answered 408 and its request slot freed.
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub body_read_timeout: Duration,
+    /// Longest time for a whole request, body and broker ack included (408).
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub request_timeout: Duration,
     /// Topic that staging keys publish to. Without it staging keys are
     /// refused: staging traffic never reaches the canonical topic, whose
     /// consumers deliver to live destinations.
@@ -45,6 +56,9 @@ impl Default for IngestConfig {
             timestamp_skew: Duration::from_secs(300),
             require_timestamp: false,
             produce_timeout: Duration::from_secs(5),
+            max_concurrent_requests: 256,
+            body_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             staging_topic: None,
             keys: Vec::new(),
         }
@@ -133,6 +147,26 @@ impl IngestConfig {
             bad(
                 "ingest.produce_timeout".into(),
                 "must be at least 100ms".into(),
+            );
+        }
+        if self.max_concurrent_requests == 0 {
+            bad(
+                "ingest.max_concurrent_requests".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.body_read_timeout < Duration::from_millis(100) {
+            bad(
+                "ingest.body_read_timeout".into(),
+                "must be at least 100ms".into(),
+            );
+        }
+        if self.request_timeout <= self.body_read_timeout + self.produce_timeout {
+            // Otherwise a slow body or a slow broker would be cut off by the
+            // request timeout before its own, more telling, answer.
+            bad(
+                "ingest.request_timeout".into(),
+                "must be longer than body_read_timeout + produce_timeout".into(),
             );
         }
         if let Some(t) = &self.staging_topic
@@ -228,6 +262,9 @@ mod tests {
             r#"
             [ingest]
             body_limit_bytes = 10
+            max_concurrent_requests = 0
+            body_read_timeout = "10ms"
+            request_timeout = "5s"
             [[ingest.keys]]
             key = "short"
             source = "x"
@@ -242,6 +279,9 @@ mod tests {
             keys,
             [
                 "ingest.body_limit_bytes",
+                "ingest.max_concurrent_requests",
+                "ingest.body_read_timeout",
+                "ingest.request_timeout",
                 "ingest.keys[0].key",
                 "ingest.keys[0].environment",
                 "ingest.keys[0].segment_shared_secret"
