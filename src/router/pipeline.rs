@@ -296,6 +296,9 @@ pub struct Pipeline {
 /// How much of an oversize record's payload the dead letter keeps: brokers
 /// refuse records above their message size limit, so the whole of a 10 MB
 /// record cannot be written anywhere.
+/// How far ahead of its receive time an event's own date is believed when
+/// it orders identity facts (clocks of devices and servers drift).
+const FUTURE_SKEW_SECS: i64 = 300;
 const OVERSIZE_KEEP: usize = 64 * 1024;
 const REASON_MAX: usize = 4096;
 
@@ -541,7 +544,20 @@ impl Pipeline {
         batch.staged.insert((rec.partition, k));
         batch.staged_order.push((rec.partition, k, now_secs));
 
-        let hints = Profile::from_event(&ev, &mut self.phones);
+        let mut hints = Profile::from_event(&ev, &mut self.phones);
+        // What a newer event says about a person wins, so an event dated in
+        // the future (a wrong clock, or a public write key used on purpose)
+        // would lock their email hash or device link until that date. For
+        // that ordering, an event dated further ahead than clocks drift
+        // counts as of when it was received.
+        let now = Utc::now().timestamp();
+        let received = rec
+            .timestamp_ms
+            .map_or(now, |ms| ms.div_euclid(1000))
+            .min(now);
+        if hints.as_of > received + FUTURE_SKEW_SECS {
+            hints.as_of = received;
+        }
         // A phone of the right shape that is no number in E.164 (with the
         // configured default country) is dropped like any malformed hint.
         let bad_phone = ev
@@ -674,6 +690,7 @@ mod tests {
     use crate::delivery::Delivery;
     use crate::event::ClickKind;
     use crate::router::identity::EmailRule;
+    use chrono::DateTime;
 
     fn pipeline() -> Pipeline {
         let cfg = Config::parse(
@@ -741,6 +758,46 @@ consent = "analytics"
         assert_eq!(d.name, "Purchase");
         assert_eq!(d.origin.offset, 7);
         assert_eq!(b.offsets[&0], (7, 7));
+    }
+
+    #[test]
+    fn an_event_dated_in_the_future_cannot_lock_a_persons_identity() {
+        let mut p = pipeline();
+        let mut b = Batch::default();
+        let now = Utc::now();
+        let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let far = DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let events = [
+            format!(
+                r#"{{"event":"lead","event_id":"e1","occurred_at":"{}","user_id":"u1","anonymous_id":"a1","email":"planted@example.com"}}"#,
+                at(far)
+            ),
+            format!(
+                r#"{{"event":"lead","event_id":"e2","occurred_at":"{}","user_id":"u1","anonymous_id":"a1","email":"real@example.com"}}"#,
+                at(now + chrono::Duration::seconds(1))
+            ),
+            format!(
+                r#"{{"event":"purchase","event_id":"e3","occurred_at":"{}","user_id":"u1","value":5,"currency":"USD","consent":{{"ads":"granted"}}}}"#,
+                at(now + chrono::Duration::seconds(2))
+            ),
+        ];
+        for (i, e) in events.iter().enumerate() {
+            let id = format!("e{}", i + 1);
+            p.process(&rec(Some(&id), e, i as i64), 1000, &mut b);
+        }
+        p.seal(&mut b);
+        let meta: Vec<Delivery> = b
+            .records()
+            .filter(|o| o.topic == "switchyard.deliver.meta")
+            .map(|o| serde_json::from_slice(o.payload.unwrap()).unwrap())
+            .collect();
+        let purchase = meta.iter().find(|d| d.event.event_id == "e3").unwrap();
+        assert_eq!(
+            purchase.event.email_sha256,
+            Some(crate::event::normalize::sha256_hex("real@example.com"))
+        );
     }
 
     #[test]
