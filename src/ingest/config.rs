@@ -120,6 +120,23 @@ pub struct IngestKey {
     pub routes: Vec<Route>,
     /// Shared secret of a Segment webhook destination (`X-Signature`).
     pub segment_shared_secret: Option<Secret>,
+    /// `client` for a key that ships in browsers or apps (Segment write
+    /// keys, Mixpanel tokens and PostHog api keys usually do): anyone can
+    /// send with it, so its events set no identity facts and dedup among
+    /// themselves only. See docs/decisions/0002.
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// Whether whoever holds a key is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trust {
+    /// Held by the operator's own services.
+    #[default]
+    Server,
+    /// Public by design.
+    Client,
 }
 
 impl IngestKey {
@@ -175,6 +192,7 @@ impl IngestConfig {
             bad("ingest.staging_topic".into(), why);
         }
         let mut seen = std::collections::HashSet::new();
+        let mut trust_of = std::collections::HashMap::new();
         for (i, k) in self.keys.iter().enumerate() {
             let key = |field: &str| format!("ingest.keys[{i}].{field}");
             if k.key.expose().len() < 16 {
@@ -184,6 +202,16 @@ impl IngestConfig {
             }
             if k.source.is_empty() || k.source.len() > 64 {
                 bad(key("source"), "must be 1-64 characters".into());
+            }
+            // The router knows an event's key only by its source.
+            if *trust_of.entry(k.source.as_str()).or_insert(k.trust) != k.trust {
+                bad(
+                    key("trust"),
+                    format!(
+                        "another key of source `{}` has another trust; the router tells keys apart by source",
+                        k.source
+                    ),
+                );
             }
             if k.environment == Environment::Staging && self.staging_topic.is_none() {
                 bad(
@@ -200,6 +228,16 @@ impl IngestConfig {
                 );
             }
         }
+    }
+
+    /// Sources whose keys are public: their events set no identity facts
+    /// and dedup among themselves only.
+    pub fn client_sources(&self) -> std::collections::HashSet<Box<str>> {
+        self.keys
+            .iter()
+            .filter(|k| k.trust == Trust::Client)
+            .map(|k| k.source.as_str().into())
+            .collect()
     }
 
     /// The topic a key's events go to.
@@ -254,6 +292,22 @@ mod tests {
             Some("events.staging")
         );
         assert!(!format!("{c:?}").contains("ck_0123456789abcdef"));
+    }
+
+    #[test]
+    fn keys_of_one_source_agree_on_trust() {
+        let text = |trust: &str| {
+            format!(
+                "[[ingest.keys]]\nkey = \"srv_0123456789abcdef\"\nsource = \"web\"\nenvironment = \"production\"\n\
+                 [[ingest.keys]]\nkey = \"pub_0123456789abcdef\"\nsource = \"web\"\nenvironment = \"production\"\ntrust = \"{trust}\"\n"
+            )
+        };
+        let Err(ConfigError::Invalid { problems, .. }) = parse(&text("client")) else {
+            panic!("accepted")
+        };
+        assert_eq!(problems[0].key, "ingest.keys[1].trust");
+        let c = parse(&text("server")).unwrap();
+        assert!(c.ingest.client_sources().is_empty());
     }
 
     #[test]
