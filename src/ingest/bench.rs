@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use super::config::{Environment, IngestKey};
+use super::config::{Environment, IngestKey, Trust};
 use crate::config::{Config, Guarantee, Secret};
 use crate::kafka::{self, Cluster, EmbeddedBroker};
 
@@ -108,6 +108,7 @@ fn run_one(opts: &BenchOptions, brokers: Option<String>) -> Result<Figures, Benc
         environment: Environment::Production,
         routes: Vec::new(),
         segment_shared_secret: None,
+        trust: Trust::Server,
     }];
     let cluster = match &brokers {
         Some(b) => Cluster::External {

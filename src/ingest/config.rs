@@ -28,6 +28,17 @@ pub struct IngestConfig {
     /// Longest wait for the broker's ack before answering 503.
     #[serde(deserialize_with = "crate::config::de_duration")]
     pub produce_timeout: Duration,
+    /// Requests in flight at once; above it the gateway answers 503 with
+    /// `Retry-After` at once. Each holds up to twice `body_limit_bytes`
+    /// (the body as sent and inflated), which bounds the gateway's memory.
+    pub max_concurrent_requests: usize,
+    /// Longest time to receive a request body; a client that stalls is
+    /// answered 408 and its request slot freed.
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub body_read_timeout: Duration,
+    /// Longest time for a whole request, body and broker ack included (408).
+    #[serde(deserialize_with = "crate::config::de_duration")]
+    pub request_timeout: Duration,
     /// Topic that staging keys publish to. Without it staging keys are
     /// refused: staging traffic never reaches the canonical topic, whose
     /// consumers deliver to live destinations.
@@ -45,6 +56,9 @@ impl Default for IngestConfig {
             timestamp_skew: Duration::from_secs(300),
             require_timestamp: false,
             produce_timeout: Duration::from_secs(5),
+            max_concurrent_requests: 256,
+            body_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             staging_topic: None,
             keys: Vec::new(),
         }
@@ -106,6 +120,23 @@ pub struct IngestKey {
     pub routes: Vec<Route>,
     /// Shared secret of a Segment webhook destination (`X-Signature`).
     pub segment_shared_secret: Option<Secret>,
+    /// `client` for a key that ships in browsers or apps (Segment write
+    /// keys, Mixpanel tokens and PostHog api keys usually do): anyone can
+    /// send with it, so its events set no identity facts and dedup among
+    /// themselves only. See docs/decisions/0002.
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// Whether whoever holds a key is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trust {
+    /// Held by the operator's own services.
+    #[default]
+    Server,
+    /// Public by design.
+    Client,
 }
 
 impl IngestKey {
@@ -135,12 +166,33 @@ impl IngestConfig {
                 "must be at least 100ms".into(),
             );
         }
+        if self.max_concurrent_requests == 0 {
+            bad(
+                "ingest.max_concurrent_requests".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.body_read_timeout < Duration::from_millis(100) {
+            bad(
+                "ingest.body_read_timeout".into(),
+                "must be at least 100ms".into(),
+            );
+        }
+        if self.request_timeout <= self.body_read_timeout + self.produce_timeout {
+            // Otherwise a slow body or a slow broker would be cut off by the
+            // request timeout before its own, more telling, answer.
+            bad(
+                "ingest.request_timeout".into(),
+                "must be longer than body_read_timeout + produce_timeout".into(),
+            );
+        }
         if let Some(t) = &self.staging_topic
             && let Err(why) = check_topic_name(t)
         {
             bad("ingest.staging_topic".into(), why);
         }
         let mut seen = std::collections::HashSet::new();
+        let mut trust_of = std::collections::HashMap::new();
         for (i, k) in self.keys.iter().enumerate() {
             let key = |field: &str| format!("ingest.keys[{i}].{field}");
             if k.key.expose().len() < 16 {
@@ -150,6 +202,16 @@ impl IngestConfig {
             }
             if k.source.is_empty() || k.source.len() > 64 {
                 bad(key("source"), "must be 1-64 characters".into());
+            }
+            // The router knows an event's key only by its source.
+            if *trust_of.entry(k.source.as_str()).or_insert(k.trust) != k.trust {
+                bad(
+                    key("trust"),
+                    format!(
+                        "another key of source `{}` has another trust; the router tells keys apart by source",
+                        k.source
+                    ),
+                );
             }
             if k.environment == Environment::Staging && self.staging_topic.is_none() {
                 bad(
@@ -166,6 +228,16 @@ impl IngestConfig {
                 );
             }
         }
+    }
+
+    /// Sources whose keys are public: their events set no identity facts
+    /// and dedup among themselves only.
+    pub fn client_sources(&self) -> std::collections::HashSet<Box<str>> {
+        self.keys
+            .iter()
+            .filter(|k| k.trust == Trust::Client)
+            .map(|k| k.source.as_str().into())
+            .collect()
     }
 
     /// The topic a key's events go to.
@@ -223,11 +295,30 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_one_source_agree_on_trust() {
+        let text = |trust: &str| {
+            format!(
+                "[[ingest.keys]]\nkey = \"srv_0123456789abcdef\"\nsource = \"web\"\nenvironment = \"production\"\n\
+                 [[ingest.keys]]\nkey = \"pub_0123456789abcdef\"\nsource = \"web\"\nenvironment = \"production\"\ntrust = \"{trust}\"\n"
+            )
+        };
+        let Err(ConfigError::Invalid { problems, .. }) = parse(&text("client")) else {
+            panic!("accepted")
+        };
+        assert_eq!(problems[0].key, "ingest.keys[1].trust");
+        let c = parse(&text("server")).unwrap();
+        assert!(c.ingest.client_sources().is_empty());
+    }
+
+    #[test]
     fn problems_are_named_by_key() {
         let Err(ConfigError::Invalid { problems, .. }) = parse(
             r#"
             [ingest]
             body_limit_bytes = 10
+            max_concurrent_requests = 0
+            body_read_timeout = "10ms"
+            request_timeout = "5s"
             [[ingest.keys]]
             key = "short"
             source = "x"
@@ -242,6 +333,9 @@ mod tests {
             keys,
             [
                 "ingest.body_limit_bytes",
+                "ingest.max_concurrent_requests",
+                "ingest.body_read_timeout",
+                "ingest.request_timeout",
                 "ingest.keys[0].key",
                 "ingest.keys[0].environment",
                 "ingest.keys[0].segment_shared_secret"

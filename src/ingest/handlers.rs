@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::StreamExt as _;
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha1::Sha1;
@@ -30,6 +31,9 @@ const SIGNATURE_HEADER: &str = "x-signature";
 const TIMESTAMP_HEADER: &str = "x-switchyard-timestamp";
 /// Seconds a client should wait after a 503 before retrying.
 const RETRY_AFTER_UNAVAILABLE: u64 = 5;
+/// Seconds after a request shed over the concurrency limit: slots free up
+/// as fast as requests finish.
+const RETRY_AFTER_OVERLOADED: u64 = 1;
 
 type G = State<Arc<Gateway>>;
 
@@ -99,6 +103,17 @@ pub(super) async fn readyz(State(g): G) -> Response {
     }
 }
 
+/// Over `ingest.max_concurrent_requests` (the load-shed layer's only error).
+pub(super) async fn overloaded(_: tower::BoxError) -> Response {
+    let mut r = Reject::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "the gateway is at its limit of concurrent requests; retry shortly",
+    );
+    r.retry_after = Some(RETRY_AFTER_OVERLOADED);
+    finish("shed", Err(r))
+}
+
 pub(super) async fn not_found() -> Response {
     finish(
         "unknown",
@@ -125,7 +140,10 @@ pub(super) async fn method_not_allowed() -> Response {
 
 pub(super) async fn canonical_events(State(g): G, headers: HeaderMap, body: Body) -> Response {
     let outcome = async {
-        let key = authorize(&g, bearer(&headers), Route::Canonical, &headers)?;
+        let key = match authorize(&g, bearer(&headers), Route::Canonical, &headers) {
+            Ok(key) => key,
+            Err(refused) => return Err(discard(&g, &headers, body, refused).await),
+        };
         let bytes = read_body(&g, &headers, body).await?;
         let value = parse_json(&bytes)?;
         let (events, single) = match value {
@@ -277,16 +295,29 @@ pub(super) async fn segment_api_page(g: G, headers: HeaderMap, body: Body) -> Re
 
 /// Segment's HTTP Tracking API: the write key is the Basic-auth user (or
 /// `writeKey` in the body, which some SDKs send instead).
+///
+/// A Basic-auth key is checked before the body is read: a request with a
+/// wrong key costs no body read, inflation or parse. Only a request without
+/// one is read (within the body limits) to find its `writeKey`.
 async fn segment_api(State(g): G, headers: HeaderMap, body: Body, kind: Option<&str>) -> Outcome {
+    let header_key = match basic_user(&headers) {
+        Some(user) => match authorize(&g, Some(&user), Route::Segment, &headers) {
+            Ok(key) => Some(key),
+            Err(refused) => return Err(discard(&g, &headers, body, refused).await),
+        },
+        None => None,
+    };
     let bytes = read_body(&g, &headers, body).await?;
     let value = parse_json(&bytes)?;
-    let write_key = basic_user(&headers).or_else(|| {
-        value
-            .get("writeKey")
-            .and_then(Value::as_str)
-            .map(String::from)
-    });
-    let key = authorize(&g, write_key.as_deref(), Route::Segment, &headers)?;
+    let key = match header_key {
+        Some(key) => key,
+        None => authorize(
+            &g,
+            value.get("writeKey").and_then(Value::as_str),
+            Route::Segment,
+            &headers,
+        )?,
+    };
     let messages = match (kind, value) {
         (None, Value::Object(mut o)) => match o.remove("batch") {
             Some(Value::Array(items)) => items,
@@ -763,10 +794,50 @@ async fn read_raw(g: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes,
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large(limit));
     }
+    let timeout = g.settings.body_read_timeout;
     // Past the declared length, only an oversize chunked body fails here.
-    axum::body::to_bytes(body, limit)
+    tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| {
+            Reject::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}ms",
+                    timeout.as_millis()
+                ),
+            )
+        })?
         .map_err(|_| too_large(limit))
+}
+
+/// Drops the body of a request refused before it was read, then gives back
+/// the refusal. Closing with the body unread would make a client that is
+/// still sending see a broken connection instead of the answer, and SDKs
+/// retry a broken connection where they give up on a 401. The body is read
+/// chunk by chunk and dropped, never kept or inflated, and only up to the
+/// body limit within the body-read timeout.
+async fn discard(g: &Gateway, headers: &HeaderMap, body: Body, refused: Reject) -> Reject {
+    let limit = g.settings.body_limit_bytes;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return refused;
+    }
+    let mut chunks = body.into_data_stream();
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(g.settings.body_read_timeout, async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            seen += chunk.len();
+            if seen > limit {
+                break;
+            }
+        }
+    })
+    .await;
+    refused
 }
 
 /// The body, gunzipped when it is gzip (by header or by its magic bytes:

@@ -110,16 +110,26 @@ fn item(p: &Value) -> Value {
     Value::Object(i)
 }
 
-/// Moves identity hints the vendors keep among properties/traits.
-pub fn take_contact(from: &Map<String, Value>, out: &mut Map<String, Value>) {
+/// Moves identity hints the vendors keep among properties/traits into the
+/// contact fields, where the identifier rules (normalisation, validation,
+/// hashing, dropped hints) apply and only raw-contact destinations see them
+/// unhashed. Moved, not copied: properties and traits go to every
+/// destination. What is not moved (a second address, a value that is not a
+/// string) the router keeps from destinations without raw contact.
+pub fn take_contact(from: &mut Map<String, Value>, out: &mut Map<String, Value>) {
     for (canonical, keys) in [
         ("email", ["email", "$email"]),
         ("phone", ["phone", "$phone"]),
     ] {
-        if !out.contains_key(canonical)
-            && let Some(v) = keys.iter().find_map(|k| from.get(*k))
+        if out.contains_key(canonical) {
+            continue;
+        }
+        if let Some(key) = keys
+            .iter()
+            .find(|k| from.get(**k).is_some_and(Value::is_string))
+            && let Some(v) = from.remove(*key)
         {
-            out.insert(canonical.into(), v.clone());
+            out.insert(canonical.into(), v);
         }
     }
 }

@@ -78,7 +78,7 @@ pub fn map_event(ev: &Value) -> Mapped {
         .or(distinct_device);
     map::put(&mut out, "user_id", user.map(Value::String));
     map::put(&mut out, "anonymous_id", anon.map(Value::String));
-    map::take_contact(&props, &mut out);
+    map::take_contact(&mut props, &mut out);
 
     map::put_web_context(&props, "ip", &mut out);
     for k in RESERVED {
@@ -145,6 +145,19 @@ mod tests {
         );
         assert_eq!(v["anonymous_id"], json!("a-2"));
         assert_eq!(v["email"], json!("p@q.example"));
+        assert!(v.get("traits").is_none(), "{v}");
+        let Mapped::Event(p) = map_event(&json!({"event": "Signed Up", "properties": {
+            "distinct_id": "u-3", "$insert_id": "i4", "time": 1_790_000_000,
+            "$email": "r@s.example", "$phone": "+1 415 555 0101", "plan": "pro"
+        }})) else {
+            panic!()
+        };
+        assert_eq!(validate_value(&p), vec![]);
+        assert_eq!(
+            (p["email"].as_str(), p["phone"].as_str()),
+            (Some("r@s.example"), Some("+1 415 555 0101"))
+        );
+        assert_eq!(p["properties"], json!({"plan": "pro"}));
         let Mapped::Event(d) = map_event(&json!({"event": "Signed Up", "properties": {
             "distinct_id": "$device:dev-9", "$insert_id": "i3", "time": 1_790_000_000
         }})) else {

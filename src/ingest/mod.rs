@@ -30,6 +30,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -40,6 +42,10 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
 use crate::run::RoleContext;
@@ -183,7 +189,20 @@ pub async fn spawn(
 
 fn router(gateway: Arc<Gateway>) -> Router {
     use handlers::*;
-    Router::new()
+    let settings = &gateway.settings;
+    // Load is shed, not queued: a client told 503 retries later, while a
+    // queue would hold every waiting connection and its body.
+    let limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(
+            settings.max_concurrent_requests,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            settings.request_timeout,
+        ));
+    let ingest = Router::new()
         .route("/v1/events", post(canonical_events))
         .route("/segment/events", post(segment_webhook))
         .route("/v1/batch", post(segment_api_batch))
@@ -196,8 +215,13 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .route("/posthog/capture/", post(posthog_capture))
         .route("/posthog/batch", post(posthog_batch))
         .route("/posthog/batch/", post(posthog_batch))
+        .layer(limits);
+    // Health checks stay outside the limits, so that a busy gateway is not
+    // taken for a dead one.
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(ingest)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)

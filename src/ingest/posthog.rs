@@ -67,13 +67,13 @@ pub fn map_event(ev: &Value) -> Mapped {
         "anonymous_id",
         map::id_string(props.get("$anon_id")).map(Value::String),
     );
-    let set = props
+    let mut set = props
         .get("$set")
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    map::take_contact(&props, &mut out);
-    map::take_contact(&set, &mut out);
+    map::take_contact(&mut props, &mut out);
+    map::take_contact(&mut set, &mut out);
 
     map::put_web_context(&props, "$ip", &mut out);
     for k in RESERVED {
@@ -131,8 +131,21 @@ mod tests {
             panic!()
         };
         assert_eq!(validate_value(&v), vec![]);
-        assert_eq!(v["traits"], json!({"email": "e@f.example", "plan": "team"}));
+        assert_eq!(v["traits"], json!({"plan": "team"}));
         assert_eq!(v["email"], json!("e@f.example"));
+        let Mapped::Event(v) = map_event(&json!({
+            "event": "Signed Up", "distinct_id": "u-3", "uuid": "id-3",
+            "timestamp": "2026-11-26T10:00:00Z",
+            "properties": {"email": "g@h.example", "$phone": "+1 415 555 0101", "plan": "team"}
+        })) else {
+            panic!()
+        };
+        assert_eq!(validate_value(&v), vec![]);
+        assert_eq!(
+            (v["email"].as_str(), v["phone"].as_str()),
+            (Some("g@h.example"), Some("+1 415 555 0101"))
+        );
+        assert_eq!(v["properties"], json!({"plan": "team"}));
         assert_eq!(
             map_event(&json!({"event": "$pageview", "distinct_id": "u"})),
             Mapped::Unmapped("$pageview".into())

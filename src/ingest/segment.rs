@@ -95,9 +95,10 @@ pub fn map_message(msg: &Value) -> Mapped {
         "anonymous_id",
         map::id_string(msg.get("anonymousId")).map(Value::String),
     );
-    map::take_contact(&body, &mut out);
+    map::take_contact(&mut body, &mut out);
+    // Context traits are not passed on, so taking a copy of them is enough.
     if let Some(traits) = ctx.get("traits").and_then(Value::as_object) {
-        map::take_contact(traits, &mut out);
+        map::take_contact(&mut traits.clone(), &mut out);
     }
     out.extend(context(ctx, kind, &body));
     if let Some(consent) = consent(ctx) {
@@ -266,7 +267,7 @@ mod tests {
         }));
         assert_eq!(v["event"], json!("identify"));
         assert_eq!(v["email"], json!("x@y.example"));
-        assert_eq!(v["traits"], json!({"email": "x@y.example", "plan": "pro"}));
+        assert_eq!(v["traits"], json!({"plan": "pro"}));
         let p = event(json!({
             "type": "page", "messageId": "m3", "anonymousId": "a-3", "name": "Home",
             "timestamp": "2026-11-26T10:00:00Z",
@@ -274,6 +275,26 @@ mod tests {
         }));
         assert_eq!(p["event"], json!(PAGE_EVENT));
         assert_eq!(p["context"]["page_url"], json!("https://shop.example/"));
+    }
+
+    #[test]
+    fn contact_properties_move_to_the_contact_fields() {
+        let v = event(json!({
+            "type": "track", "event": "Signed Up", "messageId": "m", "userId": "u",
+            "timestamp": "2026-11-26T10:00:00Z",
+            "properties": {"email": " Jane@Example.com ", "phone": "+1 415 555 0101", "plan": "pro"}
+        }));
+        assert_eq!(v["email"], json!(" Jane@Example.com "));
+        assert_eq!(v["phone"], json!("+1 415 555 0101"));
+        assert_eq!(v["properties"], json!({"plan": "pro"}));
+        // A value that cannot be an identity hint stays where it was; the
+        // router keeps it from destinations without raw contact.
+        let v = event(json!({
+            "type": "track", "event": "Signed Up", "messageId": "m", "userId": "u",
+            "timestamp": "2026-11-26T10:00:00Z", "properties": {"email": ["a@b.example"]}
+        }));
+        assert!(v.get("email").is_none());
+        assert_eq!(v["properties"], json!({"email": ["a@b.example"]}));
     }
 
     #[test]

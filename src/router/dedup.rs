@@ -36,6 +36,18 @@ pub fn key_of(event_id: &str) -> DedupKey {
     [(h >> 64) as u64, h as u64]
 }
 
+/// The dedup key of an event from a public (client) key: its source's own
+/// namespace, so a guessed event_id cannot drop another source's event.
+pub fn source_key_of(source: &str, event_id: &str) -> DedupKey {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(source.as_bytes());
+    // A NUL cannot end a source name, so no two pairs hash the same input.
+    h.update(&[0]);
+    h.update(event_id.as_bytes());
+    let h = h.digest128();
+    [(h >> 64) as u64, h as u64]
+}
+
 /// A fresh chunk id; random, so chunks written by successive owners of a
 /// partition never overwrite each other under compaction.
 pub fn new_chunk_id() -> ChunkId {

@@ -361,35 +361,53 @@ pub struct Resolved<'a> {
     pub user_id: Option<&'a str>,
     user: Option<&'a Profile>,
     anon: Option<&'a Profile>,
+    /// The event's own identifiers, when they were not learnt into the
+    /// table (an event of a public key): they come first.
+    own: Option<&'a Profile>,
 }
 
 impl<'a> Resolved<'a> {
     pub fn email_hash(&self, rule: EmailRule) -> Option<Sha256Digest> {
         // The email and its google variant come as a pair, from one profile.
-        self.user
-            .filter(|u| u.contacts.get(&Contact::Email).is_some())
+        let has_email = |p: &&Profile| p.contacts.get(&Contact::Email).is_some();
+        self.own
+            .filter(has_email)
+            .or(self.user.filter(has_email))
             .or(self.anon)?
             .email_hash(rule)
     }
 
     pub fn phone_hash(&self, format: PhoneFormat) -> Option<Sha256Digest> {
-        self.user
-            .and_then(|u| u.phone_hash(format))
+        self.own
+            .and_then(|o| o.phone_hash(format))
+            .or_else(|| self.user?.phone_hash(format))
             .or_else(|| self.anon?.phone_hash(format))
     }
 
-    /// One click id: the user's, else the anonymous visitor's.
+    /// One click id: the event's own, the user's, else the anonymous visitor's.
     pub fn click_id(&self, kind: ClickKind) -> Option<&'a str> {
         let of = |p: Option<&'a Profile>| p.and_then(|p| p.click_id(kind));
-        of(self.user).or_else(|| of(self.anon))
+        of(self.own)
+            .or_else(|| of(self.user))
+            .or_else(|| of(self.anon))
     }
 
-    /// Hashed external ids, the user's over the anonymous visitor's.
+    /// Hashed external ids, the user's over the anonymous visitor's; an
+    /// event's own ids (when not in the table) over the known person's.
     pub fn external_ids(&self) -> HashedIds<'a> {
         let ids = |p: Option<&'a Profile>| p.map_or(&[][..], |p| p.external_ids.as_slice());
-        HashedIds {
-            user: ids(self.user),
-            anon: ids(self.anon),
+        match ids(self.own) {
+            [] => HashedIds {
+                user: ids(self.user),
+                anon: ids(self.anon),
+            },
+            own => HashedIds {
+                user: own,
+                anon: match ids(self.user) {
+                    [] => ids(self.anon),
+                    user => user,
+                },
+            },
         }
     }
 }
@@ -563,6 +581,7 @@ impl IdentityTable {
                 user_id: None,
                 user: None,
                 anon: anon.map(|a| &*a),
+                own: None,
             };
         };
         let user = entry(users, &uid);
@@ -607,12 +626,25 @@ impl IdentityTable {
                 .or_else(|| anon.and_then(|a| a.user_id.as_deref())),
             user: Some(user),
             anon,
+            own: None,
+        }
+    }
+
+    /// What the table knows about the person behind `ev`, with the event's
+    /// `own` identifiers first, without learning from it.
+    pub fn resolve_with_own<'a>(
+        &'a self,
+        ev: &'a CanonicalEvent,
+        own: &'a Profile,
+    ) -> Resolved<'a> {
+        Resolved {
+            own: Some(own),
+            ..self.resolve(ev)
         }
     }
 
     /// The strongest identifiers known for the person behind `ev`, without
     /// learning from it.
-    #[cfg(test)]
     pub fn resolve<'a>(&'a self, ev: &'a CanonicalEvent) -> Resolved<'a> {
         let anon = ev
             .anonymous_id
@@ -627,6 +659,7 @@ impl IdentityTable {
             user_id,
             user: user_id.and_then(|u| self.users.get(u)).map(|p| &**p),
             anon,
+            own: None,
         }
     }
 }
@@ -845,6 +878,7 @@ mod tests {
                 user_id: None,
                 user,
                 anon,
+                own: None,
             };
             serde_json::to_value(r.external_ids()).unwrap()
         };

@@ -3,7 +3,7 @@
 //! written goes into a [`Batch`]; dedup marks stay staged until the batch's
 //! writes are durable, so an aborted batch leaves no trace in memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
@@ -296,8 +296,13 @@ pub struct Pipeline {
     carried: Vec<Carried>,
     identity: IdentityTable,
     writer: DeliveryWriter,
+    /// Sources of public ingest keys (`ingest.keys[].trust = "client"`).
+    client_sources: HashSet<Box<str>>,
 }
 
+/// How far ahead of its receive time an event's own date is believed when
+/// it orders identity facts (clocks of devices and servers drift).
+const FUTURE_SKEW_SECS: i64 = 300;
 /// How much of an oversize record's payload the dead letter keeps: brokers
 /// refuse records above their message size limit, so the whole of a 10 MB
 /// record cannot be written anywhere.
@@ -342,6 +347,7 @@ impl Pipeline {
             carried: Vec::new(),
             identity: IdentityTable::default(),
             delivery_limit: config.router.routed_record_bytes(),
+            client_sources: config.ingest.client_sources(),
             config,
         }
     }
@@ -548,7 +554,14 @@ impl Pipeline {
             return Outcome::Rerouted(reason);
         }
 
-        let k = dedup::key_of(&ev.event_id);
+        let client = ev
+            .source
+            .as_deref()
+            .filter(|s| self.client_sources.contains(*s));
+        let k = match client {
+            Some(source) => dedup::source_key_of(source, &ev.event_id),
+            None => dedup::key_of(&ev.event_id),
+        };
         let seen = self
             .dedup
             .get(&rec.partition)
@@ -561,7 +574,20 @@ impl Pipeline {
         batch.staged.insert((rec.partition, k));
         batch.staged_order.push((rec.partition, k, now_secs));
 
-        let hints = Profile::from_event(&ev, &mut self.phones);
+        let mut hints = Profile::from_event(&ev, &mut self.phones);
+        // What a newer event says about a person wins, so an event dated in
+        // the future (a wrong clock, or a public write key used on purpose)
+        // would lock their email hash or device link until that date. For
+        // that ordering, an event dated further ahead than clocks drift
+        // counts as of when it was received.
+        let now = Utc::now().timestamp();
+        let received = rec
+            .timestamp_ms
+            .map_or(now, |ms| ms.div_euclid(1000))
+            .min(now);
+        if hints.as_of > received + FUTURE_SKEW_SECS {
+            hints.as_of = received;
+        }
         // A phone of the right shape that is no number in E.164 (with the
         // configured default country) is dropped like any malformed hint.
         let bad_phone = ev
@@ -584,11 +610,16 @@ impl Pipeline {
             let all: Vec<String> = dropped.iter().map(|h| h.to_string()).collect();
             vec![(header::HINTS_DROPPED, all.join("; "))]
         };
-        let who = self
-            .identity
-            .observe(&ev, &hints, |id: IdKey<'_>, profile| {
-                batch.stage_identity(id, profile);
-            });
+        let who = if client.is_some() {
+            // Anyone can send with a public key: what its events say about a
+            // person serves their own delivery, never the table.
+            self.identity.resolve_with_own(&ev, &hints)
+        } else {
+            self.identity
+                .observe(&ev, &hints, |id: IdKey<'_>, profile| {
+                    batch.stage_identity(id, profile);
+                })
+        };
         if batch.routed_at.is_empty() {
             serde_json::to_writer(&mut batch.routed_at, &Utc::now())
                 .expect("serialising to memory");
@@ -733,10 +764,17 @@ mod tests {
     use crate::delivery::Delivery;
     use crate::event::ClickKind;
     use crate::router::identity::EmailRule;
+    use chrono::DateTime;
 
     fn pipeline() -> Pipeline {
+        pipeline_with("")
+    }
+
+    fn pipeline_with(extra: &str) -> Pipeline {
         let cfg = Config::parse(
-            r#"
+            &format!(
+                r#"
+{extra}
 [destinations.meta]
 type = "meta_capi"
 pixel_id = "1"
@@ -746,7 +784,8 @@ type = "webhook"
 url = "http://127.0.0.1:1/"
 secret = "0123456789abcdef"
 consent = "analytics"
-"#,
+"#
+            ),
             std::path::Path::new("t.toml"),
             &|_| None,
         )
@@ -862,6 +901,112 @@ consent = "analytics"
                 .any(|r| r.contains(&format!("destination {bigger} would be"))),
             "{dead:?}"
         );
+    }
+
+    #[test]
+    fn an_event_dated_in_the_future_cannot_lock_a_persons_identity() {
+        let mut p = pipeline();
+        let mut b = Batch::default();
+        let now = Utc::now();
+        let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let far = DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let events = [
+            format!(
+                r#"{{"event":"lead","event_id":"e1","occurred_at":"{}","user_id":"u1","anonymous_id":"a1","email":"planted@example.com"}}"#,
+                at(far)
+            ),
+            format!(
+                r#"{{"event":"lead","event_id":"e2","occurred_at":"{}","user_id":"u1","anonymous_id":"a1","email":"real@example.com"}}"#,
+                at(now + chrono::Duration::seconds(1))
+            ),
+            format!(
+                r#"{{"event":"purchase","event_id":"e3","occurred_at":"{}","user_id":"u1","value":5,"currency":"USD","consent":{{"ads":"granted"}}}}"#,
+                at(now + chrono::Duration::seconds(2))
+            ),
+        ];
+        for (i, e) in events.iter().enumerate() {
+            let id = format!("e{}", i + 1);
+            p.process(&rec(Some(&id), e, i as i64), 1000, &mut b);
+        }
+        p.seal(&mut b);
+        let meta: Vec<Delivery> = b
+            .records()
+            .filter(|o| o.topic == "switchyard.deliver.meta")
+            .map(|o| serde_json::from_slice(o.payload.unwrap()).unwrap())
+            .collect();
+        let purchase = meta.iter().find(|d| d.event.event_id == "e3").unwrap();
+        assert_eq!(
+            purchase.event.email_sha256,
+            Some(crate::event::normalize::sha256_hex("real@example.com"))
+        );
+    }
+
+    const CLIENT_KEY: &str = r#"
+[[ingest.keys]]
+key = "pub_0123456789abcdef"
+source = "web"
+environment = "production"
+trust = "client"
+"#;
+
+    fn deliveries(b: &Batch, topic: &str) -> Vec<Delivery> {
+        b.records()
+            .filter(|o| o.topic == topic)
+            .map(|o| serde_json::from_slice(o.payload.unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_event_from_a_client_key_sets_no_identity_facts_but_keeps_its_own() {
+        let mut p = pipeline_with(CLIENT_KEY);
+        let mut b = Batch::default();
+        let events = [
+            r#"{"event":"purchase","event_id":"c1","occurred_at":"2026-11-20T10:00:00Z","source":"web","user_id":"u1","anonymous_id":"a1","email":"planted@example.com","external_ids":{"crm":"X"},"value":5,"currency":"USD","consent":{"ads":"granted"}}"#,
+            r#"{"event":"purchase","event_id":"s1","occurred_at":"2026-11-20T10:01:00Z","user_id":"u1","value":5,"currency":"USD","consent":{"ads":"granted"}}"#,
+            r#"{"event":"purchase","event_id":"s2","occurred_at":"2026-11-20T10:02:00Z","anonymous_id":"a1","value":5,"currency":"USD","consent":{"ads":"granted"}}"#,
+        ];
+        for (i, e) in events.iter().enumerate() {
+            p.process(&rec(None, e, i as i64), 1000, &mut b);
+        }
+        p.seal(&mut b);
+        assert!(
+            !topics(&b).contains(&"switchyard.identity"),
+            "{:?}",
+            topics(&b)
+        );
+        let meta = deliveries(&b, "switchyard.deliver.meta");
+        let of = |id: &str| &meta.iter().find(|d| d.event.event_id == id).unwrap().event;
+        let planted = crate::event::normalize::sha256_hex("planted@example.com");
+        assert_eq!(of("c1").email_sha256.as_ref(), Some(&planted));
+        assert_eq!(
+            of("c1").external_ids.get("crm"),
+            Some(&crate::event::normalize::sha256_hex("X"))
+        );
+        assert_eq!(of("s1").email_sha256, None);
+        assert_eq!(
+            (of("s2").user_id.as_deref(), of("s2").email_sha256.as_ref()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn a_client_key_cannot_suppress_a_server_event_by_its_event_id() {
+        let mut p = pipeline_with(CLIENT_KEY);
+        let mut b = Batch::default();
+        let client = r#"{"event":"purchase","event_id":"o-1","occurred_at":"2026-11-20T10:00:00Z","source":"web","user_id":"u1","value":1,"currency":"USD","consent":{"ads":"granted"}}"#;
+        let server = r#"{"event":"purchase","event_id":"o-1","occurred_at":"2026-11-20T10:00:00Z","source":"billing","user_id":"u1","value":99,"currency":"USD","consent":{"ads":"granted"}}"#;
+        for (i, e) in [client, server, client, server].iter().enumerate() {
+            p.process(&rec(Some("o-1"), e, i as i64), 1000, &mut b);
+        }
+        p.seal(&mut b);
+        let values: Vec<Option<f64>> = deliveries(&b, "switchyard.deliver.meta")
+            .iter()
+            .map(|d| d.event.value)
+            .collect();
+        // Each source's resend is a duplicate; the guessed id stops nothing.
+        assert_eq!(values, [Some(1.0), Some(99.0)]);
     }
 
     #[test]

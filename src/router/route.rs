@@ -162,6 +162,9 @@ pub struct DeliveryWriter {
     /// `"origin":{"topic":"<canonical>","partition":`, JSON-escaped once.
     origin_head: Vec<u8>,
     shared: Vec<u8>,
+    /// The prepared event's properties hold contact data, so they are
+    /// written per destination instead of among the shared fields.
+    properties_per_destination: bool,
 }
 
 #[derive(Debug)]
@@ -206,6 +209,7 @@ impl DeliveryWriter {
             dests,
             origin_head,
             shared: Vec::new(),
+            properties_per_destination: false,
         }
     }
 
@@ -213,6 +217,13 @@ impl DeliveryWriter {
     /// event, before `write`. (`event` and `event_id` are never absent, so
     /// the shared object is never empty.)
     pub fn prepare(&mut self, ev: &CanonicalEvent, who: &Resolved<'_>) {
+        // Publishers (and vendor SDKs) put contact data among properties;
+        // only destinations with raw contact may see it, so such properties
+        // cannot be shared. The common case stays serialised once.
+        self.properties_per_destination = ev
+            .properties
+            .as_ref()
+            .is_some_and(|p| p.keys().any(|k| is_contact_key(k)));
         let own = ev.click_ids.as_ref();
         let click = |kind| {
             // The event's own ids are the freshest.
@@ -240,7 +251,10 @@ impl DeliveryWriter {
             currency: ev.currency.as_deref(),
             order_id: ev.order_id.as_deref(),
             items: &ev.items,
-            properties: ev.properties.as_ref(),
+            properties: ev
+                .properties
+                .as_ref()
+                .filter(|_| !self.properties_per_destination),
         };
         self.shared.clear();
         serde_json::to_writer(&mut self.shared, &shared).expect("serialising to memory");
@@ -269,17 +283,25 @@ impl DeliveryWriter {
                 None,
                 None,
                 ExternalIds::Raw(&ev.external_ids),
-                ev.traits.as_ref().map(Traits::WithoutContact),
+                ev.traits.as_ref().map(Fields::WithoutContact),
                 ev.metadata.as_ref(),
             ),
             Exposure::Raw => (
                 ev.email.as_deref(),
                 ev.phone.as_deref(),
                 ExternalIds::Raw(&ev.external_ids),
-                ev.traits.as_ref().map(Traits::All),
+                ev.traits.as_ref().map(Fields::All),
                 ev.metadata.as_ref(),
             ),
         };
+        let properties = ev
+            .properties
+            .as_ref()
+            .filter(|_| self.properties_per_destination)
+            .map(|p| match plan.exposure {
+                Exposure::Raw => Fields::All(p),
+                Exposure::HashesOnly | Exposure::NoRawContact => Fields::WithoutContact(p),
+            });
         let personal = Personal {
             email,
             phone,
@@ -288,6 +310,7 @@ impl DeliveryWriter {
             external_ids,
             traits,
             metadata,
+            properties,
         };
         out.extend_from_slice(&plan.head);
         out.extend_from_slice(b"\"name\":");
@@ -383,9 +406,12 @@ struct Personal<'a> {
     #[serde(skip_serializing_if = "ExternalIds::is_empty")]
     external_ids: ExternalIds<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    traits: Option<Traits<'a>>,
+    traits: Option<Fields<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<&'a Map<String, Value>>,
+    /// Only when they hold contact data; otherwise they are in [`Shared`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<Fields<'a>>,
 }
 
 fn no_entries<K, V>(m: &&BTreeMap<K, V>) -> bool {
@@ -455,27 +481,57 @@ impl ClickRefs<'_> {
     }
 }
 
-/// Traits as a destination may see them.
+/// Traits or properties as a destination may see them.
 #[derive(Clone, Copy)]
-enum Traits<'a> {
+enum Fields<'a> {
     All(&'a Map<String, Value>),
     /// Without the raw contact fields.
     WithoutContact(&'a Map<String, Value>),
 }
 
-impl Serialize for Traits<'_> {
+impl Serialize for Fields<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match *self {
-            Traits::All(t) => t.serialize(serializer),
-            Traits::WithoutContact(t) => {
-                serializer.collect_map(t.iter().filter(|(k, _)| !is_contact_trait(k)))
+            Fields::All(t) => t.serialize(serializer),
+            Fields::WithoutContact(t) => {
+                serializer.collect_map(t.iter().filter(|(k, _)| !is_contact_key(k)))
             }
         }
     }
 }
 
-fn is_contact_trait(key: &str) -> bool {
-    matches!(key, "email" | "phone" | "phone_number" | "mobile")
+/// A top-level key of properties or traits that by its name holds an email
+/// address or a phone number, in the spellings vendor SDKs and publishers
+/// use (`email`, `$email`, `E-Mail`, `email_address`, `phone_number`,
+/// `$phone`, `Mobile`, ...). Case, a leading `$` and separators do not count.
+pub fn is_contact_key(key: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "email",
+        "emailaddress",
+        "mail",
+        "phone",
+        "phonenumber",
+        "mobile",
+        "mobilephone",
+        "mobilenumber",
+        "cellphone",
+        "telephone",
+        "tel",
+    ];
+    let key = key.trim().trim_start_matches('$');
+    if key.len() > 32 {
+        return false;
+    }
+    let mut folded = [0u8; 32];
+    let mut n = 0;
+    for b in key
+        .bytes()
+        .filter(|b| !matches!(b, b'_' | b'-' | b' ' | b'.'))
+    {
+        folded[n] = b.to_ascii_lowercase();
+        n += 1;
+    }
+    NAMES.iter().any(|name| name.as_bytes() == &folded[..n])
 }
 
 #[cfg(test)]
@@ -682,6 +738,36 @@ raw_contact = true
         let crm = shaped(&c, "crm", &e, &who);
         // Trimmed and lowercased once, at parse time, for every destination.
         assert_eq!(crm.email.as_deref(), Some("john.smith@gmail.com"));
+    }
+
+    #[test]
+    fn contact_keys_in_properties_and_traits_reach_only_raw_contact_destinations() {
+        let c = config();
+        let e = ev(
+            r#"{"event":"purchase","event_id":"e","occurred_at":"2026-11-20T10:00:00Z","user_id":"u",
+                "value":1,"currency":"USD",
+                "properties":{"email":"Prop.Mail@Example.com","$Email":"dollar@example.com",
+                    "E-Mail":"dash@example.com","email_address":"addr@example.com",
+                    "PHONE":"+1 415 555 0101","$phone":"+1 415 555 0102",
+                    "phone_number":"+1 415 555 0103","Mobile":"+1 415 555 0104","plan":"pro"},
+                "traits":{"$email":"trait@example.com","PhoneNumber":"+1 415 555 0105","tier":"gold"}}"#,
+        );
+        let t = IdentityTable::default();
+        let who = t.resolve(&e);
+        for d in ["meta", "gads", "ga4", "hook"] {
+            let shaped = shaped(&c, d, &e, &who);
+            let out = serde_json::to_string(&shaped).unwrap().to_ascii_lowercase();
+            for raw in ["@example.com", "415 555"] {
+                assert!(!out.contains(raw), "{d} got raw {raw}: {out}");
+            }
+            let props = shaped.properties.as_ref().unwrap();
+            assert_eq!(props.get("plan"), Some(&Value::from("pro")), "{d}");
+        }
+        let hook = shaped(&c, "hook", &e, &who);
+        assert_eq!(hook.traits.unwrap().get("tier"), Some(&Value::from("gold")));
+        let crm = shaped(&c, "crm", &e, &who);
+        assert_eq!(crm.properties, e.properties);
+        assert_eq!(crm.traits, e.traits);
     }
 
     #[test]
