@@ -1082,7 +1082,9 @@ fn parse_destination(
             return None;
         }
     };
-    let consent_default = common.consent_default.unwrap_or(if kind.is_ad_platform() {
+    // Whoever receives a person's hashed email or phone needs their yes, not
+    // their silence; a webhook's owner chose its category and its default.
+    let consent_default = common.consent_default.unwrap_or(if kind.hashes_only() {
         ConsentDefault::Deny
     } else {
         ConsentDefault::Grant
@@ -1413,13 +1415,15 @@ fn is_api_version(v: &str, with_minor: bool) -> bool {
     major_ok && minor_ok && parts.next().is_none()
 }
 
+/// The message never repeats the URL: one can carry a credential (user
+/// info, a token in the query), and config errors go to logs and terminals.
 fn check_url(u: &str) -> Result<(), String> {
     let rest = u
         .strip_prefix("https://")
         .or_else(|| u.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{u}` must start with https:// or http://"))?;
+        .ok_or_else(|| "must start with https:// or http://".to_string())?;
     if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("`{u}` has no host"));
+        return Err("has no host after the scheme".into());
     }
     Ok(())
 }
@@ -1536,6 +1540,60 @@ mod tests {
             "#,
         );
         assert_eq!(k, vec!["destinations.meta.pixle_id"]);
+    }
+
+    #[test]
+    fn every_destination_given_hashed_contact_data_needs_consent_by_default() {
+        let c = Config::parse(
+            r#"
+[destinations.meta]
+type = "meta_capi"
+pixel_id = "1"
+access_token = "t"
+[destinations.ga4]
+type = "ga4"
+measurement_id = "G-TEST1"
+api_secret = "s"
+[destinations.hook]
+type = "webhook"
+url = "http://127.0.0.1:9/"
+secret = "0123456789abcdef"
+consent = "analytics"
+"#,
+            Path::new("t.toml"),
+            &|_| None,
+        )
+        .unwrap();
+        for (name, want) in [
+            ("meta", ConsentDefault::Deny),
+            ("ga4", ConsentDefault::Deny),
+            ("hook", ConsentDefault::Grant),
+        ] {
+            assert_eq!(c.destinations[name].consent_default, want, "{name}");
+            assert_eq!(
+                c.destinations[name].kind.hashes_only(),
+                want == ConsentDefault::Deny
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_url_is_named_by_its_key_and_never_echoed() {
+        let err = Config::parse(
+            r#"
+[destinations.hook]
+type = "webhook"
+url = "ftp://admin:hunter2@example.com/?token=s3cret"
+secret = "0123456789abcdef"
+consent = "analytics"
+"#,
+            Path::new("t.toml"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("destinations.hook.url"), "{err}");
+        assert!(!err.contains("hunter2") && !err.contains("s3cret"), "{err}");
     }
 
     #[test]

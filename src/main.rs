@@ -63,9 +63,13 @@ enum Command {
     },
     /// Run the pipeline: router, sinks and/or the ingest gateway.
     Run {
-        /// Config file; without one the embedded broker is used.
+        /// Config file; `kafka.brokers` names the cluster.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Without `kafka.brokers`, run on the embedded in-process broker: it
+        /// is not durable, so only for trying switchyard out.
+        #[arg(long)]
+        embedded_broker: bool,
         #[arg(long, value_enum, default_value = "all")]
         role: Role,
         /// Sink destination to run (repeatable); default: every enabled one.
@@ -207,12 +211,14 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Run {
             config,
+            embedded_broker,
             role,
             destinations,
             instance_id,
         } => runtime().and_then(|rt| {
             rt.block_on(run(
                 config,
+                embedded_broker,
                 RunOptions {
                     role,
                     destinations,
@@ -351,8 +357,20 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<ExitCode> {
+async fn run(
+    config: Option<PathBuf>,
+    embedded_broker: bool,
+    opts: RunOptions,
+) -> anyhow::Result<ExitCode> {
     let config = std::sync::Arc::new(load(config.as_deref())?);
+    // Ingest acknowledges events it would lose on exit with the embedded
+    // broker: that must be asked for, never fallen into by a missing key.
+    if config.kafka.brokers.is_none() && !embedded_broker {
+        anyhow::bail!(
+            "kafka.brokers is not set: `run` needs a Kafka cluster (the embedded broker \
+             loses every event when the process exits; pass --embedded-broker to try it anyway)"
+        );
+    }
     switchyard::run::run(config, opts).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -344,3 +344,54 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         assert_eq!(letters, dead, "{out}");
     }
 }
+
+#[test]
+fn run_without_brokers_refuses_the_embedded_broker_unless_asked() {
+    let mut cmd = common::switchyard();
+    cmd.args(["run", "--role", "router"]);
+    let o = run_bounded(cmd, Duration::from_secs(60));
+    no_panic(&o);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("kafka.brokers is not set") && err.contains("--embedded-broker"),
+        "{err}"
+    );
+
+    // Asked for, it starts (and says loudly what it runs on).
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("embedded.toml");
+    std::fs::write(&config, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let mut child = common::switchyard()
+        .args(["run", "--role", "router", "--embedded-broker", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("EMBEDDED") {
+                return true;
+            }
+        }
+        false
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reader.join().unwrap(), "no embedded-broker warning");
+    assert!(running, "it exited instead of running");
+}

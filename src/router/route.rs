@@ -662,12 +662,13 @@ raw_contact = true
                 ("meta".into(), denied_("ads")),
             ]
         );
-        // Ad platforms default to deny; GA4 and the hook default to grant; crm is configured deny.
+        // Ad platforms and GA4 (hashed contact data) default to deny; the
+        // hook defaults to grant; crm is configured deny.
         assert_eq!(
             routes(&c, &missing),
             vec![
                 ("crm".into(), missing_("marketing")),
-                ("ga4".into(), ok("purchase")),
+                ("ga4".into(), missing_("analytics")),
                 ("gads".into(), missing_("ads")),
                 ("hook".into(), ok("purchase")),
                 ("meta".into(), missing_("ads")),

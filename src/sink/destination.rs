@@ -19,13 +19,28 @@ pub struct Limits {
 }
 
 /// One HTTP request for a contiguous slice of the batch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Request {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// Which of the mapped batch's events this request carries.
     pub events: Range<usize>,
+}
+
+/// Vendors take credentials in headers and query strings, and bodies hold
+/// hashed contact data: a printed request shows none of them.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.url.split(['?', '#']).next().unwrap_or_default();
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Request")
+            .field("url", &path)
+            .field("headers", &names)
+            .field("body_bytes", &self.body.len())
+            .field("events", &self.events)
+            .finish()
+    }
 }
 
 /// A vendor's answer, as `classify` sees it (header names lower-case).
@@ -93,5 +108,29 @@ pub trait Destination: Send + Sync {
     /// Whether the response asks the sink to slow down (429 and vendor codes).
     fn is_throttle(&self, response: &Response) -> bool {
         response.status == 429
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_request_shows_no_secret() {
+        let r = Request {
+            url: "https://graph.example/v21.0/1/events?access_token=SECRET1".into(),
+            headers: vec![("Access-Token".into(), "SECRET2".into())],
+            body: br#"{"em":"SECRET3"}"#.to_vec(),
+            events: 0..1,
+        };
+        let shown = format!("{r:?}");
+        for s in ["SECRET1", "SECRET2", "SECRET3"] {
+            assert!(!shown.contains(s), "{shown}");
+        }
+        assert!(
+            shown.contains("https://graph.example/v21.0/1/events"),
+            "{shown}"
+        );
+        assert!(shown.contains("Access-Token"), "{shown}");
     }
 }
