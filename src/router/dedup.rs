@@ -121,19 +121,22 @@ impl PartitionDedup {
         self.chunks.push((id, newest));
     }
 
-    /// Removes the keys first seen before `oldest_live` and returns the
-    /// chunks now wholly outside the window; the caller tombstones them.
+    /// Forgets the keys first seen before `oldest_live` (they can no longer
+    /// match anything) and returns the chunks now wholly outside the window,
+    /// which stay listed until [`Self::drop_chunks`]: their tombstones must
+    /// be durable first, or a failed batch would lose them for good.
     pub fn expire(&mut self, oldest_live: u32) -> Vec<ChunkId> {
         self.seen.retain(|_, t| *t >= oldest_live);
-        let mut gone = Vec::new();
-        self.chunks.retain(|(id, newest)| {
-            let live = *newest >= oldest_live;
-            if !live {
-                gone.push(*id);
-            }
-            live
-        });
-        gone
+        self.chunks
+            .iter()
+            .filter(|(_, newest)| *newest < oldest_live)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Unlists chunks whose tombstones are written.
+    pub fn drop_chunks(&mut self, ids: &[ChunkId]) {
+        self.chunks.retain(|(id, _)| !ids.contains(id));
     }
 
     /// Heap bytes held (map slots × (key + value) plus one control byte per
@@ -244,6 +247,9 @@ mod tests {
         p.insert_chunk(mixed, &m);
         p.insert_chunk(new, &entries(9..10, 70));
         assert_eq!(p.expire(50), vec![old]);
+        // Until its tombstone is written, the chunk is listed (and found again).
+        assert_eq!(p.expire(50), vec![old]);
+        p.drop_chunks(&[old]);
         assert_eq!(p.len(), 3);
         assert!(!p.contains(&key_of("evt-5")));
         assert!(p.contains(&key_of("evt-8")));

@@ -141,6 +141,10 @@ pub struct Batch {
     pub hints_dropped: Vec<&'static str>,
     /// Deliveries dead-lettered because they would not fit in a record.
     pub oversize_deliveries: u64,
+    /// Dedup chunks tombstoned by this batch, unlisted on commit: per input
+    /// partition, and per earlier layout's (topic, partition).
+    expired: Vec<(i32, Vec<ChunkId>)>,
+    expired_carried: Vec<(Arc<str>, i32, Vec<ChunkId>)>,
     /// When this batch was routed, as a JSON string; empty until needed.
     routed_at: Vec<u8>,
 }
@@ -165,6 +169,8 @@ impl Batch {
         self.denied.clear();
         self.hints_dropped.clear();
         self.oversize_deliveries = 0;
+        self.expired.clear();
+        self.expired_carried.clear();
         self.routed_at.clear();
     }
 
@@ -474,32 +480,61 @@ impl Pipeline {
                 state.insert_chunk(*id, entries);
             }
         }
+        for (p, ids) in &batch.expired {
+            if let Some(state) = self.dedup.get_mut(p) {
+                state.drop_chunks(ids);
+            }
+        }
+        for (topic, p, ids) in &batch.expired_carried {
+            if let Some(c) = self
+                .carried
+                .iter_mut()
+                .find(|c| c.partition == *p && &c.topic == topic)
+            {
+                c.state.drop_chunks(ids);
+            }
+        }
+        self.carried.retain(|c| c.state.has_chunks());
     }
 
     /// Forgets keys older than the window and adds a tombstone to `batch`
     /// for every chunk wholly outside it; returns the number of tombstones.
+    /// The chunks are unlisted by `commit`, once their tombstones are
+    /// durable: a batch that fails leaves them to be tombstoned again.
     pub fn expire(&mut self, now_secs: u32, batch: &mut Batch) -> usize {
         let oldest = self.oldest_live(now_secs);
         let topic = &self.topics.dedup;
         let mut n = 0;
         for (p, state) in &mut self.dedup {
-            for id in state.expire(oldest) {
+            let ids = state.expire(oldest);
+            for id in &ids {
                 n += 1;
-                let key = batch.bytes(&id);
+                let key = batch.bytes(id);
                 batch.push(topic, Some(*p), Some(key), None, Vec::new());
+            }
+            if !ids.is_empty() {
+                batch.expired.push((*p, ids));
             }
         }
         // Every instance holds the earlier layouts' marks; only the holder of
-        // input partition 0 tombstones them, so each is written once.
+        // input partition 0 tombstones them, so each is written once. The
+        // others have nothing to make durable and unlist them at once.
         let tombstones = self.dedup.contains_key(&0);
         for c in &mut self.carried {
-            for id in c.state.expire(oldest) {
-                if tombstones {
-                    n += 1;
-                    let key = batch.bytes(&id);
-                    batch.push(&c.topic, Some(c.partition), Some(key), None, Vec::new());
-                }
+            let ids = c.state.expire(oldest);
+            if ids.is_empty() {
+                continue;
             }
+            if !tombstones {
+                c.state.drop_chunks(&ids);
+                continue;
+            }
+            for id in &ids {
+                n += 1;
+                let key = batch.bytes(id);
+                batch.push(&c.topic, Some(c.partition), Some(key), None, Vec::new());
+            }
+            batch.expired_carried.push((c.topic.clone(), c.partition, ids));
         }
         self.carried.retain(|c| c.state.has_chunks());
         n
@@ -1311,11 +1346,21 @@ trust = "client"
         p.process(&rec(Some("e1"), PURCHASE, 1), 1000, &mut b);
         p.seal(&mut b);
         p.commit(&b);
+        let late = 1000 + 48 * 3600 + 1;
         let mut t = Batch::default();
-        assert_eq!(p.expire(1000 + 48 * 3600 + 1, &mut t), 1);
+        assert_eq!(p.expire(late, &mut t), 1);
         let tomb = t.records().next().unwrap();
         assert_eq!(tomb.payload, None);
         assert_eq!(tomb.partition, Some(0));
         assert_eq!(p.dedup_keys(), 0);
+
+        // The batch with the tombstone failed: the next expiry writes it again.
+        let mut again = Batch::default();
+        assert_eq!(p.expire(late, &mut again), 1);
+        p.seal(&mut again);
+        p.commit(&again);
+        // Committed, the chunk is gone and nothing is tombstoned twice.
+        let mut after = Batch::default();
+        assert_eq!(p.expire(late, &mut after), 0);
     }
 }
