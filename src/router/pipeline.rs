@@ -291,6 +291,10 @@ pub struct Pipeline {
     config: Arc<Config>,
     /// The largest delivery produced (`RouterConfig::routed_record_bytes`).
     delivery_limit: usize,
+    /// Identity records of batches that failed, as (key, payload): the
+    /// table learnt them already, so the batch's retry would not write them
+    /// again; the next batch does.
+    unwritten_identity: Vec<(Vec<u8>, Vec<u8>)>,
     topics: Topics,
     phones: PhoneHasher,
     window_secs: u32,
@@ -353,6 +357,7 @@ impl Pipeline {
             carried: Vec::new(),
             identity: IdentityTable::default(),
             delivery_limit: config.router.routed_record_bytes(),
+            unwritten_identity: Vec::new(),
             client_sources: config.ingest.client_sources(),
             config,
         }
@@ -439,6 +444,12 @@ impl Pipeline {
     /// records, one per input partition (split at `CHUNK_MAX_KEYS`). Call
     /// once, after the last `process` of the batch.
     pub fn seal(&self, batch: &mut Batch) {
+        // Before the batch's own: where both name a person, its newer
+        // state comes last.
+        for (key, payload) in &self.unwritten_identity {
+            let (key, payload) = (batch.bytes(key), batch.bytes(payload));
+            batch.push(&self.topics.identity, None, Some(key), Some(payload), Vec::new());
+        }
         for i in 0..batch.identity.len() {
             let (key, payload) = batch.identity[i].clone();
             batch.push(
@@ -475,6 +486,7 @@ impl Pipeline {
     /// Makes a durable batch's dedup chunks part of the in-memory state.
     pub fn commit(&mut self, batch: &Batch) {
         debug_assert!(batch.staged_order.is_empty(), "commit of an unsealed batch");
+        self.unwritten_identity.clear();
         for (p, id, entries) in &batch.chunks {
             if let Some(state) = self.dedup.get_mut(p) {
                 state.insert_chunk(*id, entries);
@@ -495,6 +507,28 @@ impl Pipeline {
             }
         }
         self.carried.retain(|c| c.state.has_chunks());
+    }
+
+    /// A sealed batch was not committed (it is read again): its dedup marks
+    /// and expiries were never applied, but the identity table learnt from
+    /// it, so its identity records are kept for the next batch to write.
+    pub fn abort(&mut self, batch: &Batch) {
+        let identity = &self.topics.identity;
+        let records: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .records()
+            .filter(|o| o.topic == &**identity)
+            .filter_map(|o| Some((o.key?.to_vec(), o.payload?.to_vec())))
+            .collect();
+        // Keeps the last state per person (they are the batch's own plus,
+        // after two failures in a row, those kept from before).
+        let mut seen = HashSet::new();
+        let mut kept: Vec<(Vec<u8>, Vec<u8>)> = records
+            .into_iter()
+            .rev()
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect();
+        kept.reverse();
+        self.unwritten_identity = kept;
     }
 
     /// Forgets keys older than the window and adds a tombstone to `batch`
@@ -1337,6 +1371,33 @@ trust = "client"
             "{}",
             schema.1
         );
+    }
+
+    #[test]
+    fn identity_learnt_in_a_failed_batch_is_written_by_the_next_one() {
+        let mut p = pipeline();
+        let identify = r#"{"event":"identify","event_id":"i1","occurred_at":"2026-11-20T10:00:00Z","user_id":"u1","anonymous_id":"a1","email":"a@example.com","consent":{"ads":"granted","analytics":"granted"}}"#;
+        let identity_keys = |b: &Batch| -> Vec<String> {
+            b.records()
+                .filter(|o| o.topic == "switchyard.identity")
+                .map(|o| String::from_utf8(o.key.unwrap().to_vec()).unwrap())
+                .collect()
+        };
+        let mut first = Batch::default();
+        p.process(&rec(Some("i1"), identify, 1), 1000, &mut first);
+        p.seal(&mut first);
+        assert_eq!(identity_keys(&first), ["a:a1", "u:u1"]);
+        // Its writes failed; the same record is read again.
+        p.abort(&first);
+        let mut retry = Batch::default();
+        p.process(&rec(Some("i1"), identify, 1), 1000, &mut retry);
+        p.seal(&mut retry);
+        assert_eq!(identity_keys(&retry), ["a:a1", "u:u1"]);
+        p.commit(&retry);
+        let mut later = Batch::default();
+        p.process(&rec(Some("i2"), &identify.replace("i1", "i2"), 2), 1000, &mut later);
+        p.seal(&mut later);
+        assert!(identity_keys(&later).is_empty(), "written once committed");
     }
 
     #[test]

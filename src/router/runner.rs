@@ -356,6 +356,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             Err(BatchError::Fatal(e)) => return Err(RouterError::Fatal(e)),
             Err(BatchError::Retry(_)) if ctx.shutdown.is_cancelled() => break,
             Err(BatchError::Retry(e)) => {
+                pipeline.abort(&batch);
                 m::TRANSACTIONS.with_label_values(&["aborted"]).inc();
                 warn!(error = %e, "batch not committed; rewinding to its first offsets");
                 rewind(&consumer, &config.topics.canonical, &batch);
