@@ -275,6 +275,14 @@ impl Profile {
         }
     }
 
+    /// Whether it holds no fact at all (an event with no identity hints).
+    pub fn teaches_nothing(&self) -> bool {
+        self.user_id.is_none()
+            && self.contacts.is_empty()
+            && self.external_ids.is_empty()
+            && self.click_ids.is_empty()
+    }
+
     /// Overlays `newer` (its known fields win); true when anything changed.
     pub fn merge(&mut self, newer: &Profile) -> bool {
         take(&mut self.user_id, &newer.user_id, newer.as_of < self.as_of) | self.overlay(newer)
@@ -557,7 +565,18 @@ impl IdentityTable {
     ) -> Resolved<'a> {
         let IdentityTable { users, anons } = self;
         let aid = ev.anonymous_id.as_deref();
-        let mut anon: Option<&'a mut Profile> = aid.map(|aid| entry(anons, aid));
+        // Entries are made only for what can be learnt (a hint, or the
+        // device's link to a user): a visitor who never says anything about
+        // themselves costs nothing, so the table grows with the people it
+        // knows something about, not with every id it has seen.
+        let learns = !hints.teaches_nothing() || ev.user_id.is_some();
+        let mut anon: Option<&'a mut Profile> = aid.and_then(|aid| {
+            if learns {
+                Some(entry(anons, aid))
+            } else {
+                anons.get_mut(aid).map(|p| &mut **p)
+            }
+        });
         let linked_user: Option<Cow<'a, str>> = match &ev.user_id {
             Some(u) => Some(Cow::Borrowed(u)),
             None => anon
@@ -584,6 +603,21 @@ impl IdentityTable {
                 own: None,
             };
         };
+        let links = anon.as_deref().is_some_and(|a| {
+            a.user_id.as_deref() != Some(&*uid) && (a.user_id.is_none() || hints.as_of >= a.as_of)
+        });
+        if !links && hints.teaches_nothing() {
+            let anon = anon.map(|a| &*a);
+            return Resolved {
+                user_id: ev
+                    .user_id
+                    .as_deref()
+                    .or_else(|| anon.and_then(|a| a.user_id.as_deref())),
+                user: users.get(&*uid).map(|p| &**p),
+                anon,
+                own: None,
+            };
+        }
         let user = entry(users, &uid);
         let mut changed = false;
         // A device that changed hands links to its newest user; an older
@@ -832,6 +866,30 @@ mod tests {
         assert_eq!(empty, Profile::default());
         assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
         assert!(serde_json::from_str::<Profile>(r#"{"email_sha256":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn ids_that_bring_no_fact_take_no_memory() {
+        let mut table = IdentityTable::default();
+        let mut phones = us();
+        for i in 0..1000 {
+            let ev: CanonicalEvent = serde_json::from_value(serde_json::json!({
+                "event": "view_content", "event_id": format!("e{i}"),
+                "occurred_at": "2026-11-20T10:00:00Z",
+                "anonymous_id": format!("visitor-{i}"),
+            }))
+            .unwrap();
+            let hints = Profile::from_event(&ev, &mut phones);
+            table.observe(&ev, &hints, |_, _| panic!("nothing to write"));
+            let ev: CanonicalEvent = serde_json::from_value(serde_json::json!({
+                "event": "purchase", "event_id": format!("p{i}"),
+                "occurred_at": "2026-11-20T10:00:00Z", "user_id": format!("user-{i}"),
+            }))
+            .unwrap();
+            let hints = Profile::from_event(&ev, &mut phones);
+            table.observe(&ev, &hints, |_, _| panic!("nothing to write"));
+        }
+        assert_eq!(table.len(), 0);
     }
 
     #[test]

@@ -448,7 +448,13 @@ impl Pipeline {
         // state comes last.
         for (key, payload) in &self.unwritten_identity {
             let (key, payload) = (batch.bytes(key), batch.bytes(payload));
-            batch.push(&self.topics.identity, None, Some(key), Some(payload), Vec::new());
+            batch.push(
+                &self.topics.identity,
+                None,
+                Some(key),
+                Some(payload),
+                Vec::new(),
+            );
         }
         for i in 0..batch.identity.len() {
             let (key, payload) = batch.identity[i].clone();
@@ -568,7 +574,9 @@ impl Pipeline {
                 let key = batch.bytes(id);
                 batch.push(&c.topic, Some(c.partition), Some(key), None, Vec::new());
             }
-            batch.expired_carried.push((c.topic.clone(), c.partition, ids));
+            batch
+                .expired_carried
+                .push((c.topic.clone(), c.partition, ids));
         }
         self.carried.retain(|c| c.state.has_chunks());
         n
@@ -1395,7 +1403,11 @@ trust = "client"
         assert_eq!(identity_keys(&retry), ["a:a1", "u:u1"]);
         p.commit(&retry);
         let mut later = Batch::default();
-        p.process(&rec(Some("i2"), &identify.replace("i1", "i2"), 2), 1000, &mut later);
+        p.process(
+            &rec(Some("i2"), &identify.replace("i1", "i2"), 2),
+            1000,
+            &mut later,
+        );
         p.seal(&mut later);
         assert!(identity_keys(&later).is_empty(), "written once committed");
     }
