@@ -474,6 +474,73 @@ async fn a_vendors_error_text_of_any_size_is_cut_and_the_sink_keeps_delivering()
     sink.stop().await;
 }
 
+/// A deliver record no router wrote (too large for any producer to copy)
+/// is dead-lettered cut, as the router cuts oversize input, instead of
+/// failing the sink over and over; the events behind it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliver_record_too_large_to_copy_is_dead_lettered_cut_and_the_sink_carries_on() {
+    let fake = FakeVendor::start(SECRET).await;
+    let s = setup(&fake, "linger = \"20ms\"\n");
+    let brokers = common::brokers();
+    let tag = common::unique("foreign");
+    // On Kafka, topics switchyard creates refuse such a record; one
+    // made before (or by someone else) with the broker's defaults does not.
+    let deliver = s.config.topics.deliver(&dest(&s.config));
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let made = admin
+            .create_topics(
+                &[NewTopic::new(&deliver, 2, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
+    }
+    let huge_key = format!("{tag}-{}", "k".repeat(4000));
+    common::kafka::produce(
+        &brokers,
+        &deliver,
+        &[(Some(huge_key), vec![b'x'; 1_500_000])],
+    )
+    .await;
+    let sink = start(&s.config).await;
+    let after = events(&tag, 5, 2);
+    produce(&s.config, &after).await;
+    wait_until(
+        "the events behind it delivered",
+        Duration::from_secs(60),
+        || fake.delivered().is_superset(&ids(&after)),
+    )
+    .await;
+    let mut letter = None;
+    for _ in 0..300 {
+        let letters = dlq::read_all(&s.config, &brokers).await.unwrap();
+        letter = letters.into_iter().find(|l| {
+            l.headers
+                .iter()
+                .any(|(k, v)| k == header::ORIGIN_SIZE && v.starts_with(b"15"))
+        });
+        if letter.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let l = letter.expect("a dead letter for the oversize record");
+    assert!(l.payload.len() <= 64 * 1024, "{} bytes", l.payload.len());
+    assert!(
+        l.headers
+            .iter()
+            .any(|(k, v)| k == header::TRUNCATED && v == b"true")
+    );
+    assert!(!sink.handle.is_finished(), "the sink stopped");
+    sink.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_waits_park_on_the_retry_topic_and_exhausted_budgets_dead_letter() {
     let fake = FakeVendor::start(SECRET).await;

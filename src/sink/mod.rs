@@ -129,6 +129,8 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         producer,
         ownership: ownership.clone(),
         dlq_topic: topics.dlq(),
+        copy_limit: ctx.config.router.routed_record_bytes(),
+        cut_to: ctx.config.router.max_record_bytes.min(send::OVERSIZE_KEEP),
         outcomes_topic: topics.outcomes(),
         retry_topic: topics.retry(destination),
         ledger,

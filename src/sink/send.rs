@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Header;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio::time::Instant;
@@ -24,7 +25,7 @@ use super::metrics::{
 use super::pace::Pace;
 use super::records::{
     CLASS_MAX_BYTES, Final, Item, LedgerEntry, LedgerIndex, Position, REASON_MAX_BYTES,
-    RESPONSE_EXCERPT_BYTES, Rejection, ledger_key,
+    RESPONSE_EXCERPT_BYTES, Rejection, header, ledger_key,
 };
 use super::retry::{Next, cut_string, excerpt, next_step, retry_after};
 use crate::delivery::Delivery;
@@ -34,6 +35,10 @@ use crate::kafka::client::ProducerGuard;
 /// for the sink's producer unless configured): a write that fails is retried
 /// with a fresh producer instead of holding the batch for librdkafka's 5 min.
 pub const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a cut dead letter keeps of an oversize record (as the router does)
+/// and of its key.
+pub const OVERSIZE_KEEP: usize = 64 * 1024;
+const KEY_KEEP: usize = 1024;
 /// The longest pause between attempts to make outcomes durable.
 const MAX_PERSIST_BACKOFF: Duration = Duration::from_secs(10);
 /// The most of a response body read: room for any vendor's per-event
@@ -56,6 +61,12 @@ pub struct Shared {
     /// Owned partitions and their durable progress.
     pub ownership: Arc<Ownership>,
     pub dlq_topic: String,
+    /// The largest delivery record the router writes: a dead letter of a
+    /// larger one (written to the deliver topic by something else) is cut
+    /// to `cut_to` bytes, or it could not be produced and would stall the
+    /// destination.
+    pub copy_limit: usize,
+    pub cut_to: usize,
     pub outcomes_topic: String,
     pub retry_topic: String,
     /// Present when the vendor does not dedup: event ids already delivered.
@@ -543,13 +554,31 @@ pub async fn persist(
         match fin {
             Final::Rejected(r) => {
                 tracing::warn!(destination = name, event_id = item.event_id().unwrap_or(""), partition = item.source.partition, error_class = %r.class, reason = %r.reason, "dead-lettered");
+                let mut headers = item.dlq_headers(name, r);
+                let (mut key, mut payload) = (item.key.clone(), item.raw.clone());
+                let size = payload.len() + key.as_ref().map_or(0, Vec::len);
+                if size > shared.copy_limit {
+                    payload.truncate(shared.cut_to);
+                    if let Some(k) = &mut key {
+                        k.truncate(KEY_KEEP);
+                    }
+                    headers = headers
+                        .insert(Header {
+                            key: header::ORIGIN_SIZE,
+                            value: Some(&size.to_string()),
+                        })
+                        .insert(Header {
+                            key: header::TRUNCATED,
+                            value: Some("true"),
+                        });
+                }
                 outs.push(Out {
                     owner,
                     topic: shared.dlq_topic.clone(),
                     partition: None,
-                    key: item.key.clone(),
-                    payload: item.raw.clone(),
-                    headers: Some(item.dlq_headers(name, r)),
+                    key,
+                    payload,
+                    headers: Some(headers),
                     acked: None,
                 });
             }
