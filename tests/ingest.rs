@@ -1043,3 +1043,74 @@ environment = "production"
         json!({"plan": "pro"})
     );
 }
+
+/// An event that cannot be one record (with the default limits) is the
+/// client's problem, answered 413; it never reaches the producer, so it
+/// cannot cost a 503 or the gateway's readiness. One just under the limit
+/// is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_too_large_for_a_record_gets_413_and_readiness_holds() {
+    let topics = create_topics().await;
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "at_least_once"
+[topics]
+canonical = "{canonical}"
+[ingest]
+body_limit_bytes = 2000000
+produce_timeout = "10s"
+staging_topic = "{staging}"
+[[ingest.keys]]
+key = "{PROD_KEY}"
+source = "checkout-api"
+environment = "production"
+"#,
+        brokers = common::brokers(),
+        canonical = topics.canonical,
+        staging = topics.staging,
+    );
+    let config = Config::parse(&text, Path::new("big.toml"), &|_| None).unwrap();
+    let limit = config.router.max_record_bytes;
+    let (_gateway, base) = start(config).await;
+    let http = reqwest::Client::new();
+    let sized = |id: &str, size: usize| {
+        let mut e = event(id, "lead");
+        e["properties"] = json!({"pad": ""});
+        let base = serde_json::to_vec(&e).unwrap().len() + r#","source":"checkout-api""#.len();
+        e["properties"]["pad"] = json!("x".repeat(size - base));
+        e
+    };
+    let big = common::unique("big");
+    let r = expect(
+        http.post(format!("{base}/v1/events"))
+            .bearer_auth(PROD_KEY)
+            .json(&sized(&big, 1_000_000 - 100))
+            .send()
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
+    assert_eq!(r["error"], "event_too_large", "{r}");
+    expect(
+        http.get(format!("{base}/readyz")).send().await.unwrap(),
+        200,
+    )
+    .await;
+    let fits = common::unique("fits");
+    expect(
+        http.post(format!("{base}/v1/events"))
+            .bearer_auth(PROD_KEY)
+            .json(&sized(&fits, limit - 1000))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let got = consume(&topics.canonical, 1, Duration::from_secs(10));
+    let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, [fits.as_str()]);
+}

@@ -498,6 +498,7 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
 
     // Validate everything before publishing anything.
     let mut results: Vec<Value> = Vec::with_capacity(n);
+    let mut too_large = 0;
     let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(n);
     let mut invalid = 0usize;
     let mut first_violations = Value::Null;
@@ -512,8 +513,12 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
                     results.push(admitted.result(index));
                     records.push((admitted.id, admitted.payload));
                 }
-                Err(violations) => {
+                Err(Refusal {
+                    violations,
+                    too_large: big,
+                }) => {
                     invalid += 1;
+                    too_large += usize::from(big);
                     let v = serde_json::to_value(&violations).unwrap_or_default();
                     if first_violations.is_null() {
                         first_violations = v.clone();
@@ -530,7 +535,17 @@ async fn accept(g: &Gateway, key: &Key, via: &str, mapped: Vec<Mapped>, single: 
                 r["status"] = json!("not_published");
             }
         }
-        let mut reject = if single {
+        let mut reject = if too_large == invalid {
+            Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                format!(
+                    "{too_large} event(s) larger than a record may be (router.max_record_bytes = {}); nothing was published",
+                    g.max_record_bytes
+                ),
+            )
+            .with("violations", first_violations)
+        } else if single {
             Reject::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_event",
@@ -620,19 +635,28 @@ impl Admitted {
 /// serialises it. A malformed identity hint is not refused: the event is
 /// published as sent and the router drops the hint, so the publisher hears
 /// about it as a warning instead of losing the conversion.
+/// Why an event was not admitted: its violations, and whether its size
+/// was the only one (a 413: the event is valid, it just cannot be a record).
+#[derive(Debug)]
+struct Refusal {
+    violations: Vec<crate::event::Violation>,
+    too_large: bool,
+}
+
 fn admit(
     event: &mut Value,
     source: &str,
     via: &str,
     max_record_bytes: usize,
-) -> Result<Admitted, Vec<crate::event::Violation>> {
+) -> Result<Admitted, Refusal> {
     let (mut violations, warnings) = check_value(event);
     if let Value::Object(o) = event {
         bind_source(o, source, via, &mut violations);
     }
     // Serialising a Value cannot fail.
     let payload = serde_json::to_vec(event).unwrap_or_default();
-    if payload.len() > max_record_bytes {
+    let too_large = payload.len() > max_record_bytes;
+    if too_large {
         violations.push(crate::event::Violation {
             pointer: String::new(),
             message: format!(
@@ -642,7 +666,10 @@ fn admit(
         });
     }
     if !violations.is_empty() {
-        return Err(violations);
+        return Err(Refusal {
+            too_large: too_large && violations.len() == 1,
+            violations,
+        });
     }
     // The router trims the id it dedups by; the record key is the same
     // string, so a retry with different padding lands on the same partition.
@@ -939,14 +966,18 @@ mod tests {
     #[test]
     fn wrong_types_and_other_rules_are_still_refused() {
         let mut event = lead(json!({"email": 42, "context": {"ip": "unknown"}}));
-        let violations = admit(&mut event, "web", "canonical", 1 << 20).unwrap_err();
+        let violations = admit(&mut event, "web", "canonical", 1 << 20)
+            .unwrap_err()
+            .violations;
         let pointers: Vec<&str> = violations.iter().map(|v| v.pointer.as_str()).collect();
         assert_eq!(pointers, ["/email"]);
         let mut event = lead(json!({"source": "crm"}));
-        let violations = admit(&mut event, "web", "canonical", 1 << 20).unwrap_err();
-        assert_eq!(violations[0].pointer, "/source");
+        let refusal = admit(&mut event, "web", "canonical", 1 << 20).unwrap_err();
+        assert_eq!(refusal.violations[0].pointer, "/source");
+        assert!(!refusal.too_large);
         let mut event = lead(json!({}));
-        let violations = admit(&mut event, "web", "canonical", 10).unwrap_err();
-        assert_eq!(violations[0].pointer, "");
+        let refusal = admit(&mut event, "web", "canonical", 10).unwrap_err();
+        assert_eq!(refusal.violations[0].pointer, "");
+        assert!(refusal.too_large, "a valid event that cannot fit is a 413");
     }
 }
