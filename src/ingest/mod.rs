@@ -77,10 +77,23 @@ pub async fn run(ctx: RoleContext) -> Result<(), IngestError> {
         return Ok(());
     }
     let addr = ctx.config.ingest.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| IngestError::Bind { addr, source })?;
+    let listener = bind(addr).map_err(|source| IngestError::Bind { addr, source })?;
     serve(&ctx.config, &ctx.bootstrap, listener, ctx.shutdown).await
+}
+
+/// Binds with a deep accept queue: a burst of SDK connections (thousands
+/// of browsers flushing at once) waits in the kernel for the gateway to
+/// answer it, 503 if over its limit, instead of being reset unanswered at
+/// the default 1,024.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Serves on an already bound listener until `shutdown`, then lets
@@ -170,12 +183,10 @@ pub async fn spawn(
     bootstrap: String,
     listen: SocketAddr,
 ) -> Result<Spawned, IngestError> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| IngestError::Bind {
-            addr: listen,
-            source,
-        })?;
+    let listener = bind(listen).map_err(|source| IngestError::Bind {
+        addr: listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(IngestError::Serve)?;
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
