@@ -81,22 +81,7 @@ ordering = true
     );
     // A sink that keeps order needs its retry topic partitioned like its
     // deliver topic; one made with another count fails it at every start.
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<_> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .unwrap();
-        let retry = format!("{prefix}.retry.hook");
-        let made = admin
-            .create_topics(
-                &[NewTopic::new(&retry, 2, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap();
-        assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
-    }
+    common::kafka::create_topic(&brokers, &format!("{prefix}.retry.hook"), 2).await;
     common::run_ok(&["topics", "create"], &config);
     let deliver = format!("{prefix}.deliver.hook");
 

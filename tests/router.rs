@@ -556,22 +556,13 @@ consent = "analytics"
     let last = start(token.clone());
 
     for d in ["meta", "hook"] {
-        let topic = config.topics.deliver(d);
-        let want = ids.len();
-        let got = read_until(&brokers, &topic, Duration::from_secs(300), |r| {
-            r.len() >= want
-        });
-        // Anything beyond the expected count would arrive right behind it.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let more = read_until(&brokers, &topic, Duration::from_secs(5), |r| r.len() > want);
-        let delivered = event_ids(if more.len() > got.len() { &more } else { &got });
-        let unique: BTreeSet<String> = delivered.iter().cloned().collect();
-        assert_eq!(unique.len(), ids.len(), "{d}: events lost");
-        assert_eq!(
-            delivered.len(),
-            ids.len(),
-            "{d}: duplicates under exactly-once"
-        );
+        each_once(
+            &brokers,
+            &config.topics.deliver(d),
+            &ids,
+            Duration::from_secs(300),
+        )
+        .await;
     }
     token.cancel();
     tokio::time::timeout(Duration::from_secs(120), last)
@@ -644,6 +635,23 @@ async fn records_at_the_size_limit_are_routed_or_dead_lettered_and_never_stall_t
         assert!(r.payload.as_ref().unwrap().len() <= 64 * 1024);
     }
     s.stop(&mut router, "r1");
+}
+
+/// Waits up to `limit` for every one of `ids` on `topic`, then asserts none
+/// is missing and none came twice (a duplicate would arrive right behind).
+async fn each_once(brokers: &str, topic: &str, ids: &BTreeSet<String>, limit: Duration) {
+    let want = ids.len();
+    let got = read_until(brokers, topic, limit, |r| r.len() >= want);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more = read_until(brokers, topic, Duration::from_secs(5), |r| r.len() > want);
+    let delivered = event_ids(if more.len() > got.len() { &more } else { &got });
+    let unique: BTreeSet<String> = delivered.iter().cloned().collect();
+    assert_eq!(unique.len(), want, "{topic}: events lost");
+    assert_eq!(
+        delivered.len(),
+        want,
+        "{topic}: duplicates under exactly-once"
+    );
 }
 
 /// librdkafka's mock cluster, held by the test so it can inject broker
@@ -756,17 +764,13 @@ async fn a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exac
     let (records, ids) = crash_fixture(2_000);
     produce(&brokers, &config.topics.canonical, &records).await;
     let (token, router) = start_router(&config, "eos-late-commit");
-    let topic = config.topics.deliver("hook");
-    let want = ids.len();
-    let got = read_until(&brokers, &topic, Duration::from_secs(400), |r| {
-        r.len() >= want
-    });
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let more = read_until(&brokers, &topic, Duration::from_secs(5), |r| r.len() > want);
-    let delivered = event_ids(if more.len() > got.len() { &more } else { &got });
-    let unique: BTreeSet<String> = delivered.iter().cloned().collect();
-    assert_eq!(unique.len(), ids.len(), "events lost");
-    assert_eq!(delivered.len(), ids.len(), "duplicates under exactly-once");
+    each_once(
+        &brokers,
+        &config.topics.deliver("hook"),
+        &ids,
+        Duration::from_secs(400),
+    )
+    .await;
     token.cancel();
     tokio::time::timeout(Duration::from_secs(120), router)
         .await

@@ -486,21 +486,7 @@ async fn a_deliver_record_too_large_to_copy_is_dead_lettered_cut_and_the_sink_ca
     // On Kafka, topics switchyard creates refuse such a record; one
     // made before (or by someone else) with the broker's defaults does not.
     let deliver = s.config.topics.deliver(&dest(&s.config));
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<_> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .unwrap();
-        let made = admin
-            .create_topics(
-                &[NewTopic::new(&deliver, 2, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap();
-        assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
-    }
+    common::kafka::create_topic(&brokers, &deliver, 2).await;
     let huge_key = format!("{tag}-{}", "k".repeat(4000));
     common::kafka::produce(
         &brokers,

@@ -224,3 +224,21 @@ pub fn sigterm(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
     sigkill(child);
     None
 }
+
+/// Creates `name` with the broker's default configuration (not as
+/// `topics create` would), for tests that need a topic switchyard did not make.
+pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let made = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made.iter().all(|r| r.is_ok()), "{made:?}");
+}
