@@ -115,17 +115,18 @@ fn fixture(run: &str, now: DateTime<Utc>) -> Vec<Case> {
                 "user_id": id("user-b"), "anonymous_id": id("anon-b"), "consent": ads_denied, "context": web()}),
             expect: &[GA4],
         },
-        // C says nothing about consent: ad platforms default to deny, analytics to grant.
+        // C says nothing about consent: every destination that receives
+        // hashed contact data (the ad platforms and GA4) defaults to deny.
         Case {
             event: json!({"event": "view_content", "event_id": id("e09"), "occurred_at": at(now, 33),
                 "anonymous_id": id("anon-c"), "context": web()}),
-            expect: &[GA4],
+            expect: &[],
         },
         Case {
             event: json!({"event": "lead", "event_id": id("e10"), "occurred_at": at(now, 32),
                 "anonymous_id": id("anon-c"), "email": EMAILS[2], "phone": PHONES[1], "context": web(),
                 "click_ids": {"gclid": "Cj0KCQiCCCCCCCCC"}}),
-            expect: &[GA4],
+            expect: &[],
         },
         // D allows ads but not analytics.
         Case {
