@@ -808,3 +808,115 @@ async fn a_full_produce_queue_never_holds_up_a_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+/// The identity topic holding one profile per record batch, so that a load
+/// takes one Fetch per few records; returns each user's email.
+async fn identity_profiles(
+    brokers: &str,
+    config: &switchyard::config::Config,
+    n: usize,
+) -> Vec<(String, String)> {
+    let mut users = Vec::new();
+    for i in 0..n {
+        let (user, email) = (format!("user-{i}"), format!("person{i}@example.com"));
+        let profile = json!({"email_sha256": sha(&email), "as_of": 1});
+        // One produce per record: the mock cluster answers a Fetch with at
+        // most one batch per partition.
+        produce(
+            brokers,
+            &config.topics.identity(),
+            &[(
+                Some(format!("u:{user}")),
+                serde_json::to_vec(&profile).unwrap(),
+            )],
+        )
+        .await;
+        users.push((user, email));
+    }
+    users
+}
+
+/// A slow broker makes the identity load take several times the stall
+/// window, but every Fetch brings records: the load must finish (not give up
+/// part-way) and the events be enriched from every profile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_identity_load_that_keeps_advancing_finishes_and_enriches_from_every_profile() {
+    let _watchdog = common::watchdog(
+        "a_slow_identity_load_that_keeps_advancing_finishes_and_enriches_from_every_profile",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"3s\"\n");
+    let brokers = cluster.brokers();
+    let users = identity_profiles(&brokers, &config, 8).await;
+    // Each Fetch answered 2 s late: within the 3 s window, yet the load of
+    // 8 batches over 2 partitions takes at least 4 of them.
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_secs(2); 10]);
+    let (token, router) = start_router(&config, "slow-identity");
+    let consent = json!({"ads":"granted","analytics":"granted"});
+    let events: Vec<_> = users
+        .iter()
+        .map(|(user, _)| {
+            ev(
+                json!({"event":"purchase","event_id":format!("buy-{user}"),"occurred_at":T,
+                "user_id":user,"value":5,"currency":"USD","consent":consent}),
+            )
+        })
+        .collect();
+    produce(&brokers, &config.topics.canonical, &events).await;
+    let hook = read_until(
+        &brokers,
+        &config.topics.deliver("hook"),
+        Duration::from_secs(120),
+        |r| r.len() >= users.len(),
+    );
+    assert!(
+        !router.is_finished(),
+        "the router stopped: {:?}",
+        router.await
+    );
+    let by = by_id(&hook);
+    for (user, email) in &users {
+        let d = &by
+            .get(&format!("buy-{user}"))
+            .unwrap_or_else(|| panic!("buy-{user} not routed"))["event"];
+        assert_eq!(d["email_sha256"], sha(email), "{user}: {d}");
+    }
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), router)
+        .await
+        .expect("the router stopped within 60 s of shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// An identity load that reads nothing for the stall window fails the router
+/// (to be restarted) rather than routing with part of the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_load_that_stops_advancing_fails_the_router_rather_than_route_with_part_of_the_table()
+ {
+    let _watchdog = common::watchdog(
+        "an_identity_load_that_stops_advancing_fails_the_router_rather_than_route_with_part_of_the_table",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"2s\"\n");
+    let brokers = cluster.brokers();
+    identity_profiles(&brokers, &config, 4).await;
+    // The first Fetches come back long after the window (not forever: the
+    // old fixed deadline would then have routed on).
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_secs(20); 2]);
+    let (_token, router) = start_router(&config, "stuck-identity");
+    let err = tokio::time::timeout(Duration::from_secs(60), router)
+        .await
+        .expect("the router gave up within 60 s")
+        .unwrap()
+        .expect_err("the router routed with a partial identity table");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("identity load") && msg.contains("router.state_stall_timeout"),
+        "{msg}"
+    );
+}

@@ -30,6 +30,7 @@ use super::identity::{IdentityTable, Profile};
 use super::metrics as m;
 use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline, Reroute};
 use crate::config::{Config, Guarantee, KafkaConfig};
+use crate::kafka::progress::ReadProgress;
 use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::kafka::topics::{self, DedupTopics};
 use crate::kafka::{ADMIN_TIMEOUT, client};
@@ -53,6 +54,17 @@ pub enum RouterError {
         topic: String,
         partition: i32,
         source: KafkaError,
+    },
+    /// A read of state stopped advancing before its end offsets.
+    #[error(
+        "{read} of {topic} stopped before its end offsets: nothing read for {}s \
+         (router.state_stall_timeout)",
+        stall.as_secs()
+    )]
+    Stalled {
+        read: &'static str,
+        topic: String,
+        stall: Duration,
     },
     #[error("this instance's transactional producer was fenced or failed fatally: {0}")]
     Fatal(KafkaError),
@@ -200,7 +212,13 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
 
     let mut tail = IdentityTail::start(&config.kafka, &ctx.bootstrap, &topics.identity())?;
     let mut pipeline = Pipeline::new(config.clone());
-    tail = load_identity(tail, &mut pipeline, &stop).await?;
+    tail = load_identity(
+        tail,
+        &mut pipeline,
+        config.router.state_stall_timeout,
+        &stop,
+    )
+    .await?;
     let layout = read_layout(&config, &ctx.bootstrap).await?;
     apply_layout(&config, &ctx.bootstrap, &mut pipeline, layout, true, &stop).await?;
     info!(
@@ -882,7 +900,7 @@ async fn restore_with_retry(
                 .with_max_times(RESTORE_ATTEMPTS - 1)
                 .with_jitter(),
         )
-        .when(|e| matches!(e, RouterError::Restore { .. }))
+        .when(|e| matches!(e, RouterError::Restore { .. } | RouterError::Stalled { .. }))
         .notify(|e, wait| {
             warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "dedup restore failed; retrying");
         })
@@ -902,6 +920,7 @@ pub(super) async fn restore_partition(
     let kafka = config.kafka.clone();
     let bootstrap = bootstrap.to_string();
     let oldest_live = pipeline.oldest_live(unix_secs());
+    let stall = config.router.state_stall_timeout;
     tokio::task::spawn_blocking(move || {
         let err = |source| RouterError::Restore {
             topic: topic.clone(),
@@ -931,18 +950,23 @@ pub(super) async fn restore_partition(
         tpl.add_partition_offset(&topic, partition, Offset::Offset(low))
             .map_err(err)?;
         consumer.assign(&tpl).map_err(err)?;
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let ends = HashMap::from([(partition, high)]);
+        let mut progress = ReadProgress::new("dedup restore", &topic, stall);
         loop {
             if stop.is_cancelled() {
                 return Err(RouterError::Stopped);
             }
-            if Instant::now() > deadline {
-                return Err(err(KafkaError::MessageConsumption(
-                    RDKafkaErrorCode::OperationTimedOut,
-                )));
+            if progress.stalled() {
+                return Err(RouterError::Stalled {
+                    read: "dedup restore",
+                    topic: format!("{topic} partition {partition}"),
+                    stall,
+                });
             }
+            progress.report(&ends);
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(msg)) => {
+                    progress.record(partition, msg.offset());
                     if let Some(key) = msg.key() {
                         restore.record(key, msg.payload());
                     }
@@ -957,6 +981,9 @@ pub(super) async fn restore_partition(
                         t.find_partition(&topic, partition)
                             .and_then(|e| e.offset().to_raw())
                     });
+                    if let Some(o) = pos {
+                        progress.position(partition, o);
+                    }
                     if pos.is_some_and(|o| o >= high) {
                         return Ok(finish(restore));
                     }
@@ -1045,9 +1072,17 @@ impl IdentityTail {
 /// events are enriched with everything known before this instance started.
 /// Records are applied as they are read: the topic holds several records per
 /// person until it is compacted, far more than the table they make.
+///
+/// A load that stops advancing fails the router (which is restarted) rather
+/// than routing with a partial table: events enriched from it would go out
+/// without identifiers known before, for good, and the profiles the router
+/// writes back would lack them too, so compaction could replace a person's
+/// full record with a thinner one. A restart only delays routing: the input
+/// waits in Kafka at the committed offsets.
 pub(super) async fn load_identity(
     tail: IdentityTail,
     pipeline: &mut Pipeline,
+    stall: Duration,
     stop: &CancellationToken,
 ) -> Result<IdentityTail, RouterError> {
     // The table goes to the blocking reader and comes back filled.
@@ -1060,13 +1095,22 @@ pub(super) async fn load_identity(
             .filter(|(_, end)| **end > 0)
             .map(|(p, e)| (*p, *e))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !pending.is_empty() && Instant::now() < deadline {
+        let mut progress = ReadProgress::new("identity load", &tail.topic, stall);
+        while !pending.is_empty() {
             if stop.is_cancelled() {
                 return Err(RouterError::Stopped);
             }
+            if progress.stalled() {
+                return Err(RouterError::Stalled {
+                    read: "identity load",
+                    topic: tail.topic.clone(),
+                    stall,
+                });
+            }
+            progress.report(&pending);
             match tail.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
+                    progress.record(msg.partition(), msg.offset());
                     IdentityTail::apply(&msg, &mut table);
                     if pending
                         .get(&msg.partition())
@@ -1080,9 +1124,13 @@ pub(super) async fn load_identity(
                     // Compaction can leave the last offsets empty.
                     if let Ok(pos) = tail.consumer.position() {
                         pending.retain(|p, end| {
-                            pos.find_partition(&tail.topic, *p)
-                                .and_then(|e| e.offset().to_raw())
-                                .is_none_or(|o| o < *end)
+                            let at = pos
+                                .find_partition(&tail.topic, *p)
+                                .and_then(|e| e.offset().to_raw());
+                            if let Some(o) = at {
+                                progress.position(*p, o);
+                            }
+                            at.is_none_or(|o| o < *end)
                         });
                     }
                 }
