@@ -66,6 +66,12 @@ pub enum RouterError {
         topic: String,
         stall: Duration,
     },
+    /// A failed batch's partition, still ours, could not be sought back.
+    #[error(
+        "input partition {partition} could not be rewound after a failed batch ({source}); \
+         restarting so that it is read again from its committed offset"
+    )]
+    Rewind { partition: i32, source: KafkaError },
     #[error("this instance's transactional producer was fenced or failed fatally: {0}")]
     Fatal(KafkaError),
     #[error("reading the partition layout of {topic}: {source}")]
@@ -376,7 +382,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
             Err(BatchError::Retry(e)) => {
                 m::TRANSACTIONS.with_label_values(&["aborted"]).inc();
                 warn!(error = %e, "batch not committed; rewinding to its first offsets");
-                rewind(&consumer, &config.topics.canonical, &batch);
+                rewind(&consumer, &config.topics.canonical, &batch)?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -676,11 +682,62 @@ fn until_known(
 
 /// Seeks every partition of a failed batch back to the batch's own first
 /// offsets (tracked here: the group's committed offsets may lag).
-fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, batch: &Batch) {
+///
+/// A partition that is still ours but could not be sought back fails the
+/// router: its next read would start after the failed batch, and the next
+/// commit would skip that batch for good. The restarted router re-reads
+/// every partition from its committed offset, which is always safe: under
+/// exactly-once those are the transactions' own, under at-least-once they are
+/// committed only once the writes are durable, and dedup drops what was
+/// routed already. Re-assigning just that partition would spare the other
+/// partitions a restart, but differs between the eager and the cooperative
+/// protocol and relies on the same consumer whose seek just failed, for a
+/// failure librdkafka only reports on an internal timeout.
+fn rewind(
+    consumer: &StreamConsumer<RebalanceLog>,
+    topic: &str,
+    batch: &Batch,
+) -> Result<(), RouterError> {
     for (&p, &(first, _)) in &batch.offsets {
-        if let Err(e) = consumer.seek(topic, p, Offset::Offset(first), Duration::from_secs(10)) {
-            warn!(partition = p, error = %e, "seek failed; the partition may have been revoked");
+        let seek = consumer.seek(topic, p, Offset::Offset(first), Duration::from_secs(10));
+        // Asked only after a failure: a seek that worked needs no assignment.
+        let assigned = match seek {
+            Ok(()) => HashSet::new(),
+            Err(_) => assigned_partitions(consumer, topic),
+        };
+        match after_seek(p, seek, &assigned) {
+            AfterSeek::Rewound => {}
+            AfterSeek::Revoked(e) => {
+                warn!(partition = p, error = %e, "seek failed on a revoked partition; its new owner reads it from the committed offset");
+            }
+            AfterSeek::NotRewound(source) => {
+                return Err(RouterError::Rewind {
+                    partition: p,
+                    source,
+                });
+            }
         }
+    }
+    Ok(())
+}
+
+/// Where the next read of a failed batch's partition starts after the seek
+/// back to the batch.
+#[derive(Debug)]
+enum AfterSeek {
+    /// At the batch's first offset.
+    Rewound,
+    /// Revoked meanwhile: its new owner starts at the committed offset.
+    Revoked(KafkaError),
+    /// Still assigned here, after the failed batch: it would be skipped.
+    NotRewound(KafkaError),
+}
+
+fn after_seek(partition: i32, seek: KafkaResult<()>, assigned: &HashSet<i32>) -> AfterSeek {
+    match seek {
+        Ok(()) => AfterSeek::Rewound,
+        Err(e) if assigned.contains(&partition) => AfterSeek::NotRewound(e),
+        Err(e) => AfterSeek::Revoked(e),
     }
 }
 
@@ -1147,6 +1204,24 @@ pub(super) async fn load_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_seek_of_a_partition_still_assigned_is_not_a_rewind() {
+        let failed = || Err(KafkaError::Seek("timed out".into()));
+        let assigned = HashSet::from([0, 1]);
+        assert!(matches!(
+            after_seek(1, failed(), &assigned),
+            AfterSeek::NotRewound(_)
+        ));
+        assert!(matches!(
+            after_seek(2, failed(), &assigned),
+            AfterSeek::Revoked(_)
+        ));
+        assert!(matches!(
+            after_seek(1, Ok(()), &assigned),
+            AfterSeek::Rewound
+        ));
+    }
 
     #[test]
     fn the_reroute_warning_gives_the_share_and_the_fix_for_each_reason() {
