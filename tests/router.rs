@@ -921,3 +921,75 @@ async fn an_identity_load_that_stops_advancing_fails_the_router_rather_than_rout
         "{msg}"
     );
 }
+
+/// A slow broker makes the dedup restore take several times the stall
+/// window, but every Fetch brings marks: the restore must finish (not give
+/// up, nor fail the router once its retries run out) and the restored state
+/// drop a replay of what was routed before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_dedup_restore_that_keeps_advancing_finishes_and_drops_replays() {
+    let _watchdog = common::watchdog(
+        "a_slow_dedup_restore_that_keeps_advancing_finishes_and_drops_replays",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"3s\"\n");
+    let brokers = cluster.brokers();
+    let hook = config.topics.deliver("hook");
+    let consent = json!({"ads":"granted","analytics":"granted"});
+    let events: Vec<_> = (0..6)
+        .map(|i| {
+            ev(
+                json!({"event":"purchase","event_id":format!("e-{i}"),"occurred_at":T,
+                "user_id":"u-1","value":5,"currency":"USD","consent":consent}),
+            )
+        })
+        .collect();
+    // One event per router batch, so the dedup topic holds one batch of
+    // marks per event and a restore takes one Fetch per event.
+    let (token, first) = start_router(&config, "restore-a");
+    for (i, e) in events.iter().enumerate() {
+        produce(&brokers, &config.topics.canonical, std::slice::from_ref(e)).await;
+        let got = read_until(&brokers, &hook, Duration::from_secs(60), |r| r.len() > i);
+        assert_eq!(got.len(), i + 1);
+    }
+    // The last batch's marks and offsets follow its deliveries.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    token.cancel();
+    first.await.unwrap().unwrap();
+
+    // Every Fetch answered 1.5 s late, within the 3 s window, so that the
+    // partition holding at least 3 of the 6 batches takes longer than it;
+    // and enough of them that a restore giving up on total time would fail
+    // all its retries.
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_millis(1500); 300]);
+    let (token, second) = start_router(&config, "restore-b");
+    let mut replay = events.clone();
+    replay.push(ev(
+        json!({"event":"purchase","event_id":"after","occurred_at":T,
+        "user_id":"u-1","value":5,"currency":"USD","consent":consent}),
+    ));
+    produce(&brokers, &config.topics.canonical, &replay).await;
+    read_until(&brokers, &hook, Duration::from_secs(150), |r| {
+        event_ids(r).iter().any(|id| id == "after")
+    });
+    // A replay on the other partition may come just behind it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = read_all(&brokers, &hook);
+    assert!(
+        !second.is_finished(),
+        "the router stopped: {:?}",
+        second.await
+    );
+    let ids = event_ids(&got);
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), 7, "replays routed again: {ids:?}");
+    assert_eq!(unique.len(), 7, "{ids:?}");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the router stopped within 60 s of shutdown")
+        .unwrap()
+        .unwrap();
+}
