@@ -68,6 +68,7 @@ impl ReadProgress {
         }
         self.last_report = Instant::now();
         for (&partition, &end) in ends {
+            // Position -1: nothing read from the partition yet.
             let (position, records) = self.at.get(&partition).copied().unwrap_or((-1, 0));
             info!(
                 read = self.what,
