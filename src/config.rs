@@ -262,6 +262,11 @@ pub struct RouterConfig {
     /// dead-lettered as oversize (ingest answers 413), and every producer and
     /// topic limit is derived from it.
     pub max_record_bytes: usize,
+    /// How long a read of state (dedup restore, identity load) may go
+    /// without a record or an offset advance before it fails. Not a total
+    /// time: state topics grow, and a slow but moving read must finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub state_stall_timeout: Duration,
 }
 
 /// What the router may add to an accepted record: enrichment, the
@@ -295,6 +300,7 @@ impl Default for RouterConfig {
             // and the broker's default 1,000,000-byte message limit, so no
             // broker or topic setting has to change.
             max_record_bytes: 900 * 1024,
+            state_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -786,6 +792,9 @@ impl Config {
         }
         if self.router.dedup_window < Duration::from_secs(60) {
             bad("router.dedup_window", "must be at least 1m".into());
+        }
+        if self.router.state_stall_timeout < Duration::from_secs(1) {
+            bad("router.state_stall_timeout", "must be at least 1s".into());
         }
         let max_input = MAX_MESSAGE_BYTES - ROUTED_ALLOWANCE - FAILURE_ALLOWANCE;
         if !(1024..=max_input).contains(&self.router.max_record_bytes) {
@@ -1594,6 +1603,18 @@ consent = "analytics"
         .to_string();
         assert!(err.contains("destinations.hook.url"), "{err}");
         assert!(!err.contains("hunter2") && !err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn the_state_stall_timeout_defaults_to_a_minute_and_a_bad_one_is_named() {
+        assert_eq!(
+            parse("").unwrap().router.state_stall_timeout,
+            Duration::from_secs(60)
+        );
+        for bad in ["0s", "soon"] {
+            let k = keys(&format!("[router]\nstate_stall_timeout = \"{bad}\"\n"));
+            assert_eq!(k, ["router.state_stall_timeout"], "{bad}");
+        }
     }
 
     #[test]

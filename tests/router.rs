@@ -813,3 +813,187 @@ async fn a_full_produce_queue_never_holds_up_a_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+/// The identity topic holding one profile per record batch, so that a load
+/// takes one Fetch per few records; returns each user's email.
+async fn identity_profiles(
+    brokers: &str,
+    config: &switchyard::config::Config,
+    n: usize,
+) -> Vec<(String, String)> {
+    let mut users = Vec::new();
+    for i in 0..n {
+        let (user, email) = (format!("user-{i}"), format!("person{i}@example.com"));
+        let profile = json!({"email_sha256": sha(&email), "as_of": 1});
+        // One produce per record: the mock cluster answers a Fetch with at
+        // most one batch per partition.
+        produce(
+            brokers,
+            &config.topics.identity(),
+            &[(
+                Some(format!("u:{user}")),
+                serde_json::to_vec(&profile).unwrap(),
+            )],
+        )
+        .await;
+        users.push((user, email));
+    }
+    users
+}
+
+/// A slow broker makes the identity load take several times the stall
+/// window, but every Fetch brings records: the load must finish (not give up
+/// part-way) and the events be enriched from every profile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_identity_load_that_keeps_advancing_finishes_and_enriches_from_every_profile() {
+    let _watchdog = common::watchdog(
+        "a_slow_identity_load_that_keeps_advancing_finishes_and_enriches_from_every_profile",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"3s\"\n");
+    let brokers = cluster.brokers();
+    let users = identity_profiles(&brokers, &config, 8).await;
+    // Each Fetch answered 2 s late: within the 3 s window, yet the load of
+    // 8 batches over 2 partitions takes at least 4 of them.
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_secs(2); 10]);
+    let (token, router) = start_router(&config, "slow-identity");
+    let consent = json!({"ads":"granted","analytics":"granted"});
+    let events: Vec<_> = users
+        .iter()
+        .map(|(user, _)| {
+            ev(
+                json!({"event":"purchase","event_id":format!("buy-{user}"),"occurred_at":T,
+                "user_id":user,"value":5,"currency":"USD","consent":consent}),
+            )
+        })
+        .collect();
+    produce(&brokers, &config.topics.canonical, &events).await;
+    let hook = read_until(
+        &brokers,
+        &config.topics.deliver("hook"),
+        Duration::from_secs(120),
+        |r| r.len() >= users.len(),
+    );
+    assert!(
+        !router.is_finished(),
+        "the router stopped: {:?}",
+        router.await
+    );
+    let by = by_id(&hook);
+    for (user, email) in &users {
+        let d = &by
+            .get(&format!("buy-{user}"))
+            .unwrap_or_else(|| panic!("buy-{user} not routed"))["event"];
+        assert_eq!(d["email_sha256"], sha(email), "{user}: {d}");
+    }
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), router)
+        .await
+        .expect("the router stopped within 60 s of shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// An identity load that reads nothing for the stall window fails the router
+/// (to be restarted) rather than routing with part of the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_load_that_stops_advancing_fails_the_router_rather_than_route_with_part_of_the_table()
+ {
+    let _watchdog = common::watchdog(
+        "an_identity_load_that_stops_advancing_fails_the_router_rather_than_route_with_part_of_the_table",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"2s\"\n");
+    let brokers = cluster.brokers();
+    identity_profiles(&brokers, &config, 4).await;
+    // The first Fetches come back long after the window (not forever: the
+    // old fixed deadline would then have routed on).
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_secs(20); 2]);
+    let (_token, router) = start_router(&config, "stuck-identity");
+    let err = tokio::time::timeout(Duration::from_secs(60), router)
+        .await
+        .expect("the router gave up within 60 s")
+        .unwrap()
+        .expect_err("the router routed with a partial identity table");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("identity load") && msg.contains("router.state_stall_timeout"),
+        "{msg}"
+    );
+}
+
+/// A slow broker makes the dedup restore take several times the stall
+/// window, but every Fetch brings marks: the restore must finish (not give
+/// up, nor fail the router once its retries run out) and the restored state
+/// drop a replay of what was routed before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_dedup_restore_that_keeps_advancing_finishes_and_drops_replays() {
+    let _watchdog = common::watchdog(
+        "a_slow_dedup_restore_that_keeps_advancing_finishes_and_drops_replays",
+        Duration::from_secs(300),
+    );
+    let cluster = OwnMock::start();
+    let config = cluster.config("at_least_once", "[router]\nstate_stall_timeout = \"3s\"\n");
+    let brokers = cluster.brokers();
+    let hook = config.topics.deliver("hook");
+    let consent = json!({"ads":"granted","analytics":"granted"});
+    let events: Vec<_> = (0..6)
+        .map(|i| {
+            ev(
+                json!({"event":"purchase","event_id":format!("e-{i}"),"occurred_at":T,
+                "user_id":"u-1","value":5,"currency":"USD","consent":consent}),
+            )
+        })
+        .collect();
+    // One event per router batch, so the dedup topic holds one batch of
+    // marks per event and a restore takes one Fetch per event.
+    let (token, first) = start_router(&config, "restore-a");
+    for (i, e) in events.iter().enumerate() {
+        produce(&brokers, &config.topics.canonical, std::slice::from_ref(e)).await;
+        let got = read_until(&brokers, &hook, Duration::from_secs(60), |r| r.len() > i);
+        assert_eq!(got.len(), i + 1);
+    }
+    // The last batch's marks and offsets follow its deliveries.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    token.cancel();
+    first.await.unwrap().unwrap();
+
+    // Every Fetch answered 1.5 s late, within the 3 s window, so that the
+    // partition holding at least 3 of the 6 batches takes longer than it;
+    // and enough of them that a restore giving up on total time would fail
+    // all its retries.
+    const FETCH: i16 = 1;
+    cluster.delay(FETCH, &[Duration::from_millis(1500); 300]);
+    let (token, second) = start_router(&config, "restore-b");
+    let mut replay = events.clone();
+    replay.push(ev(
+        json!({"event":"purchase","event_id":"after","occurred_at":T,
+        "user_id":"u-1","value":5,"currency":"USD","consent":consent}),
+    ));
+    produce(&brokers, &config.topics.canonical, &replay).await;
+    read_until(&brokers, &hook, Duration::from_secs(150), |r| {
+        event_ids(r).iter().any(|id| id == "after")
+    });
+    // A replay on the other partition may come just behind it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = read_all(&brokers, &hook);
+    assert!(
+        !second.is_finished(),
+        "the router stopped: {:?}",
+        second.await
+    );
+    let ids = event_ids(&got);
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), 7, "replays routed again: {ids:?}");
+    assert_eq!(unique.len(), 7, "{ids:?}");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the router stopped within 60 s of shutdown")
+        .unwrap()
+        .unwrap();
+}

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod embedded;
 pub mod partitioner;
+pub mod progress;
 pub mod reader;
 pub mod rebalance;
 pub mod topics;

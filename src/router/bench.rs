@@ -590,7 +590,13 @@ async fn identity_load_time(
     let mut pipeline = Pipeline::new(cfg.clone());
     let t = Instant::now();
     let tail = IdentityTail::start(&cfg.kafka, brokers, &topic)?;
-    load_identity(tail, &mut pipeline, &CancellationToken::new()).await?;
+    load_identity(
+        tail,
+        &mut pipeline,
+        cfg.router.state_stall_timeout,
+        &CancellationToken::new(),
+    )
+    .await?;
     let secs = t.elapsed().as_secs_f64();
     // The same records in the same per-key order make the same table.
     let (n, example) = written.differences(pipeline.identity());

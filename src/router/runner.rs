@@ -30,6 +30,7 @@ use super::identity::{IdentityTable, Profile};
 use super::metrics as m;
 use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline, Reroute};
 use crate::config::{Config, Guarantee, KafkaConfig};
+use crate::kafka::progress::ReadProgress;
 use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::kafka::topics::{self, DedupTopics};
 use crate::kafka::{ADMIN_TIMEOUT, client};
@@ -54,6 +55,23 @@ pub enum RouterError {
         partition: i32,
         source: KafkaError,
     },
+    /// A read of state stopped advancing before its end offsets.
+    #[error(
+        "{read} of {topic} stopped before its end offsets: nothing read for {}s \
+         (router.state_stall_timeout)",
+        stall.as_secs()
+    )]
+    Stalled {
+        read: &'static str,
+        topic: String,
+        stall: Duration,
+    },
+    /// A failed batch's partition, still ours, could not be sought back.
+    #[error(
+        "input partition {partition} could not be rewound after a failed batch ({source}); \
+         restarting so that it is read again from its committed offset"
+    )]
+    Rewind { partition: i32, source: KafkaError },
     #[error("this instance's transactional producer was fenced or failed fatally: {0}")]
     Fatal(KafkaError),
     #[error("reading the partition layout of {topic}: {source}")]
@@ -200,7 +218,13 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
 
     let mut tail = IdentityTail::start(&config.kafka, &ctx.bootstrap, &topics.identity())?;
     let mut pipeline = Pipeline::new(config.clone());
-    tail = load_identity(tail, &mut pipeline, &stop).await?;
+    tail = load_identity(
+        tail,
+        &mut pipeline,
+        config.router.state_stall_timeout,
+        &stop,
+    )
+    .await?;
     let layout = read_layout(&config, &ctx.bootstrap).await?;
     apply_layout(&config, &ctx.bootstrap, &mut pipeline, layout, true, &stop).await?;
     info!(
@@ -359,7 +383,7 @@ async fn route(ctx: RoleContext) -> Result<(), RouterError> {
                 pipeline.abort(&batch);
                 m::TRANSACTIONS.with_label_values(&["aborted"]).inc();
                 warn!(error = %e, "batch not committed; rewinding to its first offsets");
-                rewind(&consumer, &config.topics.canonical, &batch);
+                rewind(&consumer, &config.topics.canonical, &batch)?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -659,11 +683,62 @@ fn until_known(
 
 /// Seeks every partition of a failed batch back to the batch's own first
 /// offsets (tracked here: the group's committed offsets may lag).
-fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, batch: &Batch) {
+///
+/// A partition that is still ours but could not be sought back fails the
+/// router: its next read would start after the failed batch, and the next
+/// commit would skip that batch for good. The restarted router re-reads
+/// every partition from its committed offset, which is always safe: under
+/// exactly-once those are the transactions' own, under at-least-once they are
+/// committed only once the writes are durable, and dedup drops what was
+/// routed already. Re-assigning just that partition would spare the other
+/// partitions a restart, but differs between the eager and the cooperative
+/// protocol and relies on the same consumer whose seek just failed, for a
+/// failure librdkafka only reports on an internal timeout.
+fn rewind(
+    consumer: &StreamConsumer<RebalanceLog>,
+    topic: &str,
+    batch: &Batch,
+) -> Result<(), RouterError> {
     for (&p, &(first, _)) in &batch.offsets {
-        if let Err(e) = consumer.seek(topic, p, Offset::Offset(first), Duration::from_secs(10)) {
-            warn!(partition = p, error = %e, "seek failed; the partition may have been revoked");
+        let seek = consumer.seek(topic, p, Offset::Offset(first), Duration::from_secs(10));
+        // Asked only after a failure: a seek that worked needs no assignment.
+        let assigned = match seek {
+            Ok(()) => HashSet::new(),
+            Err(_) => assigned_partitions(consumer, topic),
+        };
+        match after_seek(p, seek, &assigned) {
+            AfterSeek::Rewound => {}
+            AfterSeek::Revoked(e) => {
+                warn!(partition = p, error = %e, "seek failed on a revoked partition; its new owner reads it from the committed offset");
+            }
+            AfterSeek::NotRewound(source) => {
+                return Err(RouterError::Rewind {
+                    partition: p,
+                    source,
+                });
+            }
         }
+    }
+    Ok(())
+}
+
+/// Where the next read of a failed batch's partition starts after the seek
+/// back to the batch.
+#[derive(Debug)]
+enum AfterSeek {
+    /// At the batch's first offset.
+    Rewound,
+    /// Revoked meanwhile: its new owner starts at the committed offset.
+    Revoked(KafkaError),
+    /// Still assigned here, after the failed batch: it would be skipped.
+    NotRewound(KafkaError),
+}
+
+fn after_seek(partition: i32, seek: KafkaResult<()>, assigned: &HashSet<i32>) -> AfterSeek {
+    match seek {
+        Ok(()) => AfterSeek::Rewound,
+        Err(e) if assigned.contains(&partition) => AfterSeek::NotRewound(e),
+        Err(e) => AfterSeek::Revoked(e),
     }
 }
 
@@ -883,7 +958,7 @@ async fn restore_with_retry(
                 .with_max_times(RESTORE_ATTEMPTS - 1)
                 .with_jitter(),
         )
-        .when(|e| matches!(e, RouterError::Restore { .. }))
+        .when(|e| matches!(e, RouterError::Restore { .. } | RouterError::Stalled { .. }))
         .notify(|e, wait| {
             warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "dedup restore failed; retrying");
         })
@@ -903,6 +978,7 @@ pub(super) async fn restore_partition(
     let kafka = config.kafka.clone();
     let bootstrap = bootstrap.to_string();
     let oldest_live = pipeline.oldest_live(unix_secs());
+    let stall = config.router.state_stall_timeout;
     tokio::task::spawn_blocking(move || {
         let err = |source| RouterError::Restore {
             topic: topic.clone(),
@@ -932,18 +1008,23 @@ pub(super) async fn restore_partition(
         tpl.add_partition_offset(&topic, partition, Offset::Offset(low))
             .map_err(err)?;
         consumer.assign(&tpl).map_err(err)?;
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let ends = HashMap::from([(partition, high)]);
+        let mut progress = ReadProgress::new("dedup restore", &topic, stall);
         loop {
             if stop.is_cancelled() {
                 return Err(RouterError::Stopped);
             }
-            if Instant::now() > deadline {
-                return Err(err(KafkaError::MessageConsumption(
-                    RDKafkaErrorCode::OperationTimedOut,
-                )));
+            if progress.stalled() {
+                return Err(RouterError::Stalled {
+                    read: "dedup restore",
+                    topic: format!("{topic} partition {partition}"),
+                    stall,
+                });
             }
+            progress.report(&ends);
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(msg)) => {
+                    progress.record(partition, msg.offset());
                     if let Some(key) = msg.key() {
                         restore.record(key, msg.payload());
                     }
@@ -958,6 +1039,9 @@ pub(super) async fn restore_partition(
                         t.find_partition(&topic, partition)
                             .and_then(|e| e.offset().to_raw())
                     });
+                    if let Some(o) = pos {
+                        progress.position(partition, o);
+                    }
                     if pos.is_some_and(|o| o >= high) {
                         return Ok(finish(restore));
                     }
@@ -1046,9 +1130,17 @@ impl IdentityTail {
 /// events are enriched with everything known before this instance started.
 /// Records are applied as they are read: the topic holds several records per
 /// person until it is compacted, far more than the table they make.
+///
+/// A load that stops advancing fails the router (which is restarted) rather
+/// than routing with a partial table: events enriched from it would go out
+/// without identifiers known before, for good, and the profiles the router
+/// writes back would lack them too, so compaction could replace a person's
+/// full record with a thinner one. A restart only delays routing: the input
+/// waits in Kafka at the committed offsets.
 pub(super) async fn load_identity(
     tail: IdentityTail,
     pipeline: &mut Pipeline,
+    stall: Duration,
     stop: &CancellationToken,
 ) -> Result<IdentityTail, RouterError> {
     // The table goes to the blocking reader and comes back filled.
@@ -1061,13 +1153,22 @@ pub(super) async fn load_identity(
             .filter(|(_, end)| **end > 0)
             .map(|(p, e)| (*p, *e))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !pending.is_empty() && Instant::now() < deadline {
+        let mut progress = ReadProgress::new("identity load", &tail.topic, stall);
+        while !pending.is_empty() {
             if stop.is_cancelled() {
                 return Err(RouterError::Stopped);
             }
+            if progress.stalled() {
+                return Err(RouterError::Stalled {
+                    read: "identity load",
+                    topic: tail.topic.clone(),
+                    stall,
+                });
+            }
+            progress.report(&pending);
             match tail.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
+                    progress.record(msg.partition(), msg.offset());
                     IdentityTail::apply(&msg, &mut table);
                     if pending
                         .get(&msg.partition())
@@ -1081,9 +1182,13 @@ pub(super) async fn load_identity(
                     // Compaction can leave the last offsets empty.
                     if let Ok(pos) = tail.consumer.position() {
                         pending.retain(|p, end| {
-                            pos.find_partition(&tail.topic, *p)
-                                .and_then(|e| e.offset().to_raw())
-                                .is_none_or(|o| o < *end)
+                            let at = pos
+                                .find_partition(&tail.topic, *p)
+                                .and_then(|e| e.offset().to_raw());
+                            if let Some(o) = at {
+                                progress.position(*p, o);
+                            }
+                            at.is_none_or(|o| o < *end)
                         });
                     }
                 }
@@ -1100,6 +1205,24 @@ pub(super) async fn load_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_seek_of_a_partition_still_assigned_is_not_a_rewind() {
+        let failed = || Err(KafkaError::Seek("timed out".into()));
+        let assigned = HashSet::from([0, 1]);
+        assert!(matches!(
+            after_seek(1, failed(), &assigned),
+            AfterSeek::NotRewound(_)
+        ));
+        assert!(matches!(
+            after_seek(2, failed(), &assigned),
+            AfterSeek::Revoked(_)
+        ));
+        assert!(matches!(
+            after_seek(1, Ok(()), &assigned),
+            AfterSeek::Rewound
+        ));
+    }
 
     #[test]
     fn the_reroute_warning_gives_the_share_and_the_fix_for_each_reason() {
