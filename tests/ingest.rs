@@ -556,8 +556,8 @@ async fn refusals_have_the_right_status_and_body_and_publish_nothing() {
                     e["properties"] = json!({"blob": "x".repeat(3000)});
                     e
                 }),
-            400,
-            "invalid_event",
+            413,
+            "event_too_large",
         ),
         (
             "another source's event",
