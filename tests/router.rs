@@ -565,12 +565,7 @@ consent = "analytics"
         )
         .await;
     }
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(120), last)
-        .await
-        .expect("the router stopped within 120 s of shutdown")
-        .unwrap()
-        .unwrap();
+    stop_router(token, last, Duration::from_secs(120)).await;
 }
 
 /// An event of `size` bytes: its properties carry the padding.
@@ -745,6 +740,20 @@ fn start_router(
     (token, task)
 }
 
+/// Shuts a router task down and asserts it ends cleanly within `limit`.
+async fn stop_router(
+    token: tokio_util::sync::CancellationToken,
+    task: RouterTask,
+    limit: Duration,
+) {
+    token.cancel();
+    tokio::time::timeout(limit, task)
+        .await
+        .unwrap_or_else(|_| panic!("the router stopped within {limit:?} of shutdown"))
+        .unwrap()
+        .unwrap();
+}
+
 /// A transaction commit that outlasts its timeout is retriable and may still
 /// complete on the broker: the router must keep committing it (never abort a
 /// commit whose outcome is unknown) and route on, each event once.
@@ -772,12 +781,7 @@ async fn a_transaction_commit_that_times_out_is_retried_and_routing_resumes_exac
         Duration::from_secs(400),
     )
     .await;
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(120), router)
-        .await
-        .expect("the router stopped within 120 s of shutdown")
-        .unwrap()
-        .unwrap();
+    stop_router(token, router, Duration::from_secs(120)).await;
 }
 
 /// A broker that takes no writes fills the router's local produce queue; a
@@ -806,12 +810,7 @@ async fn a_full_produce_queue_never_holds_up_a_shutdown() {
     // Long enough to join the group and fill the queue.
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(!router.is_finished(), "the router gave up on its own");
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(20), router)
-        .await
-        .expect("the router stopped within 20 s of shutdown")
-        .unwrap()
-        .unwrap();
+    stop_router(token, router, Duration::from_secs(20)).await;
 }
 
 /// The identity topic holding one profile per record batch, so that a load
@@ -888,12 +887,7 @@ async fn a_slow_identity_load_that_keeps_advancing_finishes_and_enriches_from_ev
             .unwrap_or_else(|| panic!("buy-{user} not routed"))["event"];
         assert_eq!(d["email_sha256"], sha(email), "{user}: {d}");
     }
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(60), router)
-        .await
-        .expect("the router stopped within 60 s of shutdown")
-        .unwrap()
-        .unwrap();
+    stop_router(token, router, Duration::from_secs(60)).await;
 }
 
 /// An identity load that reads nothing for the stall window fails the router
@@ -990,10 +984,5 @@ async fn a_slow_dedup_restore_that_keeps_advancing_finishes_and_drops_replays() 
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(ids.len(), 7, "replays routed again: {ids:?}");
     assert_eq!(unique.len(), 7, "{ids:?}");
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(60), second)
-        .await
-        .expect("the router stopped within 60 s of shutdown")
-        .unwrap()
-        .unwrap();
+    stop_router(token, second, Duration::from_secs(60)).await;
 }
