@@ -85,11 +85,8 @@ async fn batch_is_delivered_per_person_and_resends_count_again() {
     let requests = dest.map(&batch);
     // u-1, anon-2, u-1, u-2 (sign_up + lead), u-1.
     assert_eq!(
-        requests
-            .iter()
-            .map(|r| r.events.clone())
-            .collect::<Vec<_>>(),
-        vec![0..2, 2..3, 3..4, 4..6, 6..7]
+        requests.iter().map(|r| r.rows.clone()).collect::<Vec<_>>(),
+        vec![vec![0, 1], vec![2], vec![3], vec![4, 5], vec![6]]
     );
 
     let outcomes = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;

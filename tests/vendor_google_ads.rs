@@ -15,7 +15,7 @@ use switchyard::destinations;
 use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::google_ads::Settings as Fake;
 
-use common::vendor::{deliver, deliver_tampered, routed, send};
+use common::vendor::{classify, deliver, deliver_tampered, routed, send, throttle};
 
 const EMAILS: &[&str] = &[
     "Jane.Doe@Gmail.com",
@@ -410,22 +410,26 @@ async fn throttling_and_outages_are_retried() {
     let http = reqwest::Client::new();
     let req = &dest.map(&batch)[0];
     let first = send(&http, req).await;
-    assert!(dest.is_throttle(&first));
-    assert!(dest.classify(&first, &batch).iter().all(|o| matches!(
-        o,
-        Outcome::Retry { after: Some(d), .. } if d.as_secs() == 3
-    )));
-    let second = send(&http, req).await;
-    assert!(!dest.is_throttle(&second));
+    assert!(throttle(dest.as_ref(), &first, &batch));
     assert!(
-        dest.classify(&second, &batch)
+        classify(dest.as_ref(), &first, &batch)
+            .iter()
+            .all(|o| matches!(
+                o,
+                Outcome::Retry { after: Some(d), .. } if d.as_secs() == 3
+            ))
+    );
+    let second = send(&http, req).await;
+    assert!(!throttle(dest.as_ref(), &second, &batch));
+    assert!(
+        classify(dest.as_ref(), &second, &batch)
             .iter()
             .all(|o| matches!(o, Outcome::Retry { .. }))
     );
     // Then Google is back, and everything lands once.
     let third = send(&http, req).await;
     assert_eq!(
-        dest.classify(&third, &batch),
+        classify(dest.as_ref(), &third, &batch),
         vec![Outcome::Delivered; batch.len()]
     );
     assert_eq!(fake.accepted().len(), batch.len());

@@ -19,7 +19,7 @@ use switchyard::router::route::preset_name;
 use switchyard::sink::destination::{Destination, Outcome};
 use switchyard_fakes::{Fake, Scripted, meta, serve};
 
-use common::vendor::{deliver, send, send_raw};
+use common::vendor::{classify, deliver, ranges, send, send_raw, throttle};
 
 const PIXEL: &str = "100000000000001";
 
@@ -253,10 +253,7 @@ async fn large_batches_are_split_at_the_event_limit() {
     let http = reqwest::Client::new();
     let batch = batch(&kind, 2101);
     let reqs = dest.map(&batch);
-    assert_eq!(
-        reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
-        vec![0..1000, 1000..2000, 2000..2101]
-    );
+    assert_eq!(ranges(&reqs), vec![0..1000, 1000..2000, 2000..2101]);
     let outcomes = deliver(dest.as_ref(), &http, &batch).await;
     assert!(outcomes.iter().all(|o| *o == Outcome::Delivered));
     assert_eq!(fake.accepted().len(), 2101);
@@ -377,13 +374,13 @@ async fn broken_requests_are_answered_and_classified_the_way_meta_does() {
         let err: Value = serde_json::from_slice(&resp.body).unwrap();
         assert!(err["error"]["code"].is_i64(), "{what}: {err}");
         assert!(err["error"]["fbtrace_id"].is_string(), "{what}: {err}");
-        let outcomes = dest.classify(&resp, &one);
+        let outcomes = classify(dest.as_ref(), &resp, &one);
         assert!(
             matches!(&outcomes[0], Outcome::Rejected { class: c, reason } if c == class && reason.contains(err["error"]["message"].as_str().unwrap())),
             "{what}: {:?}",
             outcomes[0]
         );
-        assert!(!dest.is_throttle(&resp), "{what}");
+        assert!(!throttle(dest.as_ref(), &resp, &one), "{what}");
     }
     assert!(fake.accepted().is_empty(), "nothing broken was taken");
 
@@ -410,14 +407,14 @@ async fn broken_requests_are_answered_and_classified_the_way_meta_does() {
         (true, Some(Duration::from_secs(20))),
         (false, None),
     ];
-    for (throttle, after) in expect {
+    for (throttled, after) in expect {
         let resp = send(&http, &base).await;
         assert!(
-            dest.is_throttle(&resp) == throttle,
+            throttle(dest.as_ref(), &resp, &one) == throttled,
             "{:?}",
             String::from_utf8_lossy(&resp.body)
         );
-        let o = dest.classify(&resp, &one);
+        let o = classify(dest.as_ref(), &resp, &one);
         assert!(
             matches!(&o[0], Outcome::Retry { after: a, .. } if *a == after),
             "{:?}",
@@ -427,6 +424,9 @@ async fn broken_requests_are_answered_and_classified_the_way_meta_does() {
     assert!(fake.accepted().is_empty());
     // After the storm the same request goes through.
     let resp = send(&http, &base).await;
-    assert_eq!(dest.classify(&resp, &one), vec![Outcome::Delivered]);
+    assert_eq!(
+        classify(dest.as_ref(), &resp, &one),
+        vec![Outcome::Delivered]
+    );
     assert_eq!(fake.accepted().len(), 1);
 }

@@ -19,7 +19,7 @@ use switchyard::router::route::preset_name;
 use switchyard::sink::destination::{Destination, Outcome};
 use switchyard_fakes::{Fake, Scripted, serve, tiktok};
 
-use common::vendor::{deliver, send, send_raw};
+use common::vendor::{classify, deliver, ranges, send, send_raw, throttle};
 
 const PIXEL: &str = "CDEMO0000000001";
 
@@ -234,10 +234,7 @@ async fn large_batches_are_split_at_the_event_limit() {
     let http = reqwest::Client::new();
     let batch = batch(&kind, 1500);
     let reqs = dest.map(&batch);
-    assert_eq!(
-        reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
-        vec![0..1000, 1000..1500]
-    );
+    assert_eq!(ranges(&reqs), vec![0..1000, 1000..1500]);
     let outcomes = deliver(dest.as_ref(), &http, &batch).await;
     assert!(outcomes.iter().all(|o| *o == Outcome::Delivered));
     assert_eq!(fake.accepted().len(), 1500);
@@ -332,13 +329,13 @@ async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
         let answer: Value = serde_json::from_slice(&resp.body).unwrap();
         assert_eq!(answer["code"], code, "{what}: {answer}");
         assert!(answer["request_id"].is_string(), "{what}");
-        let outcomes = dest.classify(&resp, &one);
+        let outcomes = classify(dest.as_ref(), &resp, &one);
         assert!(
             matches!(&outcomes[0], Outcome::Rejected { class: c, reason } if c == class && reason.contains(answer["message"].as_str().unwrap())),
             "{what}: {:?}",
             outcomes[0]
         );
-        assert!(!dest.is_throttle(&resp), "{what}");
+        assert!(!throttle(dest.as_ref(), &resp, &one), "{what}");
     }
 
     // An API version the endpoint does not serve.
@@ -351,7 +348,7 @@ async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
     .await;
     assert_eq!(resp.status, 404);
     assert!(
-        matches!(&dest.classify(&resp, &one)[0], Outcome::Rejected { class, .. } if class == "http_404")
+        matches!(&classify(dest.as_ref(), &resp, &one)[0], Outcome::Rejected { class, .. } if class == "http_404")
     );
     assert!(fake.accepted().is_empty(), "nothing broken was taken");
 
@@ -378,14 +375,14 @@ async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
         (false, None),
         (true, Some(Duration::from_secs(7))),
     ];
-    for (throttle, after) in expect {
+    for (throttled, after) in expect {
         let resp = send(&http, &base).await;
         assert!(
-            dest.is_throttle(&resp) == throttle,
+            throttle(dest.as_ref(), &resp, &one) == throttled,
             "{:?}",
             String::from_utf8_lossy(&resp.body)
         );
-        let o = dest.classify(&resp, &one);
+        let o = classify(dest.as_ref(), &resp, &one);
         assert!(
             matches!(&o[0], Outcome::Retry { after: a, .. } if *a == after),
             "{:?}",
@@ -394,7 +391,10 @@ async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
     }
     assert!(fake.accepted().is_empty());
     let resp = send(&http, &base).await;
-    assert_eq!(dest.classify(&resp, &one), vec![Outcome::Delivered]);
+    assert_eq!(
+        classify(dest.as_ref(), &resp, &one),
+        vec![Outcome::Delivered]
+    );
     assert_eq!(fake.accepted().len(), 1);
 }
 

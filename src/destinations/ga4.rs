@@ -44,7 +44,9 @@ use super::shared::vendor_hash;
 use crate::config::Ga4Settings;
 use crate::delivery::Delivery;
 use crate::event::{CanonicalEvent, ConsentState, EventName};
-use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
+use crate::sink::destination::{
+    Classified, Destination, Limits, Outcome, Refusal, Request, Response,
+};
 use crate::sink::retry;
 
 /// Events per request.
@@ -347,7 +349,7 @@ impl Ga4 {
         })
     }
 
-    fn request(&self, head: &Head, events: Vec<Event>, range: std::ops::Range<usize>) -> Request {
+    fn request(&self, head: &Head, events: Vec<Event>, rows: Vec<usize>) -> Request {
         let body = Body {
             client_id: &head.client_id,
             user_id: head.user_id.as_deref(),
@@ -357,12 +359,9 @@ impl Ga4 {
             validation_behavior: self.settings.validation_behavior.as_deref(),
             events,
         };
-        Request {
-            url: self.url.clone(),
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: serde_json::to_vec(&body).expect("events serialise to JSON"),
-            events: range,
-        }
+        let headers = vec![("Content-Type".into(), "application/json".into())];
+        let body = serde_json::to_vec(&body).expect("events serialise to JSON");
+        Request::post("events", &self.url, headers, body, rows)
     }
 }
 
@@ -495,37 +494,38 @@ impl Destination for Ga4 {
 
     fn map(&self, batch: &[Delivery]) -> Vec<Request> {
         let mut requests = Vec::new();
-        // (head, events, first batch index, body bytes so far)
-        let mut run: Option<(Head, Vec<Event>, usize, usize)> = None;
+        // (head, events, their rows, body bytes so far)
+        let mut run: Option<(Head, Vec<Event>, Vec<usize>, usize)> = None;
         for (i, d) in batch.iter().enumerate() {
+            // The runtime refuses such events before they reach `map`.
             let Ok(event) = self.event(d) else {
                 continue;
             };
             let head = self.head(&d.event);
             let size = serde_json::to_vec(&event).map_or(0, |v| v.len()) + 1;
-            if let Some((h, events, start, bytes)) = run.take() {
+            if let Some((h, mut events, mut rows, bytes)) = run.take() {
                 // Room for the head's own fields is kept with a margin.
                 let fits =
                     h == head && events.len() < MAX_EVENTS && bytes + size < MAX_BODY_BYTES - 2048;
                 if fits {
-                    let mut events = events;
                     events.push(event);
-                    run = Some((h, events, start, bytes + size));
+                    rows.push(i);
+                    run = Some((h, events, rows, bytes + size));
                     continue;
                 }
-                requests.push(self.request(&h, events, start..i));
+                requests.push(self.request(&h, events, rows));
             }
-            run = Some((head, vec![event], i, size));
+            run = Some((head, vec![event], vec![i], size));
         }
-        if let Some((h, events, start, _)) = run {
-            requests.push(self.request(&h, events, start..batch.len()));
+        if let Some((h, events, rows, _)) = run {
+            requests.push(self.request(&h, events, rows));
         }
         requests
     }
 
-    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+    fn classify(&self, request: &Request, response: &Response, _: &[Delivery]) -> Classified {
         if let Some(o) = retry::by_status(response, SystemTime::now()) {
-            return vec![o; batch.len()];
+            return Classified::all(request, response, o);
         }
         let messages = serde_json::from_slice::<Validation>(&response.body)
             .map(|v| v.validation_messages)
@@ -542,25 +542,17 @@ impl Destination for Ga4 {
             ),
         };
         let general = messages.iter().find(|m| message_index(m).is_none());
-        let mut sent = 0;
-        batch
-            .iter()
-            .map(|d| {
-                if let Err(r) = self.event(d) {
-                    return Outcome::Rejected {
-                        class: r.class.to_string(),
-                        reason: r.reason,
-                    };
-                }
-                let this = sent;
-                sent += 1;
+        // The body's events are the request's rows, in order.
+        let rows = (0..request.rows.len())
+            .map(|i| {
                 messages
                     .iter()
-                    .find(|m| message_index(m) == Some(this))
+                    .find(|m| message_index(m) == Some(i))
                     .or(general)
                     .map_or(Outcome::Delivered, reject)
             })
-            .collect()
+            .collect();
+        Classified::rows(response, rows)
     }
 }
 
@@ -720,7 +712,7 @@ mod tests {
         batch.push(delivery("purchase", json!({"event_id": "back"})));
         let reqs = ga4().map(&batch);
         assert_eq!(
-            reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
+            test_support::ranges(&reqs),
             vec![0..25, 25..30, 30..31, 31..32]
         );
         assert_eq!(body(&reqs[2])["client_id"], "anon-2");
@@ -804,7 +796,7 @@ mod tests {
             .map(|i| delivery("purchase", json!({"event_id": format!("e{i}")})))
             .collect();
         assert_eq!(
-            ga4().classify(&ok(json!({"validationMessages": []})), &batch),
+            test_support::classify(&ga4(), &ok(json!({"validationMessages": []})), &batch),
             vec![Outcome::Delivered; 3]
         );
         let empty = Response {
@@ -812,8 +804,12 @@ mod tests {
             headers: vec![],
             body: vec![],
         };
-        assert_eq!(ga4().classify(&empty, &batch), vec![Outcome::Delivered; 3]);
-        let o = ga4().classify(
+        assert_eq!(
+            test_support::classify(&ga4(), &empty, &batch),
+            vec![Outcome::Delivered; 3]
+        );
+        let o = test_support::classify(
+            &ga4(),
             &ok(json!({"validationMessages": [
                 {"fieldPath": "events", "description": "Event at index: [1] has invalid name [x-y].", "validationCode": "NAME_INVALID"},
                 {"fieldPath": "events[2].params.currency", "description": "bad", "validationCode": "VALUE_INVALID"}
@@ -823,7 +819,8 @@ mod tests {
         assert_eq!(o[0], Outcome::Delivered);
         assert!(matches!(&o[1], Outcome::Rejected { class, .. } if class == "ga4_name_invalid"));
         assert!(matches!(&o[2], Outcome::Rejected { class, .. } if class == "ga4_value_invalid"));
-        let o = ga4().classify(
+        let o = test_support::classify(
+            &ga4(),
             &ok(json!({"validationMessages": [
                 {"fieldPath": "client_id", "description": "required", "validationCode": "VALUE_REQUIRED"}
             ]})),
@@ -838,8 +835,7 @@ mod tests {
             body: vec![],
         };
         assert!(
-            ga4()
-                .classify(&busy, &batch)
+            test_support::classify(&ga4(), &busy, &batch)
                 .iter()
                 .all(|o| matches!(o, Outcome::Retry { .. }))
         );

@@ -41,7 +41,9 @@ use super::shared::vendor_hash;
 use crate::config::{GoogleAdsSettings, OAuthSettings};
 use crate::delivery::Delivery;
 use crate::event::{CanonicalEvent, ConsentState};
-use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
+use crate::sink::destination::{
+    Classified, Destination, Limits, Outcome, Refusal, Request, Response,
+};
 use crate::sink::retry;
 
 /// The click ids Google Ads accepts, in the default order of preference:
@@ -250,23 +252,15 @@ impl GoogleAds {
         h
     }
 
-    fn request(
-        &self,
-        conversions: Vec<ClickConversion<'_>>,
-        events: std::ops::Range<usize>,
-    ) -> Request {
+    fn request(&self, conversions: Vec<ClickConversion<'_>>, rows: Vec<usize>) -> Request {
         let body = UploadRequest {
             conversions,
             partial_failure: true,
             validate_only: self.settings.validate_only,
             debug_enabled: self.settings.debug_enabled,
         };
-        Request {
-            url: self.url.clone(),
-            headers: self.headers(),
-            body: serde_json::to_vec(&body).expect("conversions serialise to JSON"),
-            events,
-        }
+        let body = serde_json::to_vec(&body).expect("conversions serialise to JSON");
+        Request::post("conversions", &self.url, self.headers(), body, rows)
     }
 }
 
@@ -468,7 +462,7 @@ fn combine(outcomes: impl Iterator<Item = Outcome>) -> Option<Outcome> {
     let rank = |o: &Outcome| match o {
         Outcome::Delivered => 0,
         Outcome::Rejected { .. } => 1,
-        Outcome::Retry { .. } => 2,
+        Outcome::Retry { .. } | Outcome::Split | Outcome::Resend => 2,
     };
     outcomes.min_by_key(rank)
 }
@@ -547,33 +541,38 @@ impl Destination for GoogleAds {
 
     fn map(&self, batch: &[Delivery]) -> Vec<Request> {
         let mut requests = Vec::new();
-        let mut start = 0;
+        let mut conversions = Vec::new();
         let mut rows = Vec::new();
         let mut keys: HashSet<(String, &str)> = HashSet::new();
         for (i, d) in batch.iter().enumerate() {
-            // The runtime refuses such events before they reach `map`;
-            // `classify` skips them the same way.
+            // The runtime refuses such events before they reach `map`.
             let Ok(c) = self.conversion(&d.event) else {
                 continue;
             };
             let key = (c.conversion_action.clone(), c.order_id);
-            if rows.len() == MAX_CONVERSIONS || keys.contains(&key) {
-                requests.push(self.request(std::mem::take(&mut rows), start..i));
+            if conversions.len() == MAX_CONVERSIONS || keys.contains(&key) {
+                requests.push(
+                    self.request(std::mem::take(&mut conversions), std::mem::take(&mut rows)),
+                );
                 keys.clear();
-                start = i;
             }
             keys.insert(key);
-            rows.push(c);
+            conversions.push(c);
+            rows.push(i);
         }
-        if !rows.is_empty() {
-            requests.push(self.request(rows, start..batch.len()));
+        if !conversions.is_empty() {
+            requests.push(self.request(conversions, rows));
         }
         requests
     }
 
-    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+    fn classify(&self, request: &Request, response: &Response, _: &[Delivery]) -> Classified {
+        let throttle = is_throttle(response);
         if !(200..300).contains(&response.status) {
-            return vec![whole_request(response); batch.len()];
+            return Classified {
+                throttle,
+                ..Classified::all(request, response, whole_request(response))
+            };
         }
         let errors = serde_json::from_slice::<UploadResponse>(&response.body)
             .ok()
@@ -582,18 +581,9 @@ impl Destination for GoogleAds {
             .unwrap_or_default();
         // Errors that name no row concern every row.
         let general: Vec<&AdsError> = errors.iter().filter(|e| e.row.is_none()).collect();
-        let mut row = 0;
-        batch
-            .iter()
-            .map(|d| {
-                if let Err(r) = self.conversion(&d.event) {
-                    return Outcome::Rejected {
-                        class: r.class.to_string(),
-                        reason: r.reason,
-                    };
-                }
-                let this = row;
-                row += 1;
+        // Google's row numbers are the body's conversions: the request's rows.
+        let rows = (0..request.rows.len())
+            .map(|this| {
                 let mine = errors
                     .iter()
                     .filter(|e| e.row == Some(this))
@@ -601,14 +591,16 @@ impl Destination for GoogleAds {
                     .map(row_outcome);
                 combine(mine).unwrap_or(Outcome::Delivered)
             })
-            .collect()
+            .collect();
+        Classified { rows, throttle }
     }
+}
 
-    fn is_throttle(&self, response: &Response) -> bool {
-        response.status == 429
-            || (response.status >= 400
-                && memchr::memmem::find(&response.body, b"RESOURCE_EXHAUSTED").is_some())
-    }
+/// Whether Google asks for less traffic: 429, or quota exhausted.
+fn is_throttle(response: &Response) -> bool {
+    response.status == 429
+        || (response.status >= 400
+            && memchr::memmem::find(&response.body, b"RESOURCE_EXHAUSTED").is_some())
 }
 
 #[cfg(test)]
@@ -804,7 +796,7 @@ mod tests {
             .collect();
         let reqs = ads().map(&batch);
         assert_eq!(
-            reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
+            test_support::ranges(&reqs),
             vec![0..MAX_CONVERSIONS, MAX_CONVERSIONS..MAX_CONVERSIONS + 5]
         );
         // The same order twice for one action: separate requests; for another action: together.
@@ -814,10 +806,7 @@ mod tests {
             delivery(json!({"event_id": "c"})),
         ];
         let reqs = ads().map(&batch);
-        assert_eq!(
-            reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
-            vec![0..2, 2..3]
-        );
+        assert_eq!(test_support::ranges(&reqs), vec![0..2, 2..3]);
     }
 
     fn partial(errors: Value) -> Value {
@@ -856,7 +845,7 @@ mod tests {
             row_error("conversionUploadError", "TOO_RECENT_EVENT", 3),
             row_error("conversionUploadError", "ORDER_ID_ALREADY_IN_USE", 4),
         ])));
-        let o = ads().classify(&resp, &batch);
+        let o = test_support::classify(&ads(), &resp, &batch);
         assert_eq!(o[0], Outcome::Delivered);
         assert_eq!(o[1], Outcome::Delivered);
         assert!(
@@ -865,7 +854,7 @@ mod tests {
         assert!(matches!(&o[3], Outcome::Retry { after: Some(d), .. } if *d == TOO_RECENT_WAIT));
         assert_eq!(o[4], Outcome::Delivered);
         assert_eq!(
-            ads().classify(&ok(json!({"results": [{}, {}]})), &batch[..2]),
+            test_support::classify(&ads(), &ok(json!({"results": [{}, {}]})), &batch[..2]),
             vec![Outcome::Delivered; 2]
         );
     }
@@ -877,9 +866,13 @@ mod tests {
             delivery(json!({"event_id": "y"})),
         ];
         let reqs = ads().map(&batch);
-        assert_eq!(reqs[0].events, 0..2);
+        assert_eq!(reqs[0].rows, vec![1]);
         assert_eq!(body(&reqs[0])["conversions"].as_array().unwrap().len(), 1);
+        // The refused event travels in no request (the runtime dead-letters
+        // it first): Google's row 0 is the batch's row 1.
+        assert!(ads().refuse(&batch[0]).is_some());
         let o = ads().classify(
+            &reqs[0],
             &ok(partial(json!([row_error(
                 "dateError",
                 "LATER_THAN_MAXIMUM_DATE",
@@ -887,9 +880,8 @@ mod tests {
             )]))),
             &batch,
         );
-        assert!(matches!(&o[0], Outcome::Rejected { class, .. } if class == "unmapped"));
         assert!(
-            matches!(&o[1], Outcome::Rejected { class, .. } if class == "google_ads_later_than_maximum_date")
+            matches!(&o.rows[..], [Outcome::Rejected { class, .. }] if class == "google_ads_later_than_maximum_date")
         );
     }
 
@@ -911,7 +903,8 @@ mod tests {
     #[test]
     fn whole_request_errors() {
         let batch = [delivery(json!({}))];
-        let o = ads().classify(
+        let o = test_support::classify(
+            &ads(),
             &failure(
                 401,
                 "UNAUTHENTICATED",
@@ -923,7 +916,8 @@ mod tests {
         assert!(
             matches!(&o[0], Outcome::Rejected { class, reason } if class == "google_ads_auth" && reason.contains("OAUTH_TOKEN_INVALID"))
         );
-        let o = ads().classify(
+        let o = test_support::classify(
+            &ads(),
             &failure(
                 400,
                 "INVALID_ARGUMENT",
@@ -941,14 +935,14 @@ mod tests {
             "quotaError",
             "RESOURCE_EXHAUSTED",
         );
-        assert!(ads().is_throttle(&throttled));
+        assert!(is_throttle(&throttled));
         assert!(matches!(
-            ads().classify(&throttled, &batch)[0],
+            test_support::classify(&ads(), &throttled, &batch)[0],
             Outcome::Retry { after: None, .. }
         ));
         throttled.headers.push(("retry-after".into(), "7".into()));
         assert!(matches!(
-            ads().classify(&throttled, &batch)[0],
+            test_support::classify(&ads(), &throttled, &batch)[0],
             Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7)
         ));
         let unavailable = Response {
@@ -956,9 +950,9 @@ mod tests {
             headers: vec![],
             body: b"<html>".to_vec(),
         };
-        assert!(!ads().is_throttle(&unavailable));
+        assert!(!is_throttle(&unavailable));
         assert!(matches!(
-            ads().classify(&unavailable, &batch)[0],
+            test_support::classify(&ads(), &unavailable, &batch)[0],
             Outcome::Retry { .. }
         ));
         let not_found = Response {
@@ -967,7 +961,7 @@ mod tests {
             body: vec![],
         };
         assert!(
-            matches!(&ads().classify(&not_found, &batch)[0], Outcome::Rejected { class, .. } if class == "http_404")
+            matches!(&test_support::classify(&ads(), &not_found, &batch)[0], Outcome::Rejected { class, .. } if class == "http_404")
         );
     }
 
@@ -983,7 +977,7 @@ mod tests {
             body: serde_json::to_vec(&e).unwrap(),
         };
         assert!(matches!(
-            ads().classify(&r, &[delivery(json!({}))])[0],
+            test_support::classify(&ads(), &r, &[delivery(json!({}))])[0],
             Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(30)
         ));
     }

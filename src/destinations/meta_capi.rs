@@ -30,7 +30,9 @@ use super::shared::{
 use crate::config::{MetaCapiSettings, TokenPlacement};
 use crate::delivery::Delivery;
 use crate::event::CanonicalEvent;
-use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
+use crate::sink::destination::{
+    Classified, Destination, Limits, Outcome, Refusal, Request, Response,
+};
 use crate::sink::retry;
 
 /// Events per request (Meta's documented maximum).
@@ -475,16 +477,20 @@ impl Destination for MetaCapi {
         self.map_at(batch, Utc::now())
     }
 
-    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
-        vec![outcome(response, SystemTime::now()); batch.len()]
+    fn classify(&self, request: &Request, response: &Response, _: &[Delivery]) -> Classified {
+        Classified {
+            throttle: is_throttle(response),
+            ..Classified::all(request, response, outcome(response, SystemTime::now()))
+        }
     }
+}
 
-    fn is_throttle(&self, response: &Response) -> bool {
-        response.status == 429
-            || graph_error(response).is_some_and(|e| {
-                verdict(e.code, e.error_subcode, false, response.status) == Verdict::Throttle
-            })
-    }
+/// Whether Meta asks for less traffic: 429, or a rate-limit error code.
+fn is_throttle(response: &Response) -> bool {
+    response.status == 429
+        || graph_error(response).is_some_and(|e| {
+            verdict(e.code, e.error_subcode, false, response.status) == Verdict::Throttle
+        })
 }
 
 #[cfg(test)]
@@ -671,10 +677,10 @@ pub(crate) mod tests {
             .map(|i| delivery(&format!("e{i}"), "Lead", json!({})))
             .collect();
         let reqs = meta("").map_at(&batch, now());
-        let ranges: Vec<_> = reqs.iter().map(|r| r.events.clone()).collect();
+        let ranges = test_support::ranges(&reqs);
         assert_eq!(ranges, vec![0..1000, 1000..2000, 2000..2500]);
         for r in &reqs {
-            assert_eq!(body(r)["data"].as_array().unwrap().len(), r.events.len());
+            assert_eq!(body(r)["data"].as_array().unwrap().len(), r.rows.len());
         }
     }
 
@@ -882,16 +888,21 @@ pub(crate) mod tests {
         ];
         for (status, text, expected, throttle) in table {
             let r = response(*status, text);
-            let o = m.classify(&r, &batch);
+            let o = test_support::classify(&m, &r, &batch);
             assert_eq!(o.len(), 2);
             assert_eq!(o[0], o[1]);
             let got = match &o[0] {
                 Outcome::Delivered => "delivered".to_string(),
                 Outcome::Retry { .. } => "retry".to_string(),
                 Outcome::Rejected { class, .. } => class.clone(),
+                other => format!("{other:?}"),
             };
             assert_eq!(got, *expected, "{status} {text}");
-            assert_eq!(m.is_throttle(&r), *throttle, "{status} {text}");
+            assert_eq!(
+                test_support::throttle(&m, &r, &batch),
+                *throttle,
+                "{status} {text}"
+            );
         }
     }
 

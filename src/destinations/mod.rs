@@ -5,7 +5,7 @@ pub mod google_ads;
 pub mod meta_capi;
 mod shared;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 pub mod tiktok_events;
 pub mod webhook;
 

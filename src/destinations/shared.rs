@@ -124,11 +124,9 @@ pub(crate) fn requests(
 ) -> Vec<Request> {
     pack(events, envelope.len(), max_events, max_bytes)
         .into_iter()
-        .map(|range| Request {
-            url: url.to_string(),
-            headers: headers.to_vec(),
-            body: wrap(envelope, &events[range.clone()]),
-            events: range,
+        .map(|range| {
+            let body = wrap(envelope, &events[range.clone()]);
+            Request::post("events", url, headers.to_vec(), body, range)
         })
         .collect()
 }
@@ -155,7 +153,7 @@ mod tests {
         );
         let reqs = requests("http://v/e", &[], b"{\"data\":[]}", &sizes, 2, 10_000);
         assert_eq!(reqs.len(), 3);
-        assert_eq!(reqs[2].events, 4..5);
+        assert_eq!(reqs[2].rows, vec![4]);
         assert_eq!(
             reqs[2].body,
             [b"{\"data\":[".as_slice(), &[b'x'; 40], b"]}"].concat()

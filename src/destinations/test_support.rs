@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
-use crate::sink::destination::{Request, Response};
+use crate::sink::destination::{Destination, Outcome, Request, Response};
 
 /// `base` with `overrides` laid over it (a null removes the field), as the
 /// router would hand it to `destination` under the vendor name `name`.
@@ -43,4 +43,49 @@ pub fn ok(body: Value) -> Response {
         headers: vec![],
         body: serde_json::to_vec(&body).expect("serialising to memory"),
     }
+}
+
+/// What the runtime would make of `response` as the answer to every request
+/// `vendor` maps `batch` into: one outcome per row of the batch.
+pub fn classify(vendor: &dyn Destination, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+    let mut out: Vec<Option<Outcome>> = vec![None; batch.len()];
+    for request in vendor.map(batch) {
+        let classified = vendor.classify(&request, response, batch);
+        assert_eq!(
+            classified.rows.len(),
+            request.rows.len(),
+            "one outcome per row"
+        );
+        for (&row, o) in request.rows.iter().zip(classified.rows) {
+            out[row] = Some(match out[row].take() {
+                Some(before) => before.merge(o),
+                None => o,
+            });
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("row {i} travelled in no request")))
+        .collect()
+}
+
+/// Whether `vendor` reads `response` (to the first request of `batch`) as
+/// a request to slow down.
+pub fn throttle(vendor: &dyn Destination, response: &Response, batch: &[Delivery]) -> bool {
+    let request = &vendor.map(batch)[0];
+    vendor.classify(request, response, batch).throttle
+}
+
+/// The rows of each request as a range, for vendors that pack runs of the
+/// batch (a request whose rows are not one run fails the test).
+pub fn ranges(requests: &[Request]) -> Vec<std::ops::Range<usize>> {
+    requests
+        .iter()
+        .map(|r| {
+            let start = r.rows.first().copied().unwrap_or(0);
+            let range = start..start + r.rows.len();
+            assert!(range.clone().eq(r.rows.iter().copied()), "{:?}", r.rows);
+            range
+        })
+        .collect()
 }

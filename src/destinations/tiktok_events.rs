@@ -22,7 +22,9 @@ use super::meta_capi::{event_time, search_query};
 use super::shared::{future_refusal, hash_refusal, hashed_external_ids, requests, vendor_hash};
 use crate::config::TiktokSettings;
 use crate::delivery::Delivery;
-use crate::sink::destination::{Destination, Limits, Outcome, Refusal, Request, Response};
+use crate::sink::destination::{
+    Classified, Destination, Limits, Outcome, Refusal, Request, Response,
+};
 use crate::sink::retry;
 
 /// Events per request (TikTok's documented maximum).
@@ -362,15 +364,19 @@ impl Destination for TiktokEvents {
         self.map_at(batch, Utc::now())
     }
 
-    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
-        vec![outcome(response, SystemTime::now()); batch.len()]
+    fn classify(&self, request: &Request, response: &Response, _: &[Delivery]) -> Classified {
+        Classified {
+            throttle: is_throttle(response),
+            ..Classified::all(request, response, outcome(response, SystemTime::now()))
+        }
     }
+}
 
-    fn is_throttle(&self, response: &Response) -> bool {
-        response.status == 429
-            || ((200..300).contains(&response.status)
-                && answer(response).is_some_and(|a| verdict(a.code) == Verdict::Throttle))
-    }
+/// Whether TikTok asks for less traffic: 429, or its rate-limit code in a 200.
+fn is_throttle(response: &Response) -> bool {
+    response.status == 429
+        || ((200..300).contains(&response.status)
+            && answer(response).is_some_and(|a| verdict(a.code) == Verdict::Throttle))
 }
 
 #[cfg(test)]
@@ -378,7 +384,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, DestinationKind};
     use crate::destinations::meta_capi::tests::{EMAIL_HASH, PHONE_HASH, delivery, now};
-    use crate::destinations::test_support::body;
+    use crate::destinations::test_support::{self, body};
     use crate::event::normalize::sha256_hex;
     use serde_json::json;
     use std::path::Path;
@@ -501,10 +507,7 @@ mod tests {
             .map(|i| delivery(&format!("e{i}"), "Lead", json!({})))
             .collect();
         let reqs = tiktok("").map_at(&batch, now());
-        assert_eq!(
-            reqs.iter().map(|r| r.events.clone()).collect::<Vec<_>>(),
-            vec![0..1000, 1000..1001]
-        );
+        assert_eq!(test_support::ranges(&reqs), vec![0..1000, 1000..1001]);
         assert_eq!(body(&reqs[1])["data"][0]["event_id"], "e1000");
     }
 
@@ -634,14 +637,19 @@ mod tests {
         ];
         for (status, text, expected, throttle) in table {
             let r = response(*status, text);
-            let o = t.classify(&r, &batch);
+            let o = test_support::classify(&t, &r, &batch);
             let got = match &o[0] {
                 Outcome::Delivered => "delivered".to_string(),
                 Outcome::Retry { .. } => "retry".to_string(),
                 Outcome::Rejected { class, .. } => class.clone(),
+                other => format!("{other:?}"),
             };
             assert_eq!(got, *expected, "{status} {text}");
-            assert_eq!(t.is_throttle(&r), *throttle, "{status} {text}");
+            assert_eq!(
+                test_support::throttle(&t, &r, &batch),
+                *throttle,
+                "{status} {text}"
+            );
         }
         let Outcome::Rejected { reason, .. } = outcome(
             &response(

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::config::WebhookSettings;
 use crate::delivery::Delivery;
 use crate::event::CanonicalEvent;
-use crate::sink::destination::{Destination, Limits, Outcome, Request, Response};
+use crate::sink::destination::{Classified, Destination, Limits, Outcome, Request, Response};
 use crate::sink::retry;
 
 pub const SIGNATURE_HEADER: &str = "X-Switchyard-Signature";
@@ -110,16 +110,12 @@ impl Webhook {
         };
         let body = serde_json::to_vec(&body).expect("events serialise to JSON");
         let sig = signature(self.settings.secret.expose().as_bytes(), t, &body);
-        Request {
-            url: self.settings.url.clone(),
-            headers: vec![
-                ("Content-Type".into(), "application/json".into()),
-                (SIGNATURE_HEADER.into(), sig),
-                ("Idempotency-Key".into(), idempotency_header(batch)),
-            ],
-            body,
-            events: 0..batch.len(),
-        }
+        let headers = vec![
+            ("Content-Type".into(), "application/json".into()),
+            (SIGNATURE_HEADER.into(), sig),
+            ("Idempotency-Key".into(), idempotency_header(batch)),
+        ];
+        Request::post("events", &self.settings.url, headers, body, 0..batch.len())
     }
 }
 
@@ -143,17 +139,17 @@ impl Destination for Webhook {
         vec![self.request(batch, t)]
     }
 
-    fn classify(&self, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+    fn classify(&self, request: &Request, response: &Response, batch: &[Delivery]) -> Classified {
         let refused = serde_json::from_slice::<Refusals>(&response.body)
             .map(|r| r.errors)
             .unwrap_or_default();
         let partial = !refused.is_empty() && matches!(response.status, 200..=299 | 400 | 422);
         if !partial {
             let all = retry::by_status(response, SystemTime::now()).unwrap_or(Outcome::Delivered);
-            return vec![all; batch.len()];
+            return Classified::all(request, response, all);
         }
-        batch
-            .iter()
+        let rows = request
+            .deliveries(batch)
             .map(|d| {
                 match refused
                     .iter()
@@ -168,14 +164,12 @@ impl Destination for Webhook {
                         reason: format!("receiver (HTTP {}): {}", response.status, r.reason),
                     },
                     None if response.status < 300 => Outcome::Delivered,
-                    // The receiver took nothing; resend the rest at once.
-                    None => Outcome::Retry {
-                        after: Some(std::time::Duration::ZERO),
-                        reason: "resent without the refused events".into(),
-                    },
+                    // The receiver took nothing; the rest go again at once.
+                    None => Outcome::Resend,
                 }
             })
-            .collect()
+            .collect();
+        Classified::rows(response, rows)
     }
 }
 
@@ -221,7 +215,7 @@ mod tests {
     fn request_carries_keys_signature_and_body() {
         let batch = [delivery("e1"), delivery("e2")];
         let r = hook().request(&batch, 1_700_000_000);
-        assert_eq!(r.events, 0..2);
+        assert_eq!(r.rows, vec![0, 1]);
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["events"][0]["idempotency_key"], "e1");
         assert_eq!(body["events"][1]["event"]["event_id"], "e2");
@@ -254,18 +248,16 @@ mod tests {
     fn whole_batch_outcomes_follow_the_status() {
         let batch = [delivery("e1"), delivery("e2")];
         assert_eq!(
-            hook().classify(&response(204, ""), &batch),
+            test_support::classify(&hook(), &response(204, ""), &batch),
             vec![Outcome::Delivered; 2]
         );
         assert!(
-            hook()
-                .classify(&response(503, "busy"), &batch)
+            test_support::classify(&hook(), &response(503, "busy"), &batch)
                 .iter()
                 .all(|o| matches!(o, Outcome::Retry { .. }))
         );
         assert!(
-            hook()
-                .classify(&response(401, "who"), &batch)
+            test_support::classify(&hook(), &response(401, "who"), &batch)
                 .iter()
                 .all(|o| matches!(o, Outcome::Rejected { class, .. } if class == "http_401"))
         );
@@ -275,13 +267,14 @@ mod tests {
     fn partial_refusals_touch_only_the_listed_events() {
         let batch = [delivery("e1"), delivery("e2"), delivery("e3")];
         let body = r#"{"errors":[{"idempotency_key":"e2","reason":"bad value"},{"idempotency_key":"e3","reason":"later","retryable":true}]}"#;
-        let o = hook().classify(&response(400, body), &batch);
-        assert!(matches!(&o[0], Outcome::Retry { after: Some(d), .. } if d.is_zero()));
+        let o = test_support::classify(&hook(), &response(400, body), &batch);
+        // The receiver took nothing: e1 goes again without costing an attempt.
+        assert_eq!(o[0], Outcome::Resend);
         assert!(
             matches!(&o[1], Outcome::Rejected { class, reason } if class == "webhook_refused" && reason.contains("bad value"))
         );
         assert!(matches!(&o[2], Outcome::Retry { after: None, .. }));
-        let o = hook().classify(&response(200, body), &batch);
+        let o = test_support::classify(&hook(), &response(200, body), &batch);
         assert_eq!(o[0], Outcome::Delivered);
         assert!(matches!(&o[1], Outcome::Rejected { .. }));
     }

@@ -155,7 +155,7 @@ async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
                     .filter_map(|r| serde_json::from_slice(r).ok())
                     .collect();
                 for req in hook.map(&batch) {
-                    let mut rb = http.post(&req.url).body(req.body);
+                    let mut rb = http.post(&req.url).body(req.body.clone());
                     for (k, v) in &req.headers {
                         rb = rb.header(k, v);
                     }
@@ -167,8 +167,8 @@ async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
                         headers: Vec::new(),
                         body,
                     };
-                    let slice = &batch[req.events.clone()];
-                    for (d, _) in slice.iter().zip(hook.classify(&resp, slice)) {
+                    let classified = hook.classify(&req, &resp, &batch);
+                    for (d, _) in req.deliveries(&batch).zip(classified.rows) {
                         let entry = LedgerEntry {
                             event_id: d.event.event_id.clone(),
                             destination: d.destination.clone(),

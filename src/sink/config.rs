@@ -21,6 +21,9 @@ pub struct DeliverySettings {
     pub linger: Duration,
     /// Batches sent concurrently to this destination.
     pub max_in_flight: usize,
+    /// Requests of one batch sent concurrently (vendors that take one
+    /// person per request make many); one person's still go in order.
+    pub max_concurrent_requests: usize,
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
     pub retry: RetrySettings,
@@ -53,6 +56,7 @@ impl Default for DeliverySettings {
             batch_max_bytes: 1024 * 1024,
             linger: Duration::from_millis(100),
             max_in_flight: 4,
+            max_concurrent_requests: 8,
             request_timeout: Duration::from_secs(10),
             retry: RetrySettings::default(),
             rate_limit: RateLimitSettings::default(),
@@ -123,6 +127,9 @@ impl DeliverySettings {
         }
         if !(1..=256).contains(&self.max_in_flight) {
             bad("max_in_flight", "must be 1..=256");
+        }
+        if !(1..=256).contains(&self.max_concurrent_requests) {
+            bad("max_concurrent_requests", "must be 1..=256");
         }
         if self.request_timeout < Duration::from_millis(10) {
             bad("request_timeout", "must be at least 10ms");

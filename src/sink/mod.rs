@@ -19,6 +19,7 @@ pub mod offsets;
 pub mod pace;
 pub mod records;
 pub mod retry;
+mod round;
 pub mod scan;
 pub mod send;
 

@@ -11,11 +11,16 @@ use super::config::RetrySettings;
 use super::destination::{Outcome, Response};
 
 /// The outcome every vendor shares for a status: `None` for 2xx (the vendor
-/// reads the body), retry for 408/429/5xx (with Retry-After), reject otherwise.
+/// reads the body), split for 413, retry for 408/429/5xx (with Retry-After),
+/// reject otherwise.
 pub fn by_status(response: &Response, now: SystemTime) -> Option<Outcome> {
     let s = response.status;
     if (200..300).contains(&s) {
         return None;
+    }
+    // Too large: the same rows in smaller requests may well be taken.
+    if s == 413 {
+        return Some(Outcome::Split);
     }
     if s == 408 || s == 429 || s >= 500 {
         return Some(Outcome::Retry {
@@ -199,7 +204,8 @@ mod tests {
                 "{s}"
             );
         }
-        for s in [400, 401, 403, 404, 413, 422] {
+        assert_eq!(by_status(&resp(413, &[]), now), Some(Outcome::Split));
+        for s in [400, 401, 403, 404, 422] {
             match by_status(&resp(s, &[]), now) {
                 Some(Outcome::Rejected { class, reason }) => {
                     assert_eq!(class, format!("http_{s}"));

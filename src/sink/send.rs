@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Header;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::SinkError;
 use super::auth::TokenSource;
 use super::config::DeliverySettings;
-use super::destination::{Destination, Limits, Outcome, Request, Response};
+use super::destination::{Classified, Destination, Limits, Outcome, Request, Response};
 use super::handover::Ownership;
 use super::metrics::{
     BATCH_EVENTS, DLQ_WRITES, EVENTS, PACE_SHARE, REQUEST_SECONDS, REQUESTS, status_class,
@@ -28,6 +29,7 @@ use super::records::{
     RESPONSE_EXCERPT_BYTES, Rejection, header, ledger_key,
 };
 use super::retry::{Next, cut_string, excerpt, next_step, retry_after};
+use super::round::{self, Planned};
 use crate::delivery::Delivery;
 use crate::kafka::client::ProducerGuard;
 
@@ -116,6 +118,17 @@ pub async fn deliver(
     items: Vec<Item>,
     cancel: CancellationToken,
 ) -> Result<Vec<Done>, SinkError> {
+    let finals = attempt(&shared, items, &cancel).await;
+    persist(&shared, finals, &cancel).await
+}
+
+/// Sends `items` until each has an outcome or is let go (see [`deliver`]):
+/// rounds of requests, retrying in memory while the waits are short.
+async fn attempt(
+    shared: &Shared,
+    items: Vec<Item>,
+    cancel: &CancellationToken,
+) -> Vec<(Item, Final)> {
     let mut handovers = shared.ownership.subscribe();
     let mut finals = Vec::with_capacity(items.len());
     let mut pending: Vec<(Item, Delivery)> = Vec::with_capacity(items.len());
@@ -162,96 +175,74 @@ pub async fn deliver(
         .with_label_values(&[name])
         .observe(pending.len() as f64);
 
+    let mut pending: Vec<Row> = pending.into_iter().map(Row::new).collect();
     'rounds: while !pending.is_empty() {
-        let_go_of_handed_over(&shared, &mut pending);
+        let_go_of_handed_over(shared, &mut pending);
         if pending.is_empty() {
             break;
         }
-        let batch: Vec<Delivery> = pending.iter().map(|(_, d)| d.clone()).collect();
-        let mut outcomes: Vec<Option<Answer>> = vec![None; batch.len()];
-        // Events of requests not sent this round (a handover or shutdown
-        // came while they waited for the pace): no attempt is counted.
-        let mut unsent = vec![false; batch.len()];
-        let requests = shared.vendor.map(&batch);
-        let mut interrupted = false;
-        for req in requests {
-            let events = req.events.clone();
-            if interrupted {
-                unsent[events.clone()].fill(true);
-                continue;
+        let round: Vec<Delivery> = pending.iter().map(|r| r.delivery.clone()).collect();
+        let caps: Vec<Option<usize>> = pending.iter().map(|r| r.cap).collect();
+        let planned = round::plan(shared.vendor.as_ref(), &round, &caps);
+        let lanes = round::lanes(&planned.calls, |r| round[r].key());
+        // A handover or shutdown stops requests that still wait for the
+        // pace; those already sent are answered.
+        let interrupt = cancel.child_token();
+        let sending = futures::stream::iter(lanes)
+            .map(|lane| send_lane(shared, &planned, &round, lane, &interrupt))
+            .buffer_unordered(shared.settings.max_concurrent_requests)
+            .collect::<Vec<_>>();
+        tokio::pin!(sending);
+        let answered = tokio::select! {
+            a = &mut sending => a,
+            _ = handovers.changed() => {
+                interrupt.cancel();
+                sending.await
             }
-            tokio::select! {
-                _ = shared.pace.acquire(events.len()) => {}
-                _ = cancel.cancelled() => interrupted = true,
-                _ = handovers.changed() => interrupted = true,
-            }
-            if interrupted {
-                unsent[events.clone()].fill(true);
-                continue;
-            }
-            let at = Utc::now();
-            for (item, _) in &mut pending[events.clone()] {
-                item.attempts += 1;
-                item.first_attempt.get_or_insert(at);
-                item.last_attempt = Some(at);
-            }
-            let started = Instant::now();
-            let result = send_request(&shared, req).await;
-            let latency = started.elapsed();
-            REQUEST_SECONDS
-                .with_label_values(&[name])
-                .observe(latency.as_secs_f64());
-            let slice = &batch[events.clone()];
-            let per_event: Vec<(Outcome, Option<u16>, String)> = match result {
-                Ok(resp) => {
-                    REQUESTS
-                        .with_label_values(&[name, status_class(resp.status)])
-                        .inc();
-                    if shared.vendor.is_throttle(&resp) {
-                        let after = resp
-                            .header("retry-after")
-                            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-                        shared
-                            .pace
-                            .throttled(after, shared.settings.retry.max_backoff);
-                    } else if (200..300).contains(&resp.status) {
-                        shared.pace.succeeded();
-                    }
-                    PACE_SHARE
-                        .with_label_values(&[name])
-                        .set(shared.pace.share());
-                    let body = excerpt(&resp.body, RESPONSE_EXCERPT_BYTES);
-                    shared
-                        .vendor
-                        .classify(&resp, slice)
-                        .into_iter()
-                        .map(|o| (bounded(o), Some(resp.status), body.clone()))
-                        .collect()
+        };
+
+        let mut answers: Vec<Option<Answer>> = vec![None; pending.len()];
+        let mut sent = vec![false; pending.len()];
+        let mut unsent = vec![false; pending.len()];
+        for (c, call_answer) in answered.into_iter().flatten() {
+            let call = &planned.calls[c];
+            let Some(CallAnswer {
+                classified,
+                status,
+                body,
+                latency,
+                at,
+            }) = call_answer
+            else {
+                for &r in &call.rows {
+                    unsent[r] = true;
                 }
-                Err(reason) => {
-                    REQUESTS.with_label_values(&[name, "network"]).inc();
-                    let reason = cut_string(reason, REASON_MAX_BYTES);
-                    slice
-                        .iter()
-                        .map(|_| {
-                            (
-                                Outcome::Retry {
-                                    after: None,
-                                    reason: reason.clone(),
-                                },
-                                None,
-                                String::new(),
-                            )
-                        })
-                        .collect()
-                }
+                continue;
             };
-            for (slot, (o, status, body)) in outcomes[events.clone()].iter_mut().zip(per_event) {
-                *slot = Some(Answer {
-                    outcome: o,
+            let mut outcomes = classified.rows.into_iter();
+            for &r in &call.rows {
+                let row = &mut pending[r];
+                row.item.first_attempt.get_or_insert(at);
+                row.item.last_attempt = Some(at);
+                sent[r] = true;
+                let outcome = outcomes.next().unwrap_or_else(|| Outcome::Retry {
+                    after: None,
+                    reason: "the vendor's answer was not classified for this event".into(),
+                });
+                let outcome = round::settle(bounded(outcome), call.rows.len(), status);
+                if outcome == Outcome::Split {
+                    let half = (call.rows.len() / 2).max(1);
+                    row.cap = Some(row.cap.map_or(half, |c| c.min(half)));
+                }
+                let answer = Answer {
+                    outcome,
                     status,
-                    body,
+                    body: body.clone(),
                     latency,
+                };
+                answers[r] = Some(match answers[r].take() {
+                    Some(before) => before.merge(answer),
+                    None => answer,
                 });
             }
         }
@@ -259,25 +250,49 @@ pub async fn deliver(
         let now = Utc::now();
         let mut wait = Duration::ZERO;
         let mut again = Vec::new();
-        for (((mut item, d), outcome), unsent) in pending.drain(..).zip(outcomes).zip(unsent) {
-            if unsent {
-                again.push((item, d));
-                continue;
-            }
+        for (((mut row, answer), sent), unsent) in
+            pending.drain(..).zip(answers).zip(sent).zip(unsent)
+        {
+            let answer = match answer {
+                // None of its requests went out: no attempt is counted.
+                None if unsent => {
+                    again.push(row);
+                    continue;
+                }
+                None => Answer::retry("the destination built no request for this event"),
+                // Part of it went out: the rest goes again.
+                Some(a) if unsent => a.merge(Answer::resend()),
+                Some(a) => a,
+            };
             let Answer {
                 outcome,
                 status,
                 body,
                 latency,
-            } = outcome.unwrap_or_else(|| Answer {
-                outcome: Outcome::Retry {
+            } = answer;
+            let outcome = match outcome {
+                Outcome::Split | Outcome::Resend if row.free_rounds < MAX_FREE_ROUNDS => {
+                    row.free_rounds += 1;
+                    again.push(row);
+                    continue;
+                }
+                Outcome::Split | Outcome::Resend => Outcome::Retry {
                     after: None,
-                    reason: "the destination built no request for this event".into(),
+                    reason: format!(
+                        "sent again {MAX_FREE_ROUNDS} times without an answer about this event"
+                    ),
                 },
-                status: None,
-                body: String::new(),
-                latency: Duration::ZERO,
-            });
+                o => o,
+            };
+            if sent || matches!(outcome, Outcome::Retry { .. }) {
+                row.item.attempts += 1;
+            }
+            let Row {
+                mut item,
+                delivery,
+                cap,
+                free_rounds,
+            } = row;
             let fin = match outcome {
                 Outcome::Delivered => Final::Delivered {
                     status: status.unwrap_or(0),
@@ -304,7 +319,12 @@ pub async fn deliver(
                         Next::Wait(w) => {
                             wait = wait.max(w);
                             EVENTS.with_label_values(&[name, "retried"]).inc();
-                            again.push((item, d));
+                            again.push(Row {
+                                item,
+                                delivery,
+                                cap,
+                                free_rounds,
+                            });
                             continue;
                         }
                         Next::Park(w) => Final::Parked {
@@ -319,8 +339,9 @@ pub async fn deliver(
                         }),
                     }
                 }
+                Outcome::Split | Outcome::Resend => unreachable!("turned into a retry above"),
             };
-            item.delivery = Some(d);
+            item.delivery = Some(delivery);
             finals.push((item, fin));
         }
         pending = again;
@@ -339,7 +360,7 @@ pub async fn deliver(
                 _ = tokio::time::sleep_until(wake) => break,
                 _ = cancel.cancelled() => break 'rounds,
                 _ = handovers.changed() => {
-                    let_go_of_handed_over(&shared, &mut pending);
+                    let_go_of_handed_over(shared, &mut pending);
                     if pending.is_empty() {
                         break 'rounds;
                     }
@@ -347,22 +368,148 @@ pub async fn deliver(
             }
         }
     }
-    for (item, _) in &pending {
-        shared.ownership.abandoned(item);
+    for row in &pending {
+        shared.ownership.abandoned(&row.item);
     }
-    persist(&shared, finals, &cancel).await
+    finals
 }
 
 /// Drops the items whose partition is being handed over (or was): the next
 /// owner sends them, so retrying them here would only add duplicates.
-fn let_go_of_handed_over(shared: &Shared, pending: &mut Vec<(Item, Delivery)>) {
-    pending.retain(|(item, _)| {
-        let live = shared.ownership.is_live(item);
+fn let_go_of_handed_over(shared: &Shared, pending: &mut Vec<Row>) {
+    pending.retain(|row| {
+        let live = shared.ownership.is_live(&row.item);
         if !live {
-            shared.ownership.abandoned(item);
+            shared.ownership.abandoned(&row.item);
         }
         live
     });
+}
+
+/// How often an event may be sent again at once, without costing an
+/// attempt (a split, or a vendor that did not look at it), before a vendor
+/// that keeps answering so is treated as failing.
+const MAX_FREE_ROUNDS: u32 = 8;
+
+/// An event still to be sent.
+struct Row {
+    item: Item,
+    delivery: Delivery,
+    /// The most rows a request carrying it may hold, after the vendor
+    /// refused a larger one as too large.
+    cap: Option<usize>,
+    /// Rounds it was sent again without being charged an attempt.
+    free_rounds: u32,
+}
+
+impl Row {
+    fn new((item, delivery): (Item, Delivery)) -> Row {
+        Row {
+            item,
+            delivery,
+            cap: None,
+            free_rounds: 0,
+        }
+    }
+}
+
+/// What one request of a lane got: `None` when it was not sent (the round
+/// was interrupted while it waited for the pace).
+struct CallAnswer {
+    classified: Classified,
+    status: Option<u16>,
+    /// The response body, cut to the dead-letter excerpt size.
+    body: String,
+    latency: Duration,
+    at: DateTime<Utc>,
+}
+
+/// Sends a lane's requests one after another (they carry a common person)
+/// and classifies each answer as it comes, so a throttle slows the other
+/// lanes at once.
+async fn send_lane(
+    shared: &Shared,
+    planned: &Planned,
+    round: &[Delivery],
+    lane: Vec<usize>,
+    interrupt: &CancellationToken,
+) -> Vec<(usize, Option<CallAnswer>)> {
+    let name = shared.destination.as_str();
+    let mut out = Vec::with_capacity(lane.len());
+    for c in lane {
+        let call = &planned.calls[c];
+        if interrupt.is_cancelled() {
+            out.push((c, None));
+            continue;
+        }
+        tokio::select! {
+            _ = shared.pace.acquire(call.rows.len()) => {}
+            _ = interrupt.cancelled() => {
+                out.push((c, None));
+                continue;
+            }
+        }
+        let at = Utc::now();
+        let started = Instant::now();
+        let result = send_request(shared, &call.request).await;
+        let latency = started.elapsed();
+        REQUEST_SECONDS
+            .with_label_values(&[name])
+            .observe(latency.as_secs_f64());
+        let answer = match result {
+            Ok(resp) => {
+                REQUESTS
+                    .with_label_values(&[name, status_class(resp.status)])
+                    .inc();
+                let classified =
+                    shared
+                        .vendor
+                        .classify(&call.request, &resp, planned.batch(call, round));
+                if classified.throttle {
+                    let after = resp
+                        .header("retry-after")
+                        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+                    shared
+                        .pace
+                        .throttled(after, shared.settings.retry.max_backoff);
+                } else if (200..300).contains(&resp.status) {
+                    shared.pace.succeeded();
+                }
+                PACE_SHARE
+                    .with_label_values(&[name])
+                    .set(shared.pace.share());
+                CallAnswer {
+                    classified,
+                    status: Some(resp.status),
+                    body: excerpt(&resp.body, RESPONSE_EXCERPT_BYTES),
+                    latency,
+                    at,
+                }
+            }
+            Err(reason) => {
+                REQUESTS.with_label_values(&[name, "network"]).inc();
+                let reason = cut_string(reason, REASON_MAX_BYTES);
+                CallAnswer {
+                    classified: Classified {
+                        rows: vec![
+                            Outcome::Retry {
+                                after: None,
+                                reason,
+                            };
+                            call.rows.len()
+                        ],
+                        throttle: false,
+                    },
+                    status: None,
+                    body: String::new(),
+                    latency,
+                    at,
+                }
+            }
+        };
+        out.push((c, Some(answer)));
+    }
+    out
 }
 
 /// A vendor's outcome with its texts cut to what records, logs and metric
@@ -378,10 +525,11 @@ fn bounded(outcome: Outcome) -> Outcome {
             class: cut_string(class, CLASS_MAX_BYTES),
             reason: cut_string(reason, REASON_MAX_BYTES),
         },
+        o @ (Outcome::Split | Outcome::Resend) => o,
     }
 }
 
-/// One event's answer from its request.
+/// One event's answer from its requests.
 #[derive(Clone)]
 struct Answer {
     outcome: Outcome,
@@ -389,6 +537,44 @@ struct Answer {
     /// The response body, cut to the dead-letter excerpt size.
     body: String,
     latency: Duration,
+}
+
+impl Answer {
+    fn retry(reason: &str) -> Answer {
+        Answer {
+            outcome: Outcome::Retry {
+                after: None,
+                reason: reason.into(),
+            },
+            status: None,
+            body: String::new(),
+            latency: Duration::ZERO,
+        }
+    }
+
+    fn resend() -> Answer {
+        Answer {
+            outcome: Outcome::Resend,
+            ..Answer::retry("")
+        }
+    }
+
+    /// The answer of an event that travelled in two requests: the worse
+    /// outcome, with the status and body of the request that gave it.
+    fn merge(self, other: Answer) -> Answer {
+        let outcome = self.outcome.clone().merge(other.outcome.clone());
+        let from = if outcome == self.outcome || other.outcome == Outcome::Resend {
+            self
+        } else {
+            other
+        };
+        Answer {
+            outcome,
+            latency: from.latency,
+            status: from.status,
+            body: from.body,
+        }
+    }
 }
 
 fn reject(class: &str, reason: String) -> Final {
@@ -404,9 +590,9 @@ fn reject(class: &str, reason: String) -> Final {
 /// a 401 (the token died early, or was revoked and re-issued) drops it and
 /// sends once more with a new one before the vendor's answer counts.
 /// Errors are the reason every event of the request is retried.
-async fn send_request(shared: &Shared, req: Request) -> Result<Response, String> {
+async fn send_request(shared: &Shared, req: &Request) -> Result<Response, String> {
     let Some(tokens) = &shared.tokens else {
-        return send(&shared.http, &req.url, &req.headers, req.body)
+        return send(&shared.http, req, &req.headers)
             .await
             .map_err(network_reason);
     };
@@ -418,7 +604,7 @@ async fn send_request(shared: &Shared, req: Request) -> Result<Response, String>
             .map_err(|e| format!("oauth: {e}"))?;
         let mut headers = req.headers.clone();
         headers.push(("Authorization".into(), format!("Bearer {token}")));
-        let resp = send(&shared.http, &req.url, &headers, req.body.clone())
+        let resp = send(&shared.http, req, &headers)
             .await
             .map_err(network_reason)?;
         if resp.status == 401 && !renewed {
@@ -438,7 +624,7 @@ async fn send_request(shared: &Shared, req: Request) -> Result<Response, String>
 pub fn vendor_client(settings: &DeliverySettings) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(settings.request_timeout)
-        .pool_max_idle_per_host(settings.max_in_flight)
+        .pool_max_idle_per_host(settings.max_in_flight * settings.max_concurrent_requests)
         .redirect(reqwest::redirect::Policy::none())
         .build()
 }
@@ -460,11 +646,12 @@ fn network_reason(e: reqwest::Error) -> String {
 
 async fn send(
     http: &reqwest::Client,
-    url: &str,
+    req: &Request,
     headers: &[(String, String)],
-    body: Vec<u8>,
 ) -> Result<Response, reqwest::Error> {
-    let mut rb = http.post(url).body(body);
+    let mut rb = http
+        .request(req.method.clone(), &req.url)
+        .body(req.body.clone());
     for (k, v) in headers {
         rb = rb.header(k, v);
     }
@@ -790,5 +977,474 @@ mod tests {
         assert!(reason.starts_with("network: "), "{reason}");
         assert!(!reason.contains("s3cr3t"), "{reason}");
         assert!(!reason.contains("/mp/collect"), "{reason}");
+    }
+
+    /// The request model end to end, without Kafka: a vendor stand-in on
+    /// loopback and the rounds a batch goes through.
+    mod rounds {
+        use super::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::destinations::test_support;
+        use crate::sink::destination::Refusal;
+        use crate::sink::records::Position;
+
+        /// What the stand-in got: (path, the ids in the body).
+        type Seen = Arc<Mutex<Vec<(String, Vec<String>)>>>;
+        /// How the stand-in answers a request to `path` carrying `ids`
+        /// (`n` = requests before it): status and body.
+        type Script = Arc<dyn Fn(&str, &[String], usize) -> (u16, String) + Send + Sync>;
+
+        struct Vendor {
+            base: String,
+            /// Each person's rows also go to /profiles, before their events.
+            profiles: bool,
+            /// Most rows per /events request.
+            per_request: usize,
+        }
+
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Body {
+            ids: Vec<String>,
+        }
+
+        /// The stand-in's verdict on a 2xx: rows (indices into the body)
+        /// it refused, and rows it did not look at.
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Verdict {
+            refused: Vec<usize>,
+            unseen: Vec<usize>,
+        }
+
+        impl Vendor {
+            fn request(
+                &self,
+                endpoint: &'static str,
+                batch: &[Delivery],
+                rows: Vec<usize>,
+            ) -> Request {
+                let ids = rows
+                    .iter()
+                    .map(|&r| batch[r].event.event_id.clone())
+                    .collect();
+                let body = serde_json::to_vec(&Body { ids }).unwrap();
+                Request::post(
+                    endpoint,
+                    format!("{}/{endpoint}", self.base),
+                    vec![],
+                    body,
+                    rows,
+                )
+            }
+        }
+
+        impl Destination for Vendor {
+            fn limits(&self) -> Limits {
+                Limits {
+                    max_events: 1000,
+                    max_bytes: 1 << 20,
+                    max_event_age: None,
+                }
+            }
+            fn refuse(&self, _: &Delivery) -> Option<Refusal> {
+                None
+            }
+            fn vendor_dedup(&self) -> bool {
+                true
+            }
+            fn map(&self, batch: &[Delivery]) -> Vec<Request> {
+                let mut out = Vec::new();
+                if self.profiles {
+                    let mut people: Vec<&str> = Vec::new();
+                    for d in batch {
+                        if !people.contains(&d.key()) {
+                            people.push(d.key());
+                        }
+                    }
+                    for p in people {
+                        let rows = (0..batch.len()).filter(|&r| batch[r].key() == p).collect();
+                        out.push(self.request("profiles", batch, rows));
+                    }
+                }
+                let all: Vec<usize> = (0..batch.len()).collect();
+                for chunk in all.chunks(self.per_request) {
+                    out.push(self.request("events", batch, chunk.to_vec()));
+                }
+                out
+            }
+            fn classify(
+                &self,
+                request: &Request,
+                response: &Response,
+                _: &[Delivery],
+            ) -> Classified {
+                if let Some(o) =
+                    crate::sink::retry::by_status(response, std::time::SystemTime::now())
+                {
+                    return Classified::all(request, response, o);
+                }
+                let v: Verdict = serde_json::from_slice(&response.body).unwrap_or_default();
+                let rows = (0..request.rows.len())
+                    .map(|i| {
+                        if v.refused.contains(&i) {
+                            Outcome::Rejected {
+                                class: format!("{}_invalid", request.endpoint),
+                                reason: format!("{} refused it", request.endpoint),
+                            }
+                        } else if v.unseen.contains(&i) {
+                            Outcome::Resend
+                        } else {
+                            Outcome::Delivered
+                        }
+                    })
+                    .collect();
+                Classified::rows(response, rows)
+            }
+        }
+
+        /// A stand-in that answers by `script`, recording what it got;
+        /// every answer is delayed a little, differently per request, so
+        /// that concurrent requests finish out of order.
+        async fn stand_in(script: Script) -> (String, Seen) {
+            let seen: Seen = Arc::default();
+            let count = Arc::new(AtomicUsize::new(0));
+            let log = seen.clone();
+            let app = axum::Router::new().route(
+                "/{endpoint}",
+                axum::routing::post(
+                    move |axum::extract::Path(endpoint): axum::extract::Path<String>,
+                          body: axum::body::Bytes| {
+                        let (log, count, script) = (log.clone(), count.clone(), script.clone());
+                        async move {
+                            let ids = serde_json::from_slice::<Body>(&body).unwrap().ids;
+                            let n = count.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis((n as u64 * 7) % 23)).await;
+                            let (status, answer) = script(&endpoint, &ids, n);
+                            log.lock().unwrap().push((endpoint, ids));
+                            (axum::http::StatusCode::from_u16(status).unwrap(), answer)
+                        }
+                    },
+                ),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (format!("http://{addr}"), seen)
+        }
+
+        fn shared(vendor: Vendor, settings: DeliverySettings) -> Shared {
+            let mut producer = rdkafka::ClientConfig::new();
+            // Never used: these tests stop before outcomes are written.
+            producer.set("bootstrap.servers", "127.0.0.1:9");
+            let limits = vendor.limits();
+            Shared {
+                destination: "d".into(),
+                vendor: Arc::new(vendor),
+                pace: Pace::new(&settings.rate_limit, limits.max_events),
+                http: vendor_client(&settings).unwrap(),
+                settings,
+                limits,
+                producer: ProducerGuard::new(producer, "test").unwrap(),
+                ownership: Arc::new(crate::sink::handover::Ownership::default()),
+                dlq_topic: "dlq".into(),
+                copy_limit: 1 << 20,
+                cut_to: 1 << 16,
+                outcomes_topic: "outcomes".into(),
+                retry_topic: "retry".into(),
+                ledger: None,
+                tokens: None,
+            }
+        }
+
+        /// Items for `(person, event id)` pairs, tracked as read.
+        fn items(shared: &Shared, events: &[(&str, &str)]) -> Vec<Item> {
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, (person, id))| {
+                    let event = serde_json::json!({
+                        "event": "purchase", "event_id": id, "occurred_at": "2026-11-26T14:03:11Z",
+                        "user_id": person, "value": 10.0, "currency": "EUR"
+                    });
+                    let d = test_support::delivery("d", "purchase", event, serde_json::json!({}));
+                    let at = Position {
+                        topic: "deliver".into(),
+                        partition: 0,
+                        offset: i as i64,
+                    };
+                    let mut item = Item {
+                        raw: serde_json::to_vec(&d).unwrap(),
+                        delivery: Some(d),
+                        key: None,
+                        headers: Vec::new(),
+                        source: at.clone(),
+                        origin: at,
+                        attempts: 0,
+                        first_attempt: None,
+                        last_attempt: None,
+                        due: None,
+                        reason: None,
+                        requeued_at: None,
+                        epoch: 0,
+                    };
+                    shared.ownership.seen(&mut item);
+                    item
+                })
+                .collect()
+        }
+
+        fn fast() -> DeliverySettings {
+            let mut s = DeliverySettings::default();
+            s.retry.initial_backoff = Duration::from_millis(10);
+            s.retry.max_backoff = Duration::from_millis(50);
+            s
+        }
+
+        /// Each event's outcome word and attempts, by event id.
+        async fn run(shared: &Shared, events: &[(&str, &str)]) -> Vec<(String, String, u32)> {
+            let mut out: Vec<(String, String, u32)> =
+                attempt(shared, items(shared, events), &CancellationToken::new())
+                    .await
+                    .into_iter()
+                    .map(|(item, fin)| {
+                        let word = match fin {
+                            Final::Delivered { .. } => "delivered".to_string(),
+                            Final::Rejected(r) => format!("rejected {}: {}", r.class, r.reason),
+                            other => format!("{other:?}"),
+                        };
+                        (item.event_id().unwrap().to_string(), word, item.attempts)
+                    })
+                    .collect();
+            out.sort();
+            out
+        }
+
+        fn ids(seen: &Seen, endpoint: &str) -> Vec<String> {
+            let mut all: Vec<String> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(e, _)| e == endpoint)
+                .flat_map(|(_, ids)| ids.clone())
+                .collect();
+            all.sort();
+            all
+        }
+
+        #[tokio::test]
+        async fn an_event_whose_second_call_fails_is_retried_and_charged_one_attempt_per_round() {
+            // /events fails once with 503, then takes everything; profiles
+            // are always taken.
+            let (base, seen) = stand_in(Arc::new(|endpoint: &str, _: &[String], _| {
+                static EVENTS: AtomicUsize = AtomicUsize::new(0);
+                if endpoint == "events" && EVENTS.fetch_add(1, Ordering::SeqCst) == 0 {
+                    (503, "busy".into())
+                } else {
+                    (200, "{}".into())
+                }
+            }))
+            .await;
+            let vendor = Vendor {
+                base,
+                profiles: true,
+                per_request: 10,
+            };
+            let shared = shared(vendor, fast());
+            let out = run(&shared, &[("u1", "e1"), ("u2", "e2")]).await;
+            assert_eq!(
+                out,
+                vec![
+                    ("e1".into(), "delivered".into(), 2),
+                    ("e2".into(), "delivered".into(), 2)
+                ]
+            );
+            // Both calls went again in round two: a profile update is
+            // idempotent, and the vendor dedups events.
+            assert_eq!(ids(&seen, "profiles"), ["e1", "e1", "e2", "e2"]);
+            assert_eq!(ids(&seen, "events"), ["e1", "e1", "e2", "e2"]);
+        }
+
+        #[tokio::test]
+        async fn an_event_refused_by_one_of_its_calls_is_dead_lettered_with_that_reason() {
+            // The profile call refuses u2's profile; events are all taken.
+            let (base, _) = stand_in(Arc::new(|endpoint: &str, ids: &[String], _| {
+                if endpoint == "profiles" && ids.contains(&"e2".to_string()) {
+                    (200, r#"{"refused":[0]}"#.into())
+                } else {
+                    (200, "{}".into())
+                }
+            }))
+            .await;
+            let shared = shared(
+                Vendor {
+                    base,
+                    profiles: true,
+                    per_request: 10,
+                },
+                fast(),
+            );
+            let out = run(&shared, &[("u1", "e1"), ("u2", "e2")]).await;
+            assert_eq!(out[0], ("e1".into(), "delivered".into(), 1));
+            assert_eq!(
+                out[1],
+                (
+                    "e2".into(),
+                    "rejected profiles_invalid: profiles refused it".into(),
+                    1
+                )
+            );
+        }
+
+        #[tokio::test]
+        async fn a_partial_failure_refuses_its_rows_and_resends_the_unseen_without_an_attempt() {
+            // The first /events answer refuses row 1 and did not look at the
+            // rows after it; later answers take everything.
+            let (base, seen) = stand_in(Arc::new(|_: &str, _: &[String], n| {
+                if n == 0 {
+                    (200, r#"{"refused":[1],"unseen":[2,3]}"#.into())
+                } else {
+                    (200, "{}".into())
+                }
+            }))
+            .await;
+            let shared = shared(
+                Vendor {
+                    base,
+                    profiles: false,
+                    per_request: 10,
+                },
+                fast(),
+            );
+            let out = run(
+                &shared,
+                &[("a", "e0"), ("b", "e1"), ("c", "e2"), ("d", "e3")],
+            )
+            .await;
+            assert_eq!(
+                out,
+                vec![
+                    ("e0".into(), "delivered".into(), 1),
+                    (
+                        "e1".into(),
+                        "rejected events_invalid: events refused it".into(),
+                        1
+                    ),
+                    ("e2".into(), "delivered".into(), 1),
+                    ("e3".into(), "delivered".into(), 1),
+                ]
+            );
+            assert_eq!(ids(&seen, "events"), ["e0", "e1", "e2", "e2", "e3", "e3"]);
+        }
+
+        #[tokio::test]
+        async fn a_413_splits_until_requests_fit_and_delivers_every_row_once() {
+            // More than three rows in a request is too large.
+            let (base, seen) = stand_in(Arc::new(|_: &str, ids: &[String], _| {
+                if ids.len() > 3 {
+                    (413, "too large".into())
+                } else {
+                    (200, "{}".into())
+                }
+            }))
+            .await;
+            let shared = shared(
+                Vendor {
+                    base,
+                    profiles: false,
+                    per_request: 100,
+                },
+                fast(),
+            );
+            let events: Vec<(String, String)> = (0..10)
+                .map(|i| (format!("p{i}"), format!("e{i}")))
+                .collect();
+            let events: Vec<(&str, &str)> = events
+                .iter()
+                .map(|(p, e)| (p.as_str(), e.as_str()))
+                .collect();
+            let out = run(&shared, &events).await;
+            assert!(
+                out.iter()
+                    .all(|(_, word, attempts)| word == "delivered" && *attempts == 1),
+                "{out:?}"
+            );
+            let taken: Vec<Vec<String>> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, ids)| ids.len() <= 3)
+                .map(|(_, ids)| ids.clone())
+                .collect();
+            let mut once: Vec<String> = taken.concat();
+            once.sort();
+            let mut expected: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+            expected.sort();
+            assert_eq!(once, expected, "every row accepted exactly once");
+
+            // A single event that is too large on its own is dead-lettered.
+            let (base, _) = stand_in(Arc::new(|_: &str, _: &[String], _| {
+                (413, "too large".into())
+            }))
+            .await;
+            let shared = self::shared(
+                Vendor {
+                    base,
+                    profiles: false,
+                    per_request: 100,
+                },
+                fast(),
+            );
+            let out = run(&shared, &[("a", "e0"), ("b", "e1")]).await;
+            for (_, word, _) in &out {
+                assert!(word.starts_with("rejected too_large:"), "{word}");
+            }
+        }
+
+        #[tokio::test]
+        async fn concurrent_requests_never_reorder_one_persons_events() {
+            let (base, seen) =
+                stand_in(Arc::new(|_: &str, _: &[String], _| (200, "{}".into()))).await;
+            let mut settings = fast();
+            settings.max_concurrent_requests = 16;
+            let shared = shared(
+                Vendor {
+                    base,
+                    profiles: false,
+                    per_request: 1,
+                },
+                settings,
+            );
+            let events: Vec<(String, String)> = (0..40)
+                .map(|i| (format!("p{}", i % 4), format!("e{i:02}")))
+                .collect();
+            let events: Vec<(&str, &str)> = events
+                .iter()
+                .map(|(p, e)| (p.as_str(), e.as_str()))
+                .collect();
+            let out = run(&shared, &events).await;
+            assert!(out.iter().all(|(_, w, _)| w == "delivered"), "{out:?}");
+            let arrived: Vec<String> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, ids)| ids[0].clone())
+                .collect();
+            for p in 0..4 {
+                let mine: Vec<&String> = arrived
+                    .iter()
+                    .filter(|id| id[1..].parse::<usize>().unwrap() % 4 == p)
+                    .collect();
+                let mut sorted = mine.clone();
+                sorted.sort();
+                assert_eq!(mine, sorted, "person p{p}'s events arrived out of order");
+            }
+            // The people's requests did interleave: they ran side by side.
+            let people: Vec<usize> = arrived[..8]
+                .iter()
+                .map(|id| id[1..].parse::<usize>().unwrap() % 4)
+                .collect();
+            assert!(people.windows(2).any(|w| w[0] != w[1]), "{arrived:?}");
+        }
     }
 }

@@ -86,13 +86,55 @@ pub async fn deliver_tampered(
     for mut req in dest.map(batch) {
         tamper(&mut req);
         let resp = send(http, &req).await;
-        let got = dest.classify(&resp, &batch[req.events.clone()]);
-        assert_eq!(got.len(), req.events.len(), "one outcome per event");
-        for (slot, o) in out[req.events.clone()].iter_mut().zip(got) {
-            *slot = Some(o);
+        let got = dest.classify(&req, &resp, batch);
+        assert_eq!(got.rows.len(), req.rows.len(), "one outcome per row");
+        for (&row, o) in req.rows.iter().zip(got.rows) {
+            out[row] = Some(match out[row].take() {
+                Some(before) => before.merge(o),
+                None => o,
+            });
         }
     }
     out.into_iter()
         .map(|o| o.expect("every event is in a request"))
+        .collect()
+}
+
+/// What the sink would make of `resp` as the answer to every request `dest`
+/// maps `batch` into: one outcome per row of the batch.
+pub fn classify(dest: &dyn Destination, resp: &Response, batch: &[Delivery]) -> Vec<Outcome> {
+    let mut out: Vec<Option<Outcome>> = vec![None; batch.len()];
+    for req in dest.map(batch) {
+        let got = dest.classify(&req, resp, batch);
+        assert_eq!(got.rows.len(), req.rows.len(), "one outcome per row");
+        for (&row, o) in req.rows.iter().zip(got.rows) {
+            out[row] = Some(match out[row].take() {
+                Some(before) => before.merge(o),
+                None => o,
+            });
+        }
+    }
+    out.into_iter()
+        .map(|o| o.expect("every event is in a request"))
+        .collect()
+}
+
+/// Whether `dest` reads `resp` (to the first request of `batch`) as a
+/// request to slow down.
+pub fn throttle(dest: &dyn Destination, resp: &Response, batch: &[Delivery]) -> bool {
+    let req = &dest.map(batch)[0];
+    dest.classify(req, resp, batch).throttle
+}
+
+/// The rows of each request as a range (a request whose rows are not one
+/// run fails the test).
+pub fn ranges(reqs: &[Request]) -> Vec<std::ops::Range<usize>> {
+    reqs.iter()
+        .map(|r| {
+            let start = r.rows.first().copied().unwrap_or(0);
+            let range = start..start + r.rows.len();
+            assert!(range.clone().eq(r.rows.iter().copied()), "{:?}", r.rows);
+            range
+        })
         .collect()
 }

@@ -1,0 +1,310 @@
+//! The pure parts of one round of a batch: which rows are mapped together
+//! (a split shrinks the requests of the rows it hit), which requests must go
+//! one after another (they carry the same person), and what an event's
+//! several answers add up to.
+
+use std::collections::HashMap;
+
+use super::destination::{Destination, Outcome, Request};
+use crate::delivery::Delivery;
+
+/// One request of the round and the round's rows it carries.
+#[derive(Debug)]
+pub struct Call {
+    pub request: Request,
+    /// The round's rows, parallel to `request.rows`.
+    pub rows: Vec<usize>,
+    /// Which group's deliveries `map` saw (see [`Planned::batch`]).
+    group: usize,
+}
+
+/// The requests of a round, in the order one person's must be sent.
+pub struct Planned {
+    /// The deliveries each `map` call saw; `None` = the round's own rows.
+    groups: Vec<Option<Vec<Delivery>>>,
+    pub calls: Vec<Call>,
+}
+
+impl Planned {
+    /// The batch `call`'s request was mapped from, which `classify` needs
+    /// to read its `rows`.
+    pub fn batch<'a>(&'a self, call: &Call, round: &'a [Delivery]) -> &'a [Delivery] {
+        self.groups[call.group].as_deref().unwrap_or(round)
+    }
+}
+
+/// Maps the round's rows into requests. Rows without a cap are mapped in one
+/// call; a row a split has capped is mapped with the rows next to it that
+/// share its cap, at most that many at a time, so the vendor builds smaller
+/// requests for them. Requests come out ordered by their first row, which
+/// keeps each person's requests in the order of their events.
+pub fn plan(vendor: &dyn Destination, round: &[Delivery], caps: &[Option<usize>]) -> Planned {
+    debug_assert_eq!(round.len(), caps.len());
+    let mut groups: Vec<Option<Vec<Delivery>>> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    if caps.iter().all(Option::is_none) {
+        groups.push(None);
+        members.push((0..round.len()).collect());
+    } else {
+        let free: Vec<usize> = (0..round.len()).filter(|&r| caps[r].is_none()).collect();
+        if !free.is_empty() {
+            members.push(free);
+        }
+        let mut chunk: Vec<usize> = Vec::new();
+        for r in (0..round.len()).filter(|&r| caps[r].is_some()) {
+            let cap = caps[r].unwrap_or(usize::MAX).max(1);
+            let same = chunk.last().is_some_and(|&p| caps[p] == caps[r]);
+            if !chunk.is_empty() && (!same || chunk.len() >= cap) {
+                members.push(std::mem::take(&mut chunk));
+            }
+            chunk.push(r);
+        }
+        if !chunk.is_empty() {
+            members.push(chunk);
+        }
+        groups = members
+            .iter()
+            .map(|m| Some(m.iter().map(|&r| round[r].clone()).collect()))
+            .collect();
+    }
+    let mut calls = Vec::new();
+    for (group, rows) in members.iter().enumerate() {
+        let batch = groups[group].as_deref().unwrap_or(round);
+        for request in vendor.map(batch) {
+            let rows = request
+                .rows
+                .iter()
+                .filter_map(|&i| rows.get(i).copied())
+                .collect();
+            calls.push(Call {
+                request,
+                rows,
+                group,
+            });
+        }
+    }
+    calls.sort_by_key(|c| c.rows.iter().min().copied().unwrap_or(usize::MAX));
+    Planned { groups, calls }
+}
+
+/// Groups the calls into lanes: calls that carry a common person share a
+/// lane and go one after another in their order; lanes run side by side.
+pub fn lanes<'a>(calls: &[Call], person: impl Fn(usize) -> &'a str) -> Vec<Vec<usize>> {
+    let mut parent: Vec<usize> = (0..calls.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (c, call) in calls.iter().enumerate() {
+        for &r in &call.rows {
+            match seen.get(person(r)) {
+                Some(&other) => {
+                    let (a, b) = (root(&mut parent, other), root(&mut parent, c));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    seen.insert(person(r), c);
+                }
+            }
+        }
+    }
+    let mut lanes: Vec<Vec<usize>> = Vec::new();
+    let mut lane_of: HashMap<usize, usize> = HashMap::new();
+    for c in 0..calls.len() {
+        let r = root(&mut parent, c);
+        let l = *lane_of.entry(r).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[l].push(c);
+    }
+    lanes
+}
+
+/// The outcome a row gets from one call of `rows_in_call` rows: a split of a
+/// request that held only this row cannot help, so the row is refused.
+pub fn settle(outcome: Outcome, rows_in_call: usize, status: Option<u16>) -> Outcome {
+    match outcome {
+        Outcome::Split if rows_in_call <= 1 => Outcome::Rejected {
+            class: "too_large".into(),
+            reason: format!(
+                "the vendor refused a request holding only this event as too large{}",
+                status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
+            ),
+        },
+        o => o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destinations::test_support;
+    use crate::sink::destination::{Classified, Limits, Response};
+
+    fn delivery(person: &str, n: usize) -> Delivery {
+        let event = serde_json::json!({
+            "event": "purchase", "event_id": format!("e{n}"), "occurred_at": "2026-11-26T14:03:11Z",
+            "user_id": person, "value": 10.0, "currency": "EUR"
+        });
+        test_support::delivery("d", "purchase", event, serde_json::json!({}))
+    }
+
+    /// Puts each person in their own request to `/events`, and every row
+    /// that has a user also in one request to `/profiles`, before its event.
+    struct TwoEndpoints;
+
+    impl Destination for TwoEndpoints {
+        fn limits(&self) -> Limits {
+            Limits {
+                max_events: 100,
+                max_bytes: 1 << 20,
+                max_event_age: None,
+            }
+        }
+        fn vendor_dedup(&self) -> bool {
+            true
+        }
+        fn map(&self, batch: &[Delivery]) -> Vec<Request> {
+            let profiles = Request::post(
+                "profiles",
+                "http://v/profiles",
+                vec![],
+                vec![],
+                0..batch.len(),
+            );
+            let mut out = vec![profiles];
+            let mut start = 0;
+            for i in 1..=batch.len() {
+                if i == batch.len() || batch[i].key() != batch[start].key() {
+                    out.push(Request::post(
+                        "events",
+                        "http://v/events",
+                        vec![],
+                        vec![],
+                        start..i,
+                    ));
+                    start = i;
+                }
+            }
+            out
+        }
+        fn classify(&self, request: &Request, _: &Response, _: &[Delivery]) -> Classified {
+            Classified {
+                rows: vec![Outcome::Delivered; request.rows.len()],
+                throttle: false,
+            }
+        }
+    }
+
+    /// Packs rows into requests of at most `max` rows.
+    struct Packs(usize);
+
+    impl Destination for Packs {
+        fn limits(&self) -> Limits {
+            Limits {
+                max_events: 100,
+                max_bytes: 1 << 20,
+                max_event_age: None,
+            }
+        }
+        fn vendor_dedup(&self) -> bool {
+            true
+        }
+        fn map(&self, batch: &[Delivery]) -> Vec<Request> {
+            (0..batch.len())
+                .step_by(self.0)
+                .map(|s| {
+                    Request::post(
+                        "events",
+                        "http://v/e",
+                        vec![],
+                        vec![],
+                        s..(s + self.0).min(batch.len()),
+                    )
+                })
+                .collect()
+        }
+        fn classify(&self, request: &Request, _: &Response, _: &[Delivery]) -> Classified {
+            Classified {
+                rows: vec![Outcome::Delivered; request.rows.len()],
+                throttle: false,
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_rows_go_to_two_endpoints() {
+        let round = vec![delivery("a", 0), delivery("a", 1), delivery("b", 2)];
+        let planned = plan(&TwoEndpoints, &round, &[None; 3]);
+        let shape: Vec<(&str, Vec<usize>)> = planned
+            .calls
+            .iter()
+            .map(|c| (c.request.endpoint, c.rows.clone()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("profiles", vec![0, 1, 2]),
+                ("events", vec![0, 1]),
+                ("events", vec![2])
+            ]
+        );
+        // The profile call carries both people: everything is one lane, in
+        // map's order, so no event overtakes its person's profile.
+        let l = lanes(&planned.calls, |r| round[r].key());
+        assert_eq!(l, vec![vec![0, 1, 2]]);
+        for c in &planned.calls {
+            assert!(std::ptr::eq(planned.batch(c, &round), round.as_slice()));
+        }
+    }
+
+    #[test]
+    fn requests_of_different_people_run_side_by_side_and_one_persons_in_order() {
+        let round: Vec<Delivery> = [("a", 0), ("b", 1), ("a", 2), ("c", 3), ("b", 4), ("d", 5)]
+            .iter()
+            .map(|&(p, n)| delivery(p, n))
+            .collect();
+        let planned = plan(&Packs(1), &round, &[None; 6]);
+        let l = lanes(&planned.calls, |r| round[r].key());
+        assert_eq!(l, vec![vec![0, 2], vec![1, 4], vec![3], vec![5]]);
+        // A request that carries two people joins their lanes, keeping order.
+        let planned = plan(&Packs(2), &round, &[None; 6]);
+        let l = lanes(&planned.calls, |r| round[r].key());
+        assert_eq!(l, vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn capped_rows_are_mapped_in_smaller_groups_and_keep_their_order() {
+        let round: Vec<Delivery> = (0..7).map(|n| delivery(&format!("p{n}"), n)).collect();
+        // Rows 1..5 were in a request of 4 that was too large: cap 2.
+        let caps = [None, Some(2), Some(2), Some(2), Some(2), None, Some(1)];
+        let planned = plan(&Packs(100), &round, &caps);
+        let rows: Vec<Vec<usize>> = planned.calls.iter().map(|c| c.rows.clone()).collect();
+        assert_eq!(rows, vec![vec![0, 5], vec![1, 2], vec![3, 4], vec![6]]);
+        // classify reads a capped call's rows from the deliveries map saw.
+        let c = &planned.calls[2];
+        let batch = planned.batch(c, &round);
+        let ids: Vec<&str> = c
+            .request
+            .deliveries(batch)
+            .map(|d| d.event.event_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["e3", "e4"]);
+    }
+
+    #[test]
+    fn a_split_of_a_single_row_is_a_refusal() {
+        assert_eq!(settle(Outcome::Split, 4, Some(413)), Outcome::Split);
+        let Outcome::Rejected { class, reason } = settle(Outcome::Split, 1, Some(413)) else {
+            panic!("not refused")
+        };
+        assert_eq!(class, "too_large");
+        assert!(reason.contains("HTTP 413"), "{reason}");
+        assert_eq!(settle(Outcome::Delivered, 1, None), Outcome::Delivered);
+    }
+}
