@@ -24,8 +24,8 @@ PORT="${SWITCHYARD_KAFKA_PORT:-19092}"
 # run scans every stored record while holding the write lock, so produce
 # acknowledgements stall for seconds once the database is large. Tests keep it
 # short so that upkeep happens while they run; throughput measurements should
-# use tansu's own default of 10 minutes (README, "Brokers for development
-# and tests").
+# use tansu's own default of 10 minutes (docs/operations.md, "For
+# development and tests").
 MAINTENANCE="${SWITCHYARD_TANSU_MAINTENANCE:-5s}"
 
 log() { echo "kafka-dev: $*" >&2; }

@@ -1,6 +1,7 @@
-//! A receiver of switchyard's signed webhooks, written the way the README
-//! tells receivers to: verify `X-Switchyard-Signature` over the raw body in
-//! constant time, refuse stale timestamps, drop resends by idempotency key.
+//! A receiver of switchyard's signed webhooks, written the way
+//! docs/destinations/webhook.md tells receivers to: verify
+//! `X-Switchyard-Signature` over the raw body in constant time, refuse stale
+//! timestamps, drop resends by idempotency key.
 
 use std::time::Duration;
 

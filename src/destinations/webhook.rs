@@ -8,7 +8,7 @@
 //! a resent request carries the same header as the first send.
 //!
 //! `X-Switchyard-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
-//! lets the receiver check origin and freshness (see README).
+//! lets the receiver check origin and freshness (see docs/destinations/webhook.md).
 //!
 //! Receivers answer 2xx when they took the batch. To refuse some events they
 //! list them: `{"errors":[{"idempotency_key":"…","reason":"…","retryable":false}]}`.

@@ -120,7 +120,7 @@ pub(super) async fn not_found() -> Response {
         Err(Reject::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            "no such endpoint; see the README's HTTP ingest section",
+            "no such endpoint; see docs/ingest.md",
         )),
     )
 }

@@ -41,7 +41,7 @@ impl Skip {
     }
 }
 
-/// The vendor's event name presets (VENDOR-CONTRACTS.md); `None` = not sent.
+/// The vendor's event name presets (docs/router.md, docs/destinations/); `None` = not sent.
 pub fn preset_name<'a>(kind: &'a DestinationKind, event: &'a EventName) -> Option<&'a str> {
     use EventName::*;
     let name = match kind {
