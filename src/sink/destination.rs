@@ -5,8 +5,8 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use crate::config::OAuthSettings;
 use crate::delivery::Delivery;
+use crate::settings::OAuthSettings;
 
 /// A vendor's hard limits; the sink never builds a request above them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
