@@ -16,27 +16,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::destinations::Vendor;
 use crate::event::EventName;
 use crate::event::normalize::{PhoneCountry, parse_country};
+use crate::settings::{ConsentDefault, Problem, de_duration, deserialize_at, is_consent_category};
 use crate::sink::config::DeliverySettings;
-
-/// One problem with a configuration value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted path of the key, e.g. `destinations.meta.access_token`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "`{}`: {}", self.key, self.message)
-        }
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -73,26 +57,6 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
         .map(|p| format!("{}: {p}", path.display()))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// A secret value: never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -342,13 +306,6 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsentDefault {
-    Deny,
-    Grant,
-}
-
 /// A destination: what every destination has, plus its vendor's settings.
 #[derive(Debug, Clone)]
 pub struct DestinationConfig {
@@ -367,313 +324,8 @@ pub struct DestinationConfig {
     pub raw_contact: bool,
     /// `[destinations.NAME.delivery]`: batching, retries, rate limit, ordering.
     pub delivery: DeliverySettings,
-    pub kind: DestinationKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum DestinationKind {
-    Webhook(WebhookSettings),
-    MetaCapi(MetaCapiSettings),
-    TiktokEvents(TiktokSettings),
-    GoogleAds(GoogleAdsSettings),
-    Ga4(Ga4Settings),
-}
-
-impl DestinationKind {
-    pub const TYPES: &'static [&'static str] =
-        &["webhook", "meta_capi", "tiktok_events", "google_ads", "ga4"];
-
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            DestinationKind::Webhook(_) => "webhook",
-            DestinationKind::MetaCapi(_) => "meta_capi",
-            DestinationKind::TiktokEvents(_) => "tiktok_events",
-            DestinationKind::GoogleAds(_) => "google_ads",
-            DestinationKind::Ga4(_) => "ga4",
-        }
-    }
-
-    /// Ad platforms only ever receive hashed identifiers and default to no consent.
-    pub fn is_ad_platform(&self) -> bool {
-        matches!(
-            self,
-            DestinationKind::MetaCapi(_)
-                | DestinationKind::TiktokEvents(_)
-                | DestinationKind::GoogleAds(_)
-        )
-    }
-
-    /// Destinations that must never see raw contact data, only SHA-256 hashes.
-    pub fn hashes_only(&self) -> bool {
-        self.is_ad_platform() || matches!(self, DestinationKind::Ga4(_))
-    }
-
-    fn default_consent(&self) -> Option<&'static str> {
-        match self {
-            DestinationKind::MetaCapi(_)
-            | DestinationKind::TiktokEvents(_)
-            | DestinationKind::GoogleAds(_) => Some("ads"),
-            DestinationKind::Ga4(_) => Some("analytics"),
-            // A webhook can carry anything; its owner must say which consent it needs.
-            DestinationKind::Webhook(_) => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSettings {
-    pub url: String,
-    /// HMAC-SHA256 key for `X-Switchyard-Signature`.
-    pub secret: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetaCapiSettings {
-    pub pixel_id: String,
-    pub access_token: Secret,
-    #[serde(default = "meta_default_version")]
-    pub api_version: String,
-    #[serde(default = "meta_default_action_source")]
-    pub action_source: String,
-    /// Per canonical `source` (the publishing service), an action_source
-    /// other than `action_source`: e.g. `{ billing = "system_generated" }`,
-    /// because server-made events have no page URL or user agent, which
-    /// Meta requires of `website` events.
-    #[serde(default)]
-    pub action_source_by_source: BTreeMap<String, String>,
-    pub test_event_code: Option<String>,
-    #[serde(default = "meta_default_base_url")]
-    pub base_url: String,
-    /// Where the access token travels. Meta's docs show the `access_token`
-    /// query parameter; the Graph API also takes `Authorization: Bearer`,
-    /// which keeps the token out of URLs (and so out of client error text).
-    #[serde(default)]
-    pub access_token_in: TokenPlacement,
-    /// Meta's Limited Data Use flags: `[]` (none) or `["LDU"]`.
-    #[serde(default)]
-    pub data_processing_options: Vec<String>,
-    /// With LDU: 0 = let Meta geolocate, 1 = United States.
-    pub data_processing_options_country: Option<u32>,
-    /// With LDU: 0 = let Meta geolocate, 1000 = California (Meta numbers
-    /// further US states from 1000 up).
-    pub data_processing_options_state: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenPlacement {
-    /// `Authorization: Bearer <token>`.
-    #[default]
-    Header,
-    /// `?access_token=<token>`, as in Meta's examples.
-    Query,
-}
-
-fn meta_default_version() -> String {
-    "v21.0".into()
-}
-fn meta_default_action_source() -> String {
-    "website".into()
-}
-fn meta_default_base_url() -> String {
-    "https://graph.facebook.com".into()
-}
-
-const META_ACTION_SOURCES: &[&str] = &[
-    "website",
-    "app",
-    "email",
-    "phone_call",
-    "chat",
-    "physical_store",
-    "system_generated",
-    "other",
-];
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TiktokSettings {
-    /// The pixel / event source id (`event_source_id`).
-    pub pixel_code: String,
-    pub access_token: Secret,
-    #[serde(default = "tiktok_default_event_source")]
-    pub event_source: String,
-    pub test_event_code: Option<String>,
-    #[serde(default = "tiktok_default_base_url")]
-    pub base_url: String,
-    /// The Business API version in the path (`/open_api/<v>/event/track/`).
-    #[serde(default = "tiktok_default_version")]
-    pub api_version: String,
-    /// Events older than this are dead-lettered instead of sent. TikTok
-    /// documents no hard cut-off we could verify; 7 days is how long a
-    /// ttclid stays valid (and the age Meta enforces).
-    #[serde(
-        default = "tiktok_default_max_event_age",
-        deserialize_with = "de_duration"
-    )]
-    pub max_event_age: Duration,
-}
-
-fn tiktok_default_event_source() -> String {
-    "web".into()
-}
-fn tiktok_default_version() -> String {
-    "v1.3".into()
-}
-fn tiktok_default_max_event_age() -> Duration {
-    Duration::from_secs(7 * 86_400)
-}
-fn tiktok_default_base_url() -> String {
-    "https://business-api.tiktok.com".into()
-}
-
-const TIKTOK_EVENT_SOURCES: &[&str] = &["web", "app", "offline", "crm"];
-
-/// OAuth 2 refresh-token credentials (RFC 6749 §6).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OAuthSettings {
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub refresh_token: Secret,
-    #[serde(default = "google_default_token_url")]
-    pub token_url: String,
-}
-
-fn google_default_token_url() -> String {
-    "https://oauth2.googleapis.com/token".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GoogleAdsSettings {
-    /// Ten digits; dashes as shown in the Google Ads UI are accepted.
-    pub customer_id: String,
-    pub login_customer_id: Option<String>,
-    pub developer_token: Secret,
-    /// A fixed OAuth access token. Google's last about an hour, so this
-    /// suits tests and short runs; long-running sinks set `oauth` instead.
-    #[serde(default)]
-    pub access_token: Option<Secret>,
-    /// Refresh-token credentials: the sink fetches access tokens itself and
-    /// renews them before they expire (and once more after a 401).
-    #[serde(default)]
-    pub oauth: Option<OAuthSettings>,
-    /// Canonical event → conversion action id.
-    pub conversion_actions: BTreeMap<String, String>,
-    #[serde(default = "google_default_version")]
-    pub api_version: String,
-    #[serde(default = "google_default_base_url")]
-    pub base_url: String,
-    /// Offset written into `conversionDateTime` ("+hh:mm" or "-hh:mm"); the
-    /// instant is the same whatever the offset, so this only changes how the
-    /// time reads in Google's reports.
-    #[serde(default = "google_default_time_zone_offset")]
-    pub time_zone_offset: String,
-    /// Which click id wins when an event carries several (Google accepts one).
-    #[serde(default = "google_default_click_id_priority")]
-    pub click_id_priority: Vec<String>,
-    /// Upload conversions that have no click id but a hashed email/phone
-    /// (enhanced conversions for leads; must be turned on in the account).
-    #[serde(default = "default_true")]
-    pub enhanced_conversions_for_leads: bool,
-    /// Send `userIdentifiers` at all (needs the customer data terms accepted).
-    #[serde(default = "default_true")]
-    pub send_user_identifiers: bool,
-    /// Canonical consent category behind `consent.adUserData`; "" = never sent.
-    #[serde(default = "default_consent_ad_user_data")]
-    pub consent_ad_user_data: String,
-    /// Canonical consent category behind `consent.adPersonalization`; "" = never sent.
-    #[serde(default = "default_consent_ad_personalization")]
-    pub consent_ad_personalization: String,
-    /// `validateOnly`: Google checks the conversions and records nothing.
-    #[serde(default)]
-    pub validate_only: bool,
-    /// `debugEnabled`: full checks for user-identifier uploads (CLICK_NOT_FOUND
-    /// is reported instead of silently accepted).
-    #[serde(default)]
-    pub debug_enabled: bool,
-}
-
-fn google_default_version() -> String {
-    "v21".into()
-}
-fn google_default_base_url() -> String {
-    "https://googleads.googleapis.com".into()
-}
-fn google_default_time_zone_offset() -> String {
-    "+00:00".into()
-}
-fn google_default_click_id_priority() -> Vec<String> {
-    crate::destinations::google_ads::CLICK_IDS
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_consent_ad_user_data() -> String {
-    "ads".into()
-}
-fn default_consent_ad_personalization() -> String {
-    "ad_personalization".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ga4Settings {
-    pub measurement_id: String,
-    pub api_secret: Secret,
-    #[serde(default = "ga4_default_region")]
-    pub region: String,
-    /// Overrides the host chosen by `region` (tests, proxies).
-    pub base_url: Option<String>,
-    /// Send to the validation server (`/debug/mp/collect`): Google answers
-    /// with `validationMessages` and records nothing.
-    #[serde(default)]
-    pub debug_endpoint: bool,
-    /// `validation_behavior` in the body ("RELAXED" or
-    /// "ENFORCE_RECOMMENDATIONS"); unset = Google's default.
-    pub validation_behavior: Option<String>,
-    /// Property (or external id) holding the GA client id (`_ga` cookie value).
-    #[serde(default = "ga4_default_client_id_property")]
-    pub client_id_property: String,
-    /// When `user_data` (hashed email/phone) is sent: "with_user_id"
-    /// (Google's older rule), "always", or "never".
-    #[serde(default = "ga4_default_user_data")]
-    pub user_data: String,
-    /// Canonical consent category behind `consent.ad_user_data`; "" = never sent.
-    #[serde(default = "default_consent_ad_user_data")]
-    pub consent_ad_user_data: String,
-    /// Canonical consent category behind `consent.ad_personalization`; "" = never sent.
-    #[serde(default = "default_consent_ad_personalization")]
-    pub consent_ad_personalization: String,
-    /// Event properties copied into the event's params as they are.
-    #[serde(default)]
-    pub params_from_properties: Vec<String>,
-    /// Oldest event GA4 takes (72 h per the sending guide; the use-case
-    /// guide says two business days).
-    #[serde(
-        default = "ga4_default_max_event_age",
-        deserialize_with = "de_duration"
-    )]
-    pub max_event_age: Duration,
-}
-
-fn ga4_default_region() -> String {
-    "global".into()
-}
-fn ga4_default_client_id_property() -> String {
-    "ga_client_id".into()
-}
-fn ga4_default_user_data() -> String {
-    "with_user_id".into()
-}
-fn ga4_default_max_event_age() -> Duration {
-    Duration::from_secs(72 * 3600)
+    /// Which vendor, with its settings and policy.
+    pub vendor: Vendor,
 }
 
 impl Config {
@@ -936,21 +588,6 @@ fn take<T: DeserializeOwned>(
     }
 }
 
-fn deserialize_at<T: DeserializeOwned>(value: toml::Value, prefix: &str) -> Result<T, Problem> {
-    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let key = if inner == "." || inner.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.{inner}")
-        };
-        Problem {
-            key,
-            message: e.into_inner().message().to_string(),
-        }
-    })
-}
-
 static DESTINATION_NAME: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[a-z0-9][a-z0-9_-]{0,62}$").expect("static regex"));
 
@@ -969,7 +606,7 @@ const COMMON_DESTINATION_KEYS: &[&str] = &[
 #[serde(deny_unknown_fields)]
 struct CommonKeys {
     #[serde(rename = "type")]
-    kind: String,
+    type_name: String,
     #[serde(default = "yes")]
     enabled: bool,
     consent: Option<String>,
@@ -1044,32 +681,18 @@ fn parse_destination(
             return None;
         }
     };
-    let settings = toml::Value::Table(table);
-    let kind = match common.kind.as_str() {
-        "webhook" => deserialize_at(settings, key).map(DestinationKind::Webhook),
-        "meta_capi" => deserialize_at(settings, key).map(DestinationKind::MetaCapi),
-        "tiktok_events" => deserialize_at(settings, key).map(DestinationKind::TiktokEvents),
-        "google_ads" => deserialize_at(settings, key).map(DestinationKind::GoogleAds),
-        "ga4" => deserialize_at(settings, key).map(DestinationKind::Ga4),
-        other => Err(Problem {
-            key: format!("{key}.type"),
-            message: format!(
-                "unknown destination type `{other}`; expected one of {}",
-                DestinationKind::TYPES.join(", ")
-            ),
-        }),
-    };
-    let kind = match kind {
-        Ok(k) => k,
+    let vendor = match Vendor::parse(&common.type_name, toml::Value::Table(table), key) {
+        Ok(v) => v,
         Err(p) => {
             problems.push(p);
             return None;
         }
     };
-    check_settings(&kind, key, problems);
+    vendor.check(key, problems);
+    let spec = vendor.spec();
     common.delivery.check(&format!("{key}.delivery"), problems);
 
-    let consent = match common.consent.or(kind.default_consent().map(String::from)) {
+    let consent = match common.consent.or(spec.default_consent().map(String::from)) {
         Some(c) if is_consent_category(&c) => c,
         Some(c) => {
             problems.push(Problem {
@@ -1085,19 +708,13 @@ fn parse_destination(
                 key: format!("{key}.consent"),
                 message: format!(
                     "a {} destination must name the consent category it needs (e.g. \"analytics\" or \"marketing\")",
-                    kind.type_name()
+                    spec.type_name
                 ),
             });
             return None;
         }
     };
-    // Whoever receives a person's hashed email or phone needs their yes, not
-    // their silence; a webhook's owner chose its category and its default.
-    let consent_default = common.consent_default.unwrap_or(if kind.hashes_only() {
-        ConsentDefault::Deny
-    } else {
-        ConsentDefault::Grant
-    });
+    let consent_default = common.consent_default.unwrap_or(spec.consent_default());
 
     let mut events = Vec::with_capacity(common.events.len());
     for (i, e) in common.events.iter().enumerate() {
@@ -1119,12 +736,12 @@ fn parse_destination(
             });
         }
     }
-    if common.raw_contact && kind.hashes_only() {
+    if common.raw_contact && spec.hashes_only() {
         problems.push(Problem {
             key: format!("{key}.raw_contact"),
             message: format!(
                 "a {} destination only ever receives hashed email/phone",
-                kind.type_name()
+                spec.type_name
             ),
         });
     }
@@ -1137,304 +754,8 @@ fn parse_destination(
         events,
         event_names: common.event_names,
         delivery: common.delivery,
-        kind,
+        vendor,
     })
-}
-
-fn is_consent_category(c: &str) -> bool {
-    !c.is_empty()
-        && c.len() <= 32
-        && c.starts_with(|ch: char| ch.is_ascii_lowercase())
-        && c.chars()
-            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
-}
-
-fn check_settings(kind: &DestinationKind, key: &str, problems: &mut Vec<Problem>) {
-    let mut bad = |k: &str, message: String| {
-        problems.push(Problem {
-            key: format!("{key}.{k}"),
-            message,
-        })
-    };
-    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
-    match kind {
-        DestinationKind::Webhook(w) => {
-            if let Err(why) = check_url(&w.url) {
-                bad("url", why);
-            }
-            if w.secret.expose().len() < 16 {
-                bad("secret", "must be at least 16 characters".into());
-            }
-        }
-        DestinationKind::MetaCapi(m) => {
-            if !digits(&m.pixel_id) {
-                bad("pixel_id", "must be the numeric pixel / dataset id".into());
-            }
-            if !is_api_version(&m.api_version, true) {
-                bad(
-                    "api_version",
-                    format!("`{}` is not like \"v21.0\"", m.api_version),
-                );
-            }
-            if !META_ACTION_SOURCES.contains(&m.action_source.as_str()) {
-                bad(
-                    "action_source",
-                    format!("must be one of {}", META_ACTION_SOURCES.join(", ")),
-                );
-            }
-            for (source, action) in &m.action_source_by_source {
-                if !META_ACTION_SOURCES.contains(&action.as_str()) {
-                    bad(
-                        &format!("action_source_by_source.{source}"),
-                        format!("must be one of {}", META_ACTION_SOURCES.join(", ")),
-                    );
-                }
-            }
-            if let Err(why) = check_url(&m.base_url) {
-                bad("base_url", why);
-            }
-            let ldu = match m.data_processing_options.as_slice() {
-                [] => false,
-                [one] if one == "LDU" => true,
-                _ => {
-                    bad("data_processing_options", "must be [] or [\"LDU\"]".into());
-                    true
-                }
-            };
-            if let Some(c) = m.data_processing_options_country {
-                if !ldu {
-                    bad(
-                        "data_processing_options_country",
-                        "only applies with data_processing_options = [\"LDU\"]".into(),
-                    );
-                } else if c > 1 {
-                    bad(
-                        "data_processing_options_country",
-                        "must be 0 (geolocate) or 1 (United States)".into(),
-                    );
-                }
-            }
-            if let Some(st) = m.data_processing_options_state {
-                if !ldu {
-                    bad(
-                        "data_processing_options_state",
-                        "only applies with data_processing_options = [\"LDU\"]".into(),
-                    );
-                } else if st != 0 && !(1000..2000).contains(&st) {
-                    bad(
-                        "data_processing_options_state",
-                        "must be 0 (geolocate) or a Meta US state code such as 1000 (California)"
-                            .into(),
-                    );
-                }
-            }
-        }
-        DestinationKind::TiktokEvents(t) => {
-            if t.pixel_code.trim().is_empty() {
-                bad("pixel_code", "must not be empty".into());
-            }
-            if !TIKTOK_EVENT_SOURCES.contains(&t.event_source.as_str()) {
-                bad(
-                    "event_source",
-                    format!("must be one of {}", TIKTOK_EVENT_SOURCES.join(", ")),
-                );
-            }
-            if let Err(why) = check_url(&t.base_url) {
-                bad("base_url", why);
-            }
-            if !is_api_version(&t.api_version, true) {
-                bad(
-                    "api_version",
-                    format!("`{}` is not like \"v1.3\"", t.api_version),
-                );
-            }
-            if t.max_event_age.is_zero() {
-                bad("max_event_age", "must be longer than zero".into());
-            }
-        }
-        DestinationKind::GoogleAds(g) => {
-            let ten_digits = |s: &str| {
-                let d: String = s.chars().filter(|c| *c != '-').collect();
-                d.len() == 10 && digits(&d)
-            };
-            if !ten_digits(&g.customer_id) {
-                bad(
-                    "customer_id",
-                    "must be a 10-digit customer id (dashes allowed)".into(),
-                );
-            }
-            if let Some(l) = &g.login_customer_id
-                && !ten_digits(l)
-            {
-                bad(
-                    "login_customer_id",
-                    "must be a 10-digit customer id (dashes allowed)".into(),
-                );
-            }
-            match (&g.access_token, &g.oauth) {
-                (Some(_), Some(_)) => bad(
-                    "access_token",
-                    "set either access_token or [oauth], not both".into(),
-                ),
-                (None, None) => bad(
-                    "oauth",
-                    "Google Ads needs credentials: [oauth] with client_id, client_secret and refresh_token (or a fixed access_token)".into(),
-                ),
-                (None, Some(o)) => {
-                    if let Err(why) = check_url(&o.token_url) {
-                        bad("oauth.token_url", why);
-                    }
-                }
-                (Some(_), None) => {}
-            }
-            if g.conversion_actions.is_empty() {
-                bad(
-                    "conversion_actions",
-                    "map at least one canonical event to a conversion action id, e.g. { purchase = \"123456789\" }".into(),
-                );
-            }
-            for (event, id) in &g.conversion_actions {
-                if EventName::parse(event).is_none() {
-                    bad(
-                        &format!("conversion_actions.{event}"),
-                        format!("`{event}` is neither a canonical event name nor custom.<name>"),
-                    );
-                }
-                if !digits(id) {
-                    bad(
-                        &format!("conversion_actions.{event}"),
-                        "conversion action ids are numeric".into(),
-                    );
-                }
-            }
-            if !is_api_version(&g.api_version, false) {
-                bad(
-                    "api_version",
-                    format!("`{}` is not like \"v21\"", g.api_version),
-                );
-            }
-            if let Err(why) = check_url(&g.base_url) {
-                bad("base_url", why);
-            }
-            if crate::destinations::google_ads::parse_utc_offset(&g.time_zone_offset).is_none() {
-                bad(
-                    "time_zone_offset",
-                    format!(
-                        "`{}` is not an offset like \"+00:00\" or \"-08:00\"",
-                        g.time_zone_offset
-                    ),
-                );
-            }
-            let mut seen = Vec::new();
-            for id in &g.click_id_priority {
-                if !crate::destinations::google_ads::CLICK_IDS.contains(&id.as_str())
-                    || seen.contains(&id)
-                {
-                    bad(
-                        "click_id_priority",
-                        format!(
-                            "`{id}` is not one of {} (each at most once)",
-                            crate::destinations::google_ads::CLICK_IDS.join(", ")
-                        ),
-                    );
-                }
-                seen.push(id);
-            }
-            for (k, c) in [
-                ("consent_ad_user_data", &g.consent_ad_user_data),
-                ("consent_ad_personalization", &g.consent_ad_personalization),
-            ] {
-                if !c.is_empty() && !is_consent_category(c) {
-                    bad(
-                        k,
-                        format!("`{c}` is not a consent category (or \"\" for never)"),
-                    );
-                }
-            }
-        }
-        DestinationKind::Ga4(g) => {
-            if !g.measurement_id.starts_with("G-") || g.measurement_id.len() < 4 {
-                bad("measurement_id", "must look like \"G-XXXXXXX\"".into());
-            }
-            if !matches!(g.region.as_str(), "global" | "eu") {
-                bad("region", "must be \"global\" or \"eu\"".into());
-            }
-            if let Some(u) = &g.base_url
-                && let Err(why) = check_url(u)
-            {
-                bad("base_url", why);
-            }
-            if let Some(v) = &g.validation_behavior
-                && !matches!(v.as_str(), "RELAXED" | "ENFORCE_RECOMMENDATIONS")
-            {
-                bad(
-                    "validation_behavior",
-                    "must be \"RELAXED\" or \"ENFORCE_RECOMMENDATIONS\"".into(),
-                );
-            }
-            if g.client_id_property.trim().is_empty() {
-                bad("client_id_property", "must not be empty".into());
-            }
-            if !matches!(g.user_data.as_str(), "with_user_id" | "always" | "never") {
-                bad(
-                    "user_data",
-                    "must be \"with_user_id\", \"always\" or \"never\"".into(),
-                );
-            }
-            for (k, c) in [
-                ("consent_ad_user_data", &g.consent_ad_user_data),
-                ("consent_ad_personalization", &g.consent_ad_personalization),
-            ] {
-                if !c.is_empty() && !is_consent_category(c) {
-                    bad(
-                        k,
-                        format!("`{c}` is not a consent category (or \"\" for never)"),
-                    );
-                }
-            }
-            if g.max_event_age.is_zero() {
-                bad("max_event_age", "must be more than 0".into());
-            }
-            for p in &g.params_from_properties {
-                if let Some(why) = crate::destinations::ga4::name_problem(p, false) {
-                    bad(
-                        "params_from_properties",
-                        format!("GA4 drops the param: {why}"),
-                    );
-                }
-            }
-        }
-    }
-}
-
-fn is_api_version(v: &str, with_minor: bool) -> bool {
-    let Some(rest) = v.strip_prefix('v') else {
-        return false;
-    };
-    let mut parts = rest.split('.');
-    let major_ok = parts
-        .next()
-        .is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
-    let minor = parts.next();
-    let minor_ok = match (with_minor, minor) {
-        (true, Some(p)) => !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()),
-        (false, None) => true,
-        _ => false,
-    };
-    major_ok && minor_ok && parts.next().is_none()
-}
-
-/// The message never repeats the URL: one can carry a credential (user
-/// info, a token in the query), and config errors go to logs and terminals.
-fn check_url(u: &str) -> Result<(), String> {
-    let rest = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"))
-        .ok_or_else(|| "must start with https:// or http://".to_string())?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("has no host after the scheme".into());
-    }
-    Ok(())
 }
 
 /// Kafka's own rule for topic names.
@@ -1452,15 +773,6 @@ pub fn check_topic_name(name: &str) -> Result<(), String> {
         return Err(format!("`{name}` may only contain a-z A-Z 0-9 . _ -"));
     }
     Ok(())
-}
-
-pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{s}` is not a duration like \"48h\" or \"30m\" ({e})"
-        ))
-    })
 }
 
 #[cfg(test)]
@@ -1520,8 +832,8 @@ mod tests {
         assert_eq!(d.consent, "ads");
         assert_eq!(d.consent_default, ConsentDefault::Deny);
         assert_eq!(d.events.len(), 3);
-        let DestinationKind::MetaCapi(m) = &d.kind else {
-            panic!("wrong kind")
+        let Vendor::MetaCapi(m) = &d.vendor else {
+            panic!("wrong vendor")
         };
         assert_eq!(m.access_token.expose(), "EAAB-secret");
         assert_eq!(m.api_version, "v21.0");
@@ -1580,7 +892,7 @@ consent = "analytics"
         ] {
             assert_eq!(c.destinations[name].consent_default, want, "{name}");
             assert_eq!(
-                c.destinations[name].kind.hashes_only(),
+                c.destinations[name].vendor.spec().hashes_only(),
                 want == ConsentDefault::Deny
             );
         }

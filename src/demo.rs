@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use chrono::{DateTime, Utc};
 use switchyard_fakes::{self as fakes, Fake};
 
-use crate::config::{Config, DestinationKind};
+use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::destinations::Vendor;
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka::{self, Cluster, client};
 use crate::router::route::{self, Skip};
@@ -486,8 +487,8 @@ struct DemoFake {
 async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, DemoError> {
     let mut fakes = BTreeMap::new();
     for (name, dest) in config.destinations.iter_mut().filter(|(_, d)| d.enabled) {
-        let (vendor, server) = match &mut dest.kind {
-            DestinationKind::Webhook(w) => {
+        let (vendor, server) = match &mut dest.vendor {
+            Vendor::Webhook(w) => {
                 let server = fakes::serve(fakes::webhook::Settings {
                     secret: w.secret.expose().to_string(),
                     ..Default::default()
@@ -497,7 +498,7 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 w.url = format!("{}/{name}", server.base_url());
                 ("signed-webhook receiver", server)
             }
-            DestinationKind::MetaCapi(m) => {
+            Vendor::MetaCapi(m) => {
                 let server = fakes::serve(fakes::meta::Settings {
                     pixel_id: m.pixel_id.clone(),
                     access_token: m.access_token.expose().to_string(),
@@ -508,7 +509,7 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 m.base_url = server.base_url();
                 ("Meta Conversions API", server)
             }
-            DestinationKind::TiktokEvents(t) => {
+            Vendor::TiktokEvents(t) => {
                 let server = fakes::serve(fakes::tiktok::Settings {
                     pixel_code: t.pixel_code.clone(),
                     access_token: t.access_token.expose().to_string(),
@@ -519,7 +520,7 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 t.base_url = server.base_url();
                 ("TikTok Events API", server)
             }
-            DestinationKind::GoogleAds(g) => {
+            Vendor::GoogleAds(g) => {
                 let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
                 let server = fakes::serve(fakes::google_ads::Settings {
                     customer_id: digits(&g.customer_id),
@@ -550,7 +551,7 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 }
                 ("Google Ads API", server)
             }
-            DestinationKind::Ga4(g) => {
+            Vendor::Ga4(g) => {
                 let server = fakes::serve(fakes::ga4::Settings {
                     measurement_id: g.measurement_id.clone(),
                     api_secret: g.api_secret.expose().to_string(),
@@ -736,7 +737,7 @@ fn report_delivery(
         let kind = config
             .destinations
             .get(name)
-            .map_or("?", |d| d.kind.type_name());
+            .map_or("?", |d| d.vendor.spec().type_name);
         writeln!(
             out,
             "{name:<12} {kind:<14} {:>6} {:>5} {:>8} {:>13} {:>16} {:>18}",

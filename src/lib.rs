@@ -10,5 +10,6 @@ pub mod ingest;
 pub mod kafka;
 pub mod router;
 pub mod run;
+pub mod settings;
 pub mod sink;
 pub mod telemetry;

@@ -10,7 +10,6 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use switchyard::config::Config;
 use switchyard::delivery::Delivery;
-use switchyard::destinations;
 use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::ga4::Settings as Fake;
 
@@ -73,7 +72,7 @@ fn batch(config: &Config) -> Vec<Delivery> {
 async fn batch_is_delivered_per_person_and_resends_count_again() {
     let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
     let config = config(&fake.base_url(), "");
-    let dest = destinations::build(&config.destinations["ga4"]);
+    let dest = config.destinations["ga4"].vendor.build();
     assert!(
         !dest.vendor_dedup(),
         "GA4 keeps every copy: the sink's ledger must dedup"
@@ -163,7 +162,7 @@ async fn batch_is_delivered_per_person_and_resends_count_again() {
 async fn the_debug_endpoint_validates_and_records_nothing() {
     let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
     let config = config(&fake.base_url(), "debug_endpoint = true");
-    let dest = destinations::build(&config.destinations["ga4"]);
+    let dest = config.destinations["ga4"].vendor.build();
     let batch = batch(&config);
     let outcomes = deliver(dest.as_ref(), &reqwest::Client::new(), &batch).await;
     assert_eq!(outcomes, vec![Outcome::Delivered; batch.len()]);
@@ -331,7 +330,7 @@ async fn broken_requests_get_validation_messages_and_per_event_outcomes() {
     for (name, extra, tamper, want) in cases {
         let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
         let config = config(&fake.base_url(), extra);
-        let dest = destinations::build(&config.destinations["ga4"]);
+        let dest = config.destinations["ga4"].vendor.build();
         let batch = batch(&config);
         let got = deliver_tampered(
             dest.as_ref(),
@@ -365,7 +364,7 @@ async fn events_ga4_would_drop_are_refused_before_sending() {
             params.join(", ")
         ),
     );
-    let dest = destinations::build(&config.destinations["ga4"]);
+    let dest = config.destinations["ga4"].vendor.build();
     let mut batch = batch(&config);
     let props: serde_json::Map<String, Value> =
         (0..22).map(|i| (format!("p{i}"), json!(i))).collect();

@@ -11,7 +11,6 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use switchyard::config::Config;
 use switchyard::delivery::Delivery;
-use switchyard::destinations;
 use switchyard::sink::destination::{Outcome, Request};
 use switchyard_fakes::google_ads::Settings as Fake;
 
@@ -85,7 +84,7 @@ fn no_raw_contact(bodies: &[Vec<u8>]) {
 async fn batch_is_delivered_once_and_resends_are_already_there() {
     let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
     let config = config(&fake.base_url(), "");
-    let dest = destinations::build(&config.destinations["gads"]);
+    let dest = config.destinations["gads"].vendor.build();
     assert!(dest.vendor_dedup());
     let batch = batch(&config);
     for d in &batch {
@@ -367,7 +366,7 @@ async fn broken_requests_get_googles_answers_and_per_event_outcomes() {
     for case in cases {
         let fake = switchyard_fakes::serve(case.fake).await.unwrap();
         let config = config(&fake.base_url(), case.extra_config);
-        let dest = destinations::build(&config.destinations["gads"]);
+        let dest = config.destinations["gads"].vendor.build();
         let batch = batch(&config);
         let got = deliver_tampered(
             dest.as_ref(),
@@ -390,7 +389,7 @@ async fn broken_requests_get_googles_answers_and_per_event_outcomes() {
 async fn throttling_and_outages_are_retried() {
     let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
     let config = config(&fake.base_url(), "");
-    let dest = destinations::build(&config.destinations["gads"]);
+    let dest = config.destinations["gads"].vendor.build();
     let batch = batch(&config);
     fake.script([
         switchyard_fakes::Scripted {

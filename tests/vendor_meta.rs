@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use switchyard::config::{Config, DestinationKind};
+use switchyard::config::Config;
 use switchyard::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use switchyard::destinations::Vendor;
 use switchyard::event::normalize::{PhoneFormat, hash_email, hash_phone, parse_country};
 use switchyard::event::{CanonicalEvent, EventName};
-use switchyard::router::route::preset_name;
 use switchyard::sink::destination::{Destination, Outcome};
 use switchyard_fakes::{Fake, Scripted, meta, serve};
 
@@ -32,7 +32,7 @@ const PEOPLE: &[(&str, &str)] = &[
 
 struct Dest {
     dest: Arc<dyn Destination>,
-    kind: DestinationKind,
+    vendor: Vendor,
 }
 
 fn destination(base_url: &str, extra: &str) -> Dest {
@@ -51,8 +51,8 @@ test_event_code = "TEST123"
     let config = Config::parse(&text, Path::new("vendor_meta.toml"), &env).expect("config");
     let d = &config.destinations["meta"];
     Dest {
-        dest: switchyard::destinations::build(d),
-        kind: d.kind.clone(),
+        dest: d.vendor.build(),
+        vendor: d.vendor.clone(),
     }
 }
 
@@ -68,7 +68,7 @@ async fn fake() -> Fake {
 
 /// A delivery as the router makes it for Meta: hashes by Meta's rules, no
 /// raw contact fields, the vendor name from the presets.
-fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) -> Delivery {
+fn delivery(vendor: &Vendor, i: usize, event: &str, at: DateTime<Utc>) -> Delivery {
     let (email, phone) = PEOPLE[i % PEOPLE.len()];
     let name = EventName::parse(event).unwrap();
     let mut ev = json!({
@@ -105,7 +105,8 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     Delivery {
         v: DELIVERY_VERSION,
         destination: "meta".into(),
-        name: preset_name(kind, &name)
+        name: vendor
+            .preset_name(&name)
             .expect("Meta maps this event")
             .to_string(),
         event,
@@ -118,7 +119,7 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     }
 }
 
-fn batch(kind: &DestinationKind, n: usize) -> Vec<Delivery> {
+fn batch(vendor: &Vendor, n: usize) -> Vec<Delivery> {
     let names = [
         "purchase",
         "lead",
@@ -134,7 +135,7 @@ fn batch(kind: &DestinationKind, n: usize) -> Vec<Delivery> {
     (0..n)
         .map(|i| {
             let at = now - chrono::Duration::minutes((i % 90) as i64 + 1);
-            delivery(kind, i, names[i % names.len()], at)
+            delivery(vendor, i, names[i % names.len()], at)
         })
         .collect()
 }
@@ -155,9 +156,9 @@ fn assert_no_raw_contact(body: &[u8]) {
 #[tokio::test]
 async fn a_batch_is_delivered_once_and_a_resend_is_harmless() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let batch = batch(&kind, 24);
+    let batch = batch(&vendor, 24);
     for d in &batch {
         assert_eq!(dest.refuse(d), None, "{}", d.event.event_id);
     }
@@ -227,12 +228,12 @@ async fn a_batch_is_delivered_once_and_a_resend_is_harmless() {
 #[tokio::test]
 async fn token_in_the_query_and_limited_data_use_are_accepted() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(
+    let Dest { dest, vendor } = destination(
         &fake.base_url(),
         "access_token_in = \"query\"\ndata_processing_options = [\"LDU\"]\ndata_processing_options_country = 1\ndata_processing_options_state = 1000",
     );
     let http = reqwest::Client::new();
-    let batch = batch(&kind, 3);
+    let batch = batch(&vendor, 3);
     let outcomes = deliver(dest.as_ref(), &http, &batch).await;
     assert!(
         outcomes.iter().all(|o| *o == Outcome::Delivered),
@@ -249,9 +250,9 @@ async fn token_in_the_query_and_limited_data_use_are_accepted() {
 #[tokio::test]
 async fn large_batches_are_split_at_the_event_limit() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let batch = batch(&kind, 2101);
+    let batch = batch(&vendor, 2101);
     let reqs = dest.map(&batch);
     assert_eq!(ranges(&reqs), vec![0..1000, 1000..2000, 2000..2101]);
     let outcomes = deliver(dest.as_ref(), &http, &batch).await;
@@ -262,10 +263,20 @@ async fn large_batches_are_split_at_the_event_limit() {
 #[tokio::test]
 async fn an_event_meta_would_refuse_is_refused_before_it_fails_a_request() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let good = delivery(&kind, 0, "lead", Utc::now() - chrono::Duration::minutes(5));
-    let mut bad = delivery(&kind, 1, "lead", Utc::now() - chrono::Duration::minutes(5));
+    let good = delivery(
+        &vendor,
+        0,
+        "lead",
+        Utc::now() - chrono::Duration::minutes(5),
+    );
+    let mut bad = delivery(
+        &vendor,
+        1,
+        "lead",
+        Utc::now() - chrono::Duration::minutes(5),
+    );
     bad.event.context.as_mut().unwrap().page_url = None;
     let refusal = dest.refuse(&bad).expect("refused");
     assert_eq!(refusal.class, "missing_field");
@@ -296,10 +307,10 @@ type Mutation = Box<dyn Fn(&mut String, &mut Vec<(String, String)>, &mut Value)>
 #[tokio::test]
 async fn broken_requests_are_answered_and_classified_the_way_meta_does() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
     let one = vec![delivery(
-        &kind,
+        &vendor,
         0,
         "purchase",
         Utc::now() - chrono::Duration::minutes(3),

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use switchyard::config::{Config, DestinationKind};
+use switchyard::config::Config;
 use switchyard::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use switchyard::destinations::Vendor;
 use switchyard::event::normalize::{PhoneFormat, hash_email, hash_phone, parse_country};
 use switchyard::event::{CanonicalEvent, EventName};
-use switchyard::router::route::preset_name;
 use switchyard::sink::destination::{Destination, Outcome};
 use switchyard_fakes::{Fake, Scripted, serve, tiktok};
 
@@ -32,7 +32,7 @@ const PEOPLE: &[(&str, &str)] = &[
 
 struct Dest {
     dest: Arc<dyn Destination>,
-    kind: DestinationKind,
+    vendor: Vendor,
 }
 
 fn destination(base_url: &str, extra: &str) -> Dest {
@@ -51,8 +51,8 @@ test_event_code = "TEST42"
     let config = Config::parse(&text, Path::new("vendor_tiktok.toml"), &env).expect("config");
     let d = &config.destinations["tiktok"];
     Dest {
-        dest: switchyard::destinations::build(d),
-        kind: d.kind.clone(),
+        dest: d.vendor.build(),
+        vendor: d.vendor.clone(),
     }
 }
 
@@ -64,7 +64,7 @@ async fn fake() -> Fake {
 
 /// A delivery as the router makes it for TikTok: hashes by TikTok's rules
 /// (plain email, E.164 phone), no raw contact fields, the preset name.
-fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) -> Delivery {
+fn delivery(vendor: &Vendor, i: usize, event: &str, at: DateTime<Utc>) -> Delivery {
     let (email, phone) = PEOPLE[i % PEOPLE.len()];
     let name = EventName::parse(event).unwrap();
     let mut ev = json!({
@@ -102,7 +102,8 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     Delivery {
         v: DELIVERY_VERSION,
         destination: "tiktok".into(),
-        name: preset_name(kind, &name)
+        name: vendor
+            .preset_name(&name)
             .expect("TikTok maps this event")
             .to_string(),
         event,
@@ -115,7 +116,7 @@ fn delivery(kind: &DestinationKind, i: usize, event: &str, at: DateTime<Utc>) ->
     }
 }
 
-fn batch(kind: &DestinationKind, n: usize) -> Vec<Delivery> {
+fn batch(vendor: &Vendor, n: usize) -> Vec<Delivery> {
     let names = [
         "purchase",
         "lead",
@@ -131,7 +132,7 @@ fn batch(kind: &DestinationKind, n: usize) -> Vec<Delivery> {
     (0..n)
         .map(|i| {
             let at = now - chrono::Duration::minutes((i % 90) as i64 + 1);
-            delivery(kind, i, names[i % names.len()], at)
+            delivery(vendor, i, names[i % names.len()], at)
         })
         .collect()
 }
@@ -154,9 +155,9 @@ fn assert_no_raw_contact(body: &[u8]) {
 #[tokio::test]
 async fn a_batch_is_delivered_once_and_a_resend_is_harmless() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let batch = batch(&kind, 24);
+    let batch = batch(&vendor, 24);
     for d in &batch {
         assert_eq!(dest.refuse(d), None, "{}", d.event.event_id);
     }
@@ -230,9 +231,9 @@ async fn a_batch_is_delivered_once_and_a_resend_is_harmless() {
 #[tokio::test]
 async fn large_batches_are_split_at_the_event_limit() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let batch = batch(&kind, 1500);
+    let batch = batch(&vendor, 1500);
     let reqs = dest.map(&batch);
     assert_eq!(ranges(&reqs), vec![0..1000, 1000..1500]);
     let outcomes = deliver(dest.as_ref(), &http, &batch).await;
@@ -245,10 +246,10 @@ type Mutation = Box<dyn Fn(&mut String, &mut Vec<(String, String)>, &mut Value)>
 #[tokio::test]
 async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
     let one = vec![delivery(
-        &kind,
+        &vendor,
         0,
         "purchase",
         Utc::now() - chrono::Duration::minutes(3),
@@ -401,11 +402,16 @@ async fn broken_requests_are_answered_and_classified_the_way_tiktok_does() {
 #[tokio::test]
 async fn a_future_or_unhashed_event_is_refused_before_it_fails_a_request() {
     let fake = fake().await;
-    let Dest { dest, kind } = destination(&fake.base_url(), "");
+    let Dest { dest, vendor } = destination(&fake.base_url(), "");
     let http = reqwest::Client::new();
-    let good = delivery(&kind, 0, "lead", Utc::now() - chrono::Duration::minutes(5));
-    let future = delivery(&kind, 1, "lead", Utc::now() + chrono::Duration::hours(2));
-    let mut unhashed = delivery(&kind, 2, "lead", Utc::now());
+    let good = delivery(
+        &vendor,
+        0,
+        "lead",
+        Utc::now() - chrono::Duration::minutes(5),
+    );
+    let future = delivery(&vendor, 1, "lead", Utc::now() + chrono::Duration::hours(2));
+    let mut unhashed = delivery(&vendor, 2, "lead", Utc::now());
     unhashed.event.email_sha256 = Some("linus@example.net".into());
     assert_eq!(dest.refuse(&future).unwrap().class, "future_event_time");
     assert_eq!(dest.refuse(&unhashed).unwrap().class, "unhashed_identifier");

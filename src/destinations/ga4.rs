@@ -34,16 +34,18 @@
 //! the events they name (or all of the request's, when they name none).
 //! 429 and 5xx are retried.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::shared::vendor_hash;
-use crate::config::Ga4Settings;
+use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
+use crate::event::normalize::{EmailRule, PhoneFormat};
 use crate::event::{CanonicalEvent, ConsentState, EventName};
+use crate::settings::{Problem, Region, Secret, check_url, de_duration, is_consent_category};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -126,17 +128,154 @@ pub fn name_problem(name: &str, event: bool) -> Option<String> {
     None
 }
 
+/// Analytics, but given hashed email/phone (`user_data`): hashes only, and
+/// nothing without a yes to `analytics`.
+pub const SPEC: Spec = Spec {
+    type_name: "ga4",
+    kind: Kind::Analytics,
+    contact: Contact::HashesOnly,
+    email: EmailRule::Google,
+    phone: PhoneFormat::E164,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub measurement_id: String,
+    pub api_secret: Secret,
+    /// Where GA4 is sent: "global" or "eu" (region1.google-analytics.com).
+    #[serde(default)]
+    pub region: Region,
+    /// Overrides the host chosen by `region` (tests, proxies).
+    pub base_url: Option<String>,
+    /// Send to the validation server (`/debug/mp/collect`): Google answers
+    /// with `validationMessages` and records nothing.
+    #[serde(default)]
+    pub debug_endpoint: bool,
+    /// `validation_behavior` in the body ("RELAXED" or
+    /// "ENFORCE_RECOMMENDATIONS"); unset = Google's default.
+    pub validation_behavior: Option<String>,
+    /// Property (or external id) holding the GA client id (`_ga` cookie value).
+    #[serde(default = "default_client_id_property")]
+    pub client_id_property: String,
+    /// When `user_data` (hashed email/phone) is sent: "with_user_id"
+    /// (Google's older rule), "always", or "never".
+    #[serde(default = "default_user_data")]
+    pub user_data: String,
+    /// Canonical consent category behind `consent.ad_user_data`; "" = never sent.
+    #[serde(default = "crate::settings::default_consent_ad_user_data")]
+    pub consent_ad_user_data: String,
+    /// Canonical consent category behind `consent.ad_personalization`; "" = never sent.
+    #[serde(default = "crate::settings::default_consent_ad_personalization")]
+    pub consent_ad_personalization: String,
+    /// Event properties copied into the event's params as they are.
+    #[serde(default)]
+    pub params_from_properties: Vec<String>,
+    /// Oldest event GA4 takes (72 h per the sending guide; the use-case
+    /// guide says two business days).
+    #[serde(default = "default_max_event_age", deserialize_with = "de_duration")]
+    pub max_event_age: Duration,
+}
+
+fn default_client_id_property() -> String {
+    "ga_client_id".into()
+}
+fn default_user_data() -> String {
+    "with_user_id".into()
+}
+fn default_max_event_age() -> Duration {
+    Duration::from_secs(72 * 3600)
+}
+
+impl Settings {
+    /// What types cannot say; each problem is named under `key`.
+    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+        let mut bad = |k: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{k}"),
+                message,
+            })
+        };
+        if !self.measurement_id.starts_with("G-") || self.measurement_id.len() < 4 {
+            bad("measurement_id", "must look like \"G-XXXXXXX\"".into());
+        }
+        if let Some(u) = &self.base_url
+            && let Err(why) = check_url(u)
+        {
+            bad("base_url", why);
+        }
+        if let Some(v) = &self.validation_behavior
+            && !matches!(v.as_str(), "RELAXED" | "ENFORCE_RECOMMENDATIONS")
+        {
+            bad(
+                "validation_behavior",
+                "must be \"RELAXED\" or \"ENFORCE_RECOMMENDATIONS\"".into(),
+            );
+        }
+        if self.client_id_property.trim().is_empty() {
+            bad("client_id_property", "must not be empty".into());
+        }
+        if !matches!(self.user_data.as_str(), "with_user_id" | "always" | "never") {
+            bad(
+                "user_data",
+                "must be \"with_user_id\", \"always\" or \"never\"".into(),
+            );
+        }
+        for (k, c) in [
+            ("consent_ad_user_data", &self.consent_ad_user_data),
+            (
+                "consent_ad_personalization",
+                &self.consent_ad_personalization,
+            ),
+        ] {
+            if !c.is_empty() && !is_consent_category(c) {
+                bad(
+                    k,
+                    format!("`{c}` is not a consent category (or \"\" for never)"),
+                );
+            }
+        }
+        if self.max_event_age.is_zero() {
+            bad("max_event_age", "must be more than 0".into());
+        }
+        for p in &self.params_from_properties {
+            if let Some(why) = name_problem(p, false) {
+                bad(
+                    "params_from_properties",
+                    format!("GA4 drops the param: {why}"),
+                );
+            }
+        }
+    }
+
+    /// GA4's recommended event names; `None` = not sent.
+    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+        use EventName::*;
+        Some(match event {
+            ViewContent => "view_item",
+            AddToCart => "add_to_cart",
+            BeginCheckout => "begin_checkout",
+            SignUp => "sign_up",
+            Lead => "generate_lead",
+            Purchase => "purchase",
+            Search => "search",
+            Refund => "refund",
+            StartTrial | Subscribe | Renewal | Identify | Custom(_) => return None,
+        })
+    }
+}
+
 pub struct Ga4 {
-    settings: Ga4Settings,
+    settings: Settings,
     url: String,
 }
 
 impl Ga4 {
-    pub fn new(settings: Ga4Settings) -> Self {
+    pub fn new(settings: Settings) -> Self {
         let host = settings.base_url.clone().unwrap_or_else(|| {
-            match settings.region.as_str() {
-                "eu" => "https://region1.google-analytics.com",
-                _ => "https://www.google-analytics.com",
+            match settings.region {
+                Region::Eu => "https://region1.google-analytics.com",
+                Region::Global => "https://www.google-analytics.com",
             }
             .to_string()
         });
@@ -559,18 +698,15 @@ impl Destination for Ga4 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    use crate::config::Secret;
     use crate::destinations::test_support::{self, body, ok};
 
     const EMAIL_HASH: &str = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
 
-    fn settings() -> Ga4Settings {
-        Ga4Settings {
+    fn settings() -> Settings {
+        Settings {
             measurement_id: "G-TEST1".into(),
             api_secret: Secret::new("s3cret&x"),
-            region: "global".into(),
+            region: Region::Global,
             base_url: None,
             debug_endpoint: false,
             validation_behavior: None,
@@ -608,7 +744,7 @@ mod tests {
             "https://www.google-analytics.com/mp/collect?measurement_id=G-TEST1&api_secret=s3cret%26x"
         );
         let mut s = settings();
-        s.region = "eu".into();
+        s.region = Region::Eu;
         s.debug_endpoint = true;
         assert!(
             Ga4::new(s.clone())

@@ -30,7 +30,7 @@
 //! 429/RESOURCE_EXHAUSTED and 5xx retry (and slow the sink), 401/403 reject
 //! as auth failures, other 4xx reject.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, FixedOffset, Utc};
@@ -38,9 +38,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::shared::vendor_hash;
-use crate::config::{GoogleAdsSettings, OAuthSettings};
+use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
-use crate::event::{CanonicalEvent, ConsentState};
+use crate::event::normalize::{EmailRule, PhoneFormat};
+use crate::event::{CanonicalEvent, ConsentState, EventName};
+use crate::settings::{
+    OAuthSettings, Problem, Secret, check_url, is_api_version, is_consent_category,
+};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -93,8 +97,203 @@ pub fn conversion_date_time(at: DateTime<Utc>, offset: FixedOffset) -> String {
         .to_string()
 }
 
+/// An ad platform: hashed identifiers only, and nothing without a yes to `ads`.
+pub const SPEC: Spec = Spec {
+    type_name: "google_ads",
+    kind: Kind::AdPlatform,
+    contact: Contact::HashesOnly,
+    email: EmailRule::Google,
+    phone: PhoneFormat::E164,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Ten digits; dashes as shown in the Google Ads UI are accepted.
+    pub customer_id: String,
+    pub login_customer_id: Option<String>,
+    pub developer_token: Secret,
+    /// A fixed OAuth access token. Google's last about an hour, so this
+    /// suits tests and short runs; long-running sinks set `oauth` instead.
+    #[serde(default)]
+    pub access_token: Option<Secret>,
+    /// Refresh-token credentials: the sink fetches access tokens itself and
+    /// renews them before they expire (and once more after a 401).
+    #[serde(default)]
+    pub oauth: Option<OAuthSettings>,
+    /// Canonical event → conversion action id.
+    pub conversion_actions: BTreeMap<String, String>,
+    #[serde(default = "default_version")]
+    pub api_version: String,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// Offset written into `conversionDateTime` ("+hh:mm" or "-hh:mm"); the
+    /// instant is the same whatever the offset, so this only changes how the
+    /// time reads in Google's reports.
+    #[serde(default = "default_time_zone_offset")]
+    pub time_zone_offset: String,
+    /// Which click id wins when an event carries several (Google accepts one).
+    #[serde(default = "default_click_id_priority")]
+    pub click_id_priority: Vec<String>,
+    /// Upload conversions that have no click id but a hashed email/phone
+    /// (enhanced conversions for leads; must be turned on in the account).
+    #[serde(default = "default_true")]
+    pub enhanced_conversions_for_leads: bool,
+    /// Send `userIdentifiers` at all (needs the customer data terms accepted).
+    #[serde(default = "default_true")]
+    pub send_user_identifiers: bool,
+    /// Canonical consent category behind `consent.adUserData`; "" = never sent.
+    #[serde(default = "crate::settings::default_consent_ad_user_data")]
+    pub consent_ad_user_data: String,
+    /// Canonical consent category behind `consent.adPersonalization`; "" = never sent.
+    #[serde(default = "crate::settings::default_consent_ad_personalization")]
+    pub consent_ad_personalization: String,
+    /// `validateOnly`: Google checks the conversions and records nothing.
+    #[serde(default)]
+    pub validate_only: bool,
+    /// `debugEnabled`: full checks for user-identifier uploads (CLICK_NOT_FOUND
+    /// is reported instead of silently accepted).
+    #[serde(default)]
+    pub debug_enabled: bool,
+}
+
+fn default_version() -> String {
+    "v21".into()
+}
+fn default_base_url() -> String {
+    "https://googleads.googleapis.com".into()
+}
+fn default_time_zone_offset() -> String {
+    "+00:00".into()
+}
+fn default_click_id_priority() -> Vec<String> {
+    CLICK_IDS.iter().map(|s| s.to_string()).collect()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Settings {
+    /// What types cannot say; each problem is named under `key`.
+    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+        let mut bad = |k: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{k}"),
+                message,
+            })
+        };
+        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+        let ten_digits = |s: &str| {
+            let d: String = s.chars().filter(|c| *c != '-').collect();
+            d.len() == 10 && digits(&d)
+        };
+        if !ten_digits(&self.customer_id) {
+            bad(
+                "customer_id",
+                "must be a 10-digit customer id (dashes allowed)".into(),
+            );
+        }
+        if let Some(l) = &self.login_customer_id
+            && !ten_digits(l)
+        {
+            bad(
+                "login_customer_id",
+                "must be a 10-digit customer id (dashes allowed)".into(),
+            );
+        }
+        match (&self.access_token, &self.oauth) {
+            (Some(_), Some(_)) => bad(
+                "access_token",
+                "set either access_token or [oauth], not both".into(),
+            ),
+            (None, None) => bad(
+                "oauth",
+                "Google Ads needs credentials: [oauth] with client_id, client_secret and refresh_token (or a fixed access_token)".into(),
+            ),
+            (None, Some(o)) => {
+                if let Err(why) = check_url(&o.token_url) {
+                    bad("oauth.token_url", why);
+                }
+            }
+            (Some(_), None) => {}
+        }
+        if self.conversion_actions.is_empty() {
+            bad(
+                "conversion_actions",
+                "map at least one canonical event to a conversion action id, e.self. { purchase = \"123456789\" }".into(),
+            );
+        }
+        for (event, id) in &self.conversion_actions {
+            if EventName::parse(event).is_none() {
+                bad(
+                    &format!("conversion_actions.{event}"),
+                    format!("`{event}` is neither a canonical event name nor custom.<name>"),
+                );
+            }
+            if !digits(id) {
+                bad(
+                    &format!("conversion_actions.{event}"),
+                    "conversion action ids are numeric".into(),
+                );
+            }
+        }
+        if !is_api_version(&self.api_version, false) {
+            bad(
+                "api_version",
+                format!("`{}` is not like \"v21\"", self.api_version),
+            );
+        }
+        if let Err(why) = check_url(&self.base_url) {
+            bad("base_url", why);
+        }
+        if parse_utc_offset(&self.time_zone_offset).is_none() {
+            bad(
+                "time_zone_offset",
+                format!(
+                    "`{}` is not an offset like \"+00:00\" or \"-08:00\"",
+                    self.time_zone_offset
+                ),
+            );
+        }
+        let mut seen = Vec::new();
+        for id in &self.click_id_priority {
+            if !CLICK_IDS.contains(&id.as_str()) || seen.contains(&id) {
+                bad(
+                    "click_id_priority",
+                    format!(
+                        "`{id}` is not one of {} (each at most once)",
+                        CLICK_IDS.join(", ")
+                    ),
+                );
+            }
+            seen.push(id);
+        }
+        for (k, c) in [
+            ("consent_ad_user_data", &self.consent_ad_user_data),
+            (
+                "consent_ad_personalization",
+                &self.consent_ad_personalization,
+            ),
+        ] {
+            if !c.is_empty() && !is_consent_category(c) {
+                bad(
+                    k,
+                    format!("`{c}` is not a consent category (or \"\" for never)"),
+                );
+            }
+        }
+    }
+
+    /// Only events that have a conversion action are sent, under their canonical name.
+    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+        self.conversion_actions
+            .contains_key(event.as_str())
+            .then(|| event.as_str())
+    }
+}
+
 pub struct GoogleAds {
-    settings: GoogleAdsSettings,
+    settings: Settings,
     customer_id: String,
     login_customer_id: Option<String>,
     offset: FixedOffset,
@@ -102,7 +301,7 @@ pub struct GoogleAds {
 }
 
 impl GoogleAds {
-    pub fn new(settings: GoogleAdsSettings) -> Self {
+    pub fn new(settings: Settings) -> Self {
         let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
         let customer_id = digits(&settings.customer_id);
         let login_customer_id = settings.login_customer_id.as_deref().map(digits);
@@ -606,15 +805,14 @@ fn is_throttle(response: &Response) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
     use crate::destinations::test_support::{self, body, ok};
     use serde_json::json;
 
     const EMAIL_HASH: &str = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
     const PHONE_HASH: &str = "3ad9f10d73829a714b1383221691d4dbf08484f3ceeae884f53053a1c7bb0a92";
 
-    fn settings() -> GoogleAdsSettings {
-        GoogleAdsSettings {
+    fn settings() -> Settings {
+        Settings {
             customer_id: "123-456-7890".into(),
             login_customer_id: None,
             developer_token: Secret::new("dev-token"),

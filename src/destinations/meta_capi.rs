@@ -19,6 +19,7 @@
 //! by `code` before the HTTP status, since Meta sends throttles and transient
 //! faults with several statuses.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -27,9 +28,11 @@ use serde::{Deserialize, Serialize};
 use super::shared::{
     FUTURE_TOLERANCE, future_refusal, hash_refusal, hashed_external_ids, requests, vendor_hash,
 };
-use crate::config::{MetaCapiSettings, TokenPlacement};
+use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
-use crate::event::CanonicalEvent;
+use crate::event::normalize::{EmailRule, PhoneFormat};
+use crate::event::{CanonicalEvent, EventName};
+use crate::settings::{Problem, Secret, check_url, is_api_version};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -50,12 +53,177 @@ const THROTTLE_CODES: &[i64] = &[4, 17, 32, 341, 613];
 /// 80004 ads management).
 const BUC_THROTTLES: std::ops::RangeInclusive<i64> = 80000..=80014;
 
+/// An ad platform: hashed identifiers only, and nothing without a yes to `ads`.
+pub const SPEC: Spec = Spec {
+    type_name: "meta_capi",
+    kind: Kind::AdPlatform,
+    contact: Contact::HashesOnly,
+    email: EmailRule::Plain,
+    phone: PhoneFormat::DigitsOnly,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub pixel_id: String,
+    pub access_token: Secret,
+    #[serde(default = "default_version")]
+    pub api_version: String,
+    #[serde(default = "default_action_source")]
+    pub action_source: String,
+    /// Per canonical `source` (the publishing service), an action_source
+    /// other than `action_source`: e.g. `{ billing = "system_generated" }`,
+    /// because server-made events have no page URL or user agent, which
+    /// Meta requires of `website` events.
+    #[serde(default)]
+    pub action_source_by_source: BTreeMap<String, String>,
+    pub test_event_code: Option<String>,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// Where the access token travels. Meta's docs show the `access_token`
+    /// query parameter; the Graph API also takes `Authorization: Bearer`,
+    /// which keeps the token out of URLs (and so out of client error text).
+    #[serde(default)]
+    pub access_token_in: TokenPlacement,
+    /// Meta's Limited Data Use flags: `[]` (none) or `["LDU"]`.
+    #[serde(default)]
+    pub data_processing_options: Vec<String>,
+    /// With LDU: 0 = let Meta geolocate, 1 = United States.
+    pub data_processing_options_country: Option<u32>,
+    /// With LDU: 0 = let Meta geolocate, 1000 = California (Meta numbers
+    /// further US states from 1000 up).
+    pub data_processing_options_state: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenPlacement {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Header,
+    /// `?access_token=<token>`, as in Meta's examples.
+    Query,
+}
+
+fn default_version() -> String {
+    "v21.0".into()
+}
+fn default_action_source() -> String {
+    "website".into()
+}
+fn default_base_url() -> String {
+    "https://graph.facebook.com".into()
+}
+
+const ACTION_SOURCES: &[&str] = &[
+    "website",
+    "app",
+    "email",
+    "phone_call",
+    "chat",
+    "physical_store",
+    "system_generated",
+    "other",
+];
+
+impl Settings {
+    /// What types cannot say; each problem is named under `key`.
+    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+        let mut bad = |k: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{k}"),
+                message,
+            })
+        };
+        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+        if !digits(&self.pixel_id) {
+            bad("pixel_id", "must be the numeric pixel / dataset id".into());
+        }
+        if !is_api_version(&self.api_version, true) {
+            bad(
+                "api_version",
+                format!("`{}` is not like \"v21.0\"", self.api_version),
+            );
+        }
+        if !ACTION_SOURCES.contains(&self.action_source.as_str()) {
+            bad(
+                "action_source",
+                format!("must be one of {}", ACTION_SOURCES.join(", ")),
+            );
+        }
+        for (source, action) in &self.action_source_by_source {
+            if !ACTION_SOURCES.contains(&action.as_str()) {
+                bad(
+                    &format!("action_source_by_source.{source}"),
+                    format!("must be one of {}", ACTION_SOURCES.join(", ")),
+                );
+            }
+        }
+        if let Err(why) = check_url(&self.base_url) {
+            bad("base_url", why);
+        }
+        let ldu = match self.data_processing_options.as_slice() {
+            [] => false,
+            [one] if one == "LDU" => true,
+            _ => {
+                bad("data_processing_options", "must be [] or [\"LDU\"]".into());
+                true
+            }
+        };
+        if let Some(c) = self.data_processing_options_country {
+            if !ldu {
+                bad(
+                    "data_processing_options_country",
+                    "only applies with data_processing_options = [\"LDU\"]".into(),
+                );
+            } else if c > 1 {
+                bad(
+                    "data_processing_options_country",
+                    "must be 0 (geolocate) or 1 (United States)".into(),
+                );
+            }
+        }
+        if let Some(st) = self.data_processing_options_state {
+            if !ldu {
+                bad(
+                    "data_processing_options_state",
+                    "only applies with data_processing_options = [\"LDU\"]".into(),
+                );
+            } else if st != 0 && !(1000..2000).contains(&st) {
+                bad(
+                    "data_processing_options_state",
+                    "must be 0 (geolocate) or a Meta US state code such as 1000 (California)"
+                        .into(),
+                );
+            }
+        }
+    }
+
+    /// Meta's standard event names; `None` = not sent.
+    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+        use EventName::*;
+        Some(match event {
+            ViewContent => "ViewContent",
+            AddToCart => "AddToCart",
+            BeginCheckout => "InitiateCheckout",
+            SignUp => "CompleteRegistration",
+            StartTrial => "StartTrial",
+            Lead => "Lead",
+            Purchase => "Purchase",
+            Subscribe => "Subscribe",
+            Renewal => "Renewal",
+            Search => "Search",
+            Refund | Identify | Custom(_) => return None,
+        })
+    }
+}
+
 pub struct MetaCapi {
-    settings: MetaCapiSettings,
+    settings: Settings,
 }
 
 impl MetaCapi {
-    pub fn new(settings: MetaCapiSettings) -> Self {
+    pub fn new(settings: Settings) -> Self {
         MetaCapi { settings }
     }
 
@@ -496,25 +664,21 @@ fn is_throttle(response: &Response) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{Config, DestinationKind};
+    use crate::destinations::Vendor;
     use crate::destinations::test_support::{self, body};
     use crate::event::normalize::sha256_hex;
     use serde_json::{Value, json};
-    use std::path::Path;
 
     pub(crate) const EMAIL_HASH: &str =
         "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
     pub(crate) const PHONE_HASH: &str =
         "67d3cb9e9b1b64b913a5f2508beac167cfa7d3fb943f6a52e6767392d425a536";
 
-    fn settings(extra: &str) -> MetaCapiSettings {
-        let text = format!(
-            "[destinations.meta]\ntype = \"meta_capi\"\npixel_id = \"100000000000001\"\naccess_token = \"tok en\"\n{extra}\n"
-        );
-        let c = Config::parse(&text, Path::new("t.toml"), &|_| None).unwrap();
-        match &c.destinations["meta"].kind {
-            DestinationKind::MetaCapi(m) => m.clone(),
-            _ => unreachable!(),
+    fn settings(extra: &str) -> Settings {
+        let text = format!("pixel_id = \"100000000000001\"\naccess_token = \"tok en\"\n{extra}\n");
+        match test_support::vendor("meta_capi", "destinations.meta", &text) {
+            Ok(Vendor::MetaCapi(m)) => m,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -618,13 +782,9 @@ pub(crate) mod tests {
     #[test]
     fn config_checks_data_processing_options() {
         let bad = |extra: &str| {
-            let text = format!(
-                "[destinations.meta]\ntype = \"meta_capi\"\npixel_id = \"1\"\naccess_token = \"t\"\n{extra}\n"
-            );
-            match Config::parse(&text, Path::new("t.toml"), &|_| None) {
-                Err(crate::config::ConfigError::Invalid { problems, .. }) => {
-                    problems.into_iter().map(|p| p.key).collect::<Vec<_>>()
-                }
+            let text = format!("pixel_id = \"1\"\naccess_token = \"t\"\n{extra}\n");
+            match test_support::vendor("meta_capi", "destinations.meta", &text) {
+                Err(problems) => problems.into_iter().map(|p| p.key).collect::<Vec<_>>(),
                 other => panic!("accepted {extra}: {other:?}"),
             }
         };

@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
+use super::Vendor;
 use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
+use crate::settings::Problem;
 use crate::sink::destination::{Destination, Outcome, Request, Response};
 
 /// `base` with `overrides` laid over it (a null removes the field), as the
@@ -28,6 +30,21 @@ pub fn delivery(destination: &str, name: &str, mut base: Value, overrides: Value
             offset: 1,
         },
         routed_at: "2026-11-26T14:03:12Z".parse().expect("a time"),
+    }
+}
+
+/// The vendor settings in `text` (a destination's keys but the common
+/// ones), read and checked as `switchyard check` does, each problem named
+/// under `key`.
+pub fn vendor(type_name: &str, key: &str, text: &str) -> Result<Vendor, Vec<Problem>> {
+    let table: toml::Table = toml::from_str(text).expect("TOML");
+    let vendor = Vendor::parse(type_name, toml::Value::Table(table), key).map_err(|p| vec![p])?;
+    let mut problems = Vec::new();
+    vendor.check(key, &mut problems);
+    if problems.is_empty() {
+        Ok(vendor)
+    } else {
+        Err(problems)
     }
 }
 

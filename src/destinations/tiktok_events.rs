@@ -13,15 +13,18 @@
 //! TikTok answers HTTP 200 for almost everything; the body's `code` decides:
 //! 0 ok, 40100 rate limited, 5xxxx server side, 40001/40002/401xx refusals.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::meta_capi::{event_time, search_query};
 use super::shared::{future_refusal, hash_refusal, hashed_external_ids, requests, vendor_hash};
-use crate::config::TiktokSettings;
+use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
+use crate::event::EventName;
+use crate::event::normalize::{EmailRule, PhoneFormat};
+use crate::settings::{Problem, Secret, check_url, de_duration, is_api_version};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -47,12 +50,106 @@ pub const TOKEN_INVALID: i64 = 40105;
 /// "Please retry" (treated as a server fault by RudderStack).
 pub const RETRY_LATER: i64 = 40700;
 
+/// An ad platform: hashed identifiers only, and nothing without a yes to `ads`.
+pub const SPEC: Spec = Spec {
+    type_name: "tiktok_events",
+    kind: Kind::AdPlatform,
+    contact: Contact::HashesOnly,
+    email: EmailRule::Plain,
+    phone: PhoneFormat::E164,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The pixel / event source id (`event_source_id`).
+    pub pixel_code: String,
+    pub access_token: Secret,
+    #[serde(default = "default_event_source")]
+    pub event_source: String,
+    pub test_event_code: Option<String>,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The Business API version in the path (`/open_api/<v>/event/track/`).
+    #[serde(default = "default_version")]
+    pub api_version: String,
+    /// Events older than this are dead-lettered instead of sent. TikTok
+    /// documents no hard cut-off we could verify; 7 days is how long a
+    /// ttclid stays valid (and the age Meta enforces).
+    #[serde(default = "default_max_event_age", deserialize_with = "de_duration")]
+    pub max_event_age: Duration,
+}
+
+fn default_event_source() -> String {
+    "web".into()
+}
+fn default_version() -> String {
+    "v1.3".into()
+}
+fn default_max_event_age() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_base_url() -> String {
+    "https://business-api.tiktok.com".into()
+}
+
+const EVENT_SOURCES: &[&str] = &["web", "app", "offline", "crm"];
+
+impl Settings {
+    /// What types cannot say; each problem is named under `key`.
+    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+        let mut bad = |k: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{k}"),
+                message,
+            })
+        };
+        if self.pixel_code.trim().is_empty() {
+            bad("pixel_code", "must not be empty".into());
+        }
+        if !EVENT_SOURCES.contains(&self.event_source.as_str()) {
+            bad(
+                "event_source",
+                format!("must be one of {}", EVENT_SOURCES.join(", ")),
+            );
+        }
+        if let Err(why) = check_url(&self.base_url) {
+            bad("base_url", why);
+        }
+        if !is_api_version(&self.api_version, true) {
+            bad(
+                "api_version",
+                format!("`{}` is not like \"v1.3\"", self.api_version),
+            );
+        }
+        if self.max_event_age.is_zero() {
+            bad("max_event_age", "must be longer than zero".into());
+        }
+    }
+
+    /// TikTok's standard event names; `None` = not sent.
+    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+        use EventName::*;
+        Some(match event {
+            ViewContent => "ViewContent",
+            AddToCart => "AddToCart",
+            BeginCheckout => "InitiateCheckout",
+            SignUp => "CompleteRegistration",
+            StartTrial | Subscribe => "Subscribe",
+            Lead => "Lead",
+            Purchase => "CompletePayment",
+            Search => "Search",
+            Renewal | Refund | Identify | Custom(_) => return None,
+        })
+    }
+}
+
 pub struct TiktokEvents {
-    settings: TiktokSettings,
+    settings: Settings,
 }
 
 impl TiktokEvents {
-    pub fn new(settings: TiktokSettings) -> Self {
+    pub fn new(settings: Settings) -> Self {
         TiktokEvents { settings }
     }
 
@@ -382,22 +479,19 @@ fn is_throttle(response: &Response) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, DestinationKind};
     use crate::destinations::meta_capi::tests::{EMAIL_HASH, PHONE_HASH, delivery, now};
-    use crate::destinations::test_support::{self, body};
+    use crate::destinations::test_support::body;
+    use crate::destinations::{Vendor, test_support};
     use crate::event::normalize::sha256_hex;
     use serde_json::json;
-    use std::path::Path;
     use std::time::Duration;
 
     fn tiktok(extra: &str) -> TiktokEvents {
-        let text = format!(
-            "[destinations.tt]\ntype = \"tiktok_events\"\npixel_code = \"CDEMO0000000001\"\naccess_token = \"demo-token\"\n{extra}\n"
-        );
-        let c = Config::parse(&text, Path::new("t.toml"), &|_| None).unwrap();
-        match &c.destinations["tt"].kind {
-            DestinationKind::TiktokEvents(t) => TiktokEvents::new(t.clone()),
-            _ => unreachable!(),
+        let text =
+            format!("pixel_code = \"CDEMO0000000001\"\naccess_token = \"demo-token\"\n{extra}\n");
+        match test_support::vendor("tiktok_events", "destinations.tt", &text) {
+            Ok(Vendor::TiktokEvents(t)) => TiktokEvents::new(t),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -492,9 +586,9 @@ mod tests {
             tiktok("max_event_age = \"28d\"").limits().max_event_age,
             Some(Duration::from_secs(28 * 86_400))
         );
-        let text = "[destinations.tt]\ntype = \"tiktok_events\"\npixel_code = \"C1\"\naccess_token = \"t\"\napi_version = \"1.3\"\n";
-        match Config::parse(text, Path::new("t.toml"), &|_| None) {
-            Err(crate::config::ConfigError::Invalid { problems, .. }) => {
+        let text = "pixel_code = \"C1\"\naccess_token = \"t\"\napi_version = \"1.3\"\n";
+        match test_support::vendor("tiktok_events", "destinations.tt", text) {
+            Err(problems) => {
                 assert_eq!(problems[0].key, "destinations.tt.api_version")
             }
             other => panic!("{other:?}"),

@@ -23,20 +23,63 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::WebhookSettings;
+use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
-use crate::event::CanonicalEvent;
+use crate::event::normalize::{EmailRule, PhoneFormat};
+use crate::event::{CanonicalEvent, EventName};
+use crate::settings::{Problem, Secret, check_url};
 use crate::sink::destination::{Classified, Destination, Limits, Outcome, Request, Response};
 use crate::sink::retry;
 
 pub const SIGNATURE_HEADER: &str = "X-Switchyard-Signature";
 
+/// A webhook can carry anything: its owner names the consent it needs and
+/// may be given raw contact data (`raw_contact = true`).
+pub const SPEC: Spec = Spec {
+    type_name: "webhook",
+    kind: Kind::Webhook,
+    contact: Contact::RawWhenConfigured,
+    email: EmailRule::Plain,
+    phone: PhoneFormat::E164,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub url: String,
+    /// HMAC-SHA256 key for `X-Switchyard-Signature`.
+    pub secret: Secret,
+}
+
+impl Settings {
+    /// What types cannot say; each problem is named under `key`.
+    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+        let mut bad = |k: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{k}"),
+                message,
+            })
+        };
+        if let Err(why) = check_url(&self.url) {
+            bad("url", why);
+        }
+        if self.secret.expose().len() < 16 {
+            bad("secret", "must be at least 16 characters".into());
+        }
+    }
+
+    /// A webhook receives the canonical name of everything.
+    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+        Some(event.as_str())
+    }
+}
+
 pub struct Webhook {
-    settings: WebhookSettings,
+    settings: Settings,
 }
 
 impl Webhook {
-    pub fn new(settings: WebhookSettings) -> Self {
+    pub fn new(settings: Settings) -> Self {
         Webhook { settings }
     }
 }
@@ -176,11 +219,10 @@ impl Destination for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
     use crate::destinations::test_support;
 
     fn hook() -> Webhook {
-        Webhook::new(WebhookSettings {
+        Webhook::new(Settings {
             url: "https://example.com/hook".into(),
             secret: Secret::new("0123456789abcdef"),
         })

@@ -18,6 +18,14 @@ use super::validate::{is_email, is_phone};
 /// Default country for phone numbers written without an international prefix.
 pub type PhoneCountry = phonenumber::country::Id;
 
+/// How an email is normalised before hashing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmailRule {
+    Plain,
+    /// Google's: dots dropped from gmail.com/googlemail.com local parts.
+    Google,
+}
+
 /// How a normalised phone number is written before hashing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhoneFormat {

@@ -16,8 +16,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::config::{Environment, IngestKey, Trust};
-use crate::config::{Config, Guarantee, Secret};
+use crate::config::{Config, Guarantee};
 use crate::kafka::{self, Cluster, EmbeddedBroker};
+use crate::settings::Secret;
 
 const KEY: &str = "bench_0123456789abcdef";
 const GATEWAY_THREADS: &str = "sy-ingest-gw";

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{Problem, Secret, check_topic_name};
+use crate::config::check_topic_name;
+use crate::settings::{Problem, Secret};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -20,13 +21,13 @@ pub struct IngestConfig {
     /// largest batch a rate-limited key can send.
     pub rate_limit_burst: u32,
     /// How far `X-Switchyard-Timestamp` on `/segment/events` may be from now.
-    #[serde(deserialize_with = "crate::config::de_duration")]
+    #[serde(deserialize_with = "crate::settings::de_duration")]
     pub timestamp_skew: Duration,
     /// Refuse `/segment/events` calls without `X-Switchyard-Timestamp`
     /// (replay protection for senders that can set it).
     pub require_timestamp: bool,
     /// Longest wait for the broker's ack before answering 503.
-    #[serde(deserialize_with = "crate::config::de_duration")]
+    #[serde(deserialize_with = "crate::settings::de_duration")]
     pub produce_timeout: Duration,
     /// Requests in flight at once; above it the gateway answers 503 with
     /// `Retry-After` at once. Each holds up to twice `body_limit_bytes`
@@ -34,10 +35,10 @@ pub struct IngestConfig {
     pub max_concurrent_requests: usize,
     /// Longest time to receive a request body; a client that stalls is
     /// answered 408 and its request slot freed.
-    #[serde(deserialize_with = "crate::config::de_duration")]
+    #[serde(deserialize_with = "crate::settings::de_duration")]
     pub body_read_timeout: Duration,
     /// Longest time for a whole request, body and broker ack included (408).
-    #[serde(deserialize_with = "crate::config::de_duration")]
+    #[serde(deserialize_with = "crate::settings::de_duration")]
     pub request_timeout: Duration,
     /// Topic that staging keys publish to. Without it staging keys are
     /// refused: staging traffic never reaches the canonical topic, whose

@@ -167,7 +167,7 @@ pub fn plan(config: &Config, input_partitions: i32, dedup: &str) -> Vec<TopicSpe
     for d in config.enabled_destinations() {
         topics.push(spec(
             t.deliver(&d.name),
-            &format!("deliveries for {} ({})", d.name, d.kind.type_name()),
+            &format!("deliveries for {} ({})", d.name, d.vendor.spec().type_name),
             Cleanup::Delete,
             week,
             false,
@@ -470,11 +470,11 @@ pub fn summary(config: &Config) -> String {
             s,
             "  {:<20} type={:<14} consent={} (missing: {}){}  events: {events}",
             d.name,
-            d.kind.type_name(),
+            d.vendor.spec().type_name,
             d.consent,
             match d.consent_default {
-                crate::config::ConsentDefault::Deny => "deny",
-                crate::config::ConsentDefault::Grant => "grant",
+                crate::settings::ConsentDefault::Deny => "deny",
+                crate::settings::ConsentDefault::Grant => "grant",
             },
             if d.enabled { "" } else { "  DISABLED" },
         );

@@ -16,7 +16,8 @@ use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::event::normalize::{
-    PhoneCountry, PhoneFormat, Sha256Digest, email_digests, identifier_digest, phone_digests,
+    EmailRule, PhoneCountry, PhoneFormat, Sha256Digest, email_digests, identifier_digest,
+    phone_digests,
 };
 use crate::event::{CanonicalEvent, ClickKind};
 
@@ -141,13 +142,6 @@ impl Serialize for Profile {
         }
         m.end()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EmailRule {
-    Plain,
-    /// Google's: dots dropped from gmail.com/googlemail.com local parts.
-    Google,
 }
 
 /// Hashes phone numbers in both vendor formats and remembers recent ones.

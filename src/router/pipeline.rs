@@ -840,7 +840,7 @@ mod tests {
     use super::*;
     use crate::delivery::Delivery;
     use crate::event::ClickKind;
-    use crate::router::identity::EmailRule;
+    use crate::event::normalize::EmailRule;
     use chrono::DateTime;
 
     fn pipeline() -> Pipeline {

@@ -7,11 +7,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::identity::{EmailRule, HashedIds, Resolved};
-use crate::config::{ConsentDefault, DestinationConfig, DestinationKind};
+use super::identity::{HashedIds, Resolved};
+use crate::config::DestinationConfig;
 use crate::delivery::DELIVERY_VERSION;
-use crate::event::normalize::{PhoneFormat, Sha256Digest};
+use crate::event::normalize::{EmailRule, PhoneFormat, Sha256Digest};
 use crate::event::{CanonicalEvent, ClickKind, ConsentState, Context, EventName, Item};
+use crate::settings::ConsentDefault;
 
 /// Why an event does not go to a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,58 +42,6 @@ impl Skip {
     }
 }
 
-/// The vendor's event name presets (docs/router.md, docs/destinations/); `None` = not sent.
-pub fn preset_name<'a>(kind: &'a DestinationKind, event: &'a EventName) -> Option<&'a str> {
-    use EventName::*;
-    let name = match kind {
-        DestinationKind::MetaCapi(_) => match event {
-            ViewContent => "ViewContent",
-            AddToCart => "AddToCart",
-            BeginCheckout => "InitiateCheckout",
-            SignUp => "CompleteRegistration",
-            StartTrial => "StartTrial",
-            Lead => "Lead",
-            Purchase => "Purchase",
-            Subscribe => "Subscribe",
-            Renewal => "Renewal",
-            Search => "Search",
-            Refund | Identify | Custom(_) => return None,
-        },
-        DestinationKind::TiktokEvents(_) => match event {
-            ViewContent => "ViewContent",
-            AddToCart => "AddToCart",
-            BeginCheckout => "InitiateCheckout",
-            SignUp => "CompleteRegistration",
-            StartTrial | Subscribe => "Subscribe",
-            Lead => "Lead",
-            Purchase => "CompletePayment",
-            Search => "Search",
-            Renewal | Refund | Identify | Custom(_) => return None,
-        },
-        DestinationKind::Ga4(_) => match event {
-            ViewContent => "view_item",
-            AddToCart => "add_to_cart",
-            BeginCheckout => "begin_checkout",
-            SignUp => "sign_up",
-            Lead => "generate_lead",
-            Purchase => "purchase",
-            Search => "search",
-            Refund => "refund",
-            StartTrial | Subscribe | Renewal | Identify | Custom(_) => return None,
-        },
-        // Google Ads sends only events that have a conversion action.
-        DestinationKind::GoogleAds(g) => {
-            return g
-                .conversion_actions
-                .contains_key(event.as_str())
-                .then(|| event.as_str());
-        }
-        // A webhook receives the canonical name of everything.
-        DestinationKind::Webhook(_) => return Some(event.as_str()),
-    };
-    Some(name)
-}
-
 /// The vendor name for `event` at `dest`, or why it is not sent there.
 pub fn select<'a>(dest: &'a DestinationConfig, ev: &'a CanonicalEvent) -> Result<&'a str, Skip> {
     let listed = dest.events.contains(&ev.event);
@@ -103,7 +52,7 @@ pub fn select<'a>(dest: &'a DestinationConfig, ev: &'a CanonicalEvent) -> Result
         .event_names
         .get(ev.event.as_str())
         .map(String::as_str)
-        .or_else(|| preset_name(&dest.kind, &ev.event))
+        .or_else(|| dest.vendor.preset_name(&ev.event))
         .or_else(|| match &ev.event {
             // A custom event listed explicitly goes out under its own name.
             EventName::Custom(n) if listed => Some(n.trim_start_matches("custom.")),
@@ -119,19 +68,6 @@ pub fn select<'a>(dest: &'a DestinationConfig, ev: &'a CanonicalEvent) -> Result
         (None, ConsentDefault::Deny) => Err(Skip::ConsentMissing {
             category: category.clone(),
         }),
-    }
-}
-
-/// Each vendor's own normalisation before hashing.
-fn hash_rules(kind: &DestinationKind) -> (EmailRule, PhoneFormat) {
-    match kind {
-        DestinationKind::MetaCapi(_) => (EmailRule::Plain, PhoneFormat::DigitsOnly),
-        DestinationKind::GoogleAds(_) | DestinationKind::Ga4(_) => {
-            (EmailRule::Google, PhoneFormat::E164)
-        }
-        DestinationKind::TiktokEvents(_) | DestinationKind::Webhook(_) => {
-            (EmailRule::Plain, PhoneFormat::E164)
-        }
     }
 }
 
@@ -186,8 +122,8 @@ impl DeliveryWriter {
                 let mut head = format!("{{\"v\":{DELIVERY_VERSION},\"destination\":").into_bytes();
                 json_into(&mut head, &d.name);
                 head.push(b',');
-                let (email, phone) = hash_rules(&d.kind);
-                let exposure = if d.kind.hashes_only() {
+                let spec = d.vendor.spec();
+                let exposure = if spec.hashes_only() {
                     Exposure::HashesOnly
                 } else if d.raw_contact {
                     Exposure::Raw
@@ -196,8 +132,8 @@ impl DeliveryWriter {
                 };
                 DestPlan {
                     head,
-                    email,
-                    phone,
+                    email: spec.email,
+                    phone: spec.phone,
                     exposure,
                 }
             })

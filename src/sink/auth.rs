@@ -10,7 +10,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::OAuthSettings;
+use crate::settings::OAuthSettings;
 
 /// Renew this long before the vendor's stated expiry, so a token never
 /// expires in flight.
@@ -148,7 +148,7 @@ const MAX_LIFETIME_S: u64 = 24 * 3600;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::settings::Secret;
     use switchyard_fakes::google_ads::{OAuthClient, Settings};
 
     fn source(base: &str, refresh_token: &str) -> TokenSource {

@@ -24,13 +24,13 @@ use super::SinkError;
 use super::config::DeliverySettings;
 use super::destination::{Destination, Response};
 use super::records::LedgerEntry;
-use crate::config::{
-    Config, ConsentDefault, DestinationConfig, DestinationKind, Secret, WebhookSettings,
-};
+use crate::config::{Config, DestinationConfig};
 use crate::delivery::Delivery;
-use crate::destinations::webhook::Webhook;
+use crate::destinations::Vendor;
+use crate::destinations::webhook::{self, Webhook};
 use crate::kafka::{Cluster, client, topics};
 use crate::run::RoleContext;
+use crate::settings::{ConsentDefault, Secret};
 
 const BATCH: usize = 1000;
 const STEADY_RATE: u64 = 2000;
@@ -133,7 +133,7 @@ const SECRET: &str = "bench-secret-0123456789";
 
 /// (a): the per-event work of a sink, fed from memory.
 async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
-    let hook = Arc::new(Webhook::new(WebhookSettings {
+    let hook = Arc::new(Webhook::new(webhook::Settings {
         url: url.to_string(),
         secret: Secret::new(SECRET),
     }));
@@ -221,7 +221,7 @@ fn bench_config(base: &Config, url: &str) -> (Config, String) {
             event_names: BTreeMap::new(),
             raw_contact: false,
             delivery,
-            kind: DestinationKind::Webhook(WebhookSettings {
+            vendor: Vendor::Webhook(webhook::Settings {
                 url: url.to_string(),
                 secret: Secret::new(SECRET),
             }),

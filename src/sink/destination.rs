@@ -9,8 +9,8 @@ use std::time::Duration;
 
 pub use reqwest::Method;
 
-use crate::config::OAuthSettings;
 use crate::delivery::Delivery;
+use crate::settings::OAuthSettings;
 
 /// A vendor's hard limits; the sink never builds a batch above them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

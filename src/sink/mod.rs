@@ -89,7 +89,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
         .get(destination)
         .filter(|d| d.enabled)
         .ok_or_else(|| SinkError::UnknownDestination(destination.to_string()))?;
-    let vendor = crate::destinations::build(dest);
+    let vendor = dest.vendor.build();
     let vendor_oauth = vendor.oauth().cloned().map(auth::TokenSource::new);
     let settings = dest.delivery.clone();
     let vendor_limits = vendor.limits();
