@@ -154,7 +154,7 @@ impl Vendor {
         }
     }
 
-    /// The vendor's name for `event` (VENDOR-CONTRACTS.md); `None` = not sent.
+    /// The vendor's name for `event` (docs/destinations/); `None` = not sent.
     pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
         match self {
             Vendor::Webhook(s) => s.preset_name(event),
