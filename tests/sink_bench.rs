@@ -22,4 +22,10 @@ fn bench_sink_ends_with_one_json_object() {
     // Without kafka.brokers only the in-memory figure is measured.
     assert!(figures["b_events_per_s"].is_null());
     assert!(stdout.contains("(a) in memory"), "{stdout}");
+    // (d) needs no broker: every event of the GA4-shaped batch was
+    // delivered at both concurrencies (it fails the command otherwise).
+    assert_eq!(figures["d_events"], 200);
+    assert!(figures["d_events_per_s_concurrency_1"].as_f64().unwrap() > 0.0);
+    assert!(figures["d_events_per_s_concurrency_16"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("(d) GA4-shaped"), "{stdout}");
 }

@@ -84,34 +84,63 @@ impl Spec {
     }
 }
 
-/// A configured vendor: which one, with its settings.
-#[derive(Debug, Clone)]
-pub enum Vendor {
-    Webhook(webhook::Settings),
-    MetaCapi(meta_capi::Settings),
-    TiktokEvents(tiktok_events::Settings),
-    GoogleAds(google_ads::Settings),
-    Ga4(ga4::Settings),
-}
-
 type Parse = fn(toml::Value, &str) -> Result<Vendor, Problem>;
 
-/// Every vendor, once: its spec and how its settings are read.
-const VENDORS: &[(&Spec, Parse)] = &[
-    (&webhook::SPEC, |v, key| {
-        deserialize_at(v, key).map(Vendor::Webhook)
-    }),
-    (&meta_capi::SPEC, |v, key| {
-        deserialize_at(v, key).map(Vendor::MetaCapi)
-    }),
-    (&tiktok_events::SPEC, |v, key| {
-        deserialize_at(v, key).map(Vendor::TiktokEvents)
-    }),
-    (&google_ads::SPEC, |v, key| {
-        deserialize_at(v, key).map(Vendor::GoogleAds)
-    }),
-    (&ga4::SPEC, |v, key| deserialize_at(v, key).map(Vendor::Ga4)),
-];
+/// The registry: `Variant => module::Implementation` per vendor. Each module
+/// has `Settings` (with `check` and `preset_name`), `SPEC` and
+/// `Implementation::new(Settings)`; from this one list come [`Vendor`], the
+/// type names `parse` knows, and every dispatch below.
+macro_rules! registry {
+    ($($variant:ident => $module:ident :: $implementation:ident),* $(,)?) => {
+        /// A configured vendor: which one, with its settings.
+        #[derive(Debug, Clone)]
+        pub enum Vendor {
+            $($variant($module::Settings),)*
+        }
+
+        /// Every vendor, once: its spec and how its settings are read.
+        const VENDORS: &[(&Spec, Parse)] = &[
+            $((&$module::SPEC, |v, key| deserialize_at(v, key).map(Vendor::$variant)),)*
+        ];
+
+        impl Vendor {
+            pub fn spec(&self) -> &'static Spec {
+                match self {
+                    $(Vendor::$variant(_) => &$module::SPEC,)*
+                }
+            }
+
+            /// What types cannot say about the settings; problems are named under `key`.
+            pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
+                match self {
+                    $(Vendor::$variant(s) => s.check(key, problems),)*
+                }
+            }
+
+            /// The vendor's name for `event` (docs/destinations/); `None` = not sent.
+            pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
+                match self {
+                    $(Vendor::$variant(s) => s.preset_name(event),)*
+                }
+            }
+
+            /// The destination implementation for these settings.
+            pub fn build(&self) -> Arc<dyn Destination> {
+                match self {
+                    $(Vendor::$variant(s) => Arc::new($module::$implementation::new(s.clone())),)*
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    Webhook => webhook::Webhook,
+    MetaCapi => meta_capi::MetaCapi,
+    TiktokEvents => tiktok_events::TiktokEvents,
+    GoogleAds => google_ads::GoogleAds,
+    Ga4 => ga4::Ga4,
+}
 
 impl Vendor {
     /// Reads the vendor-specific keys of destination `key` (every key but
@@ -131,49 +160,6 @@ impl Vendor {
             });
         };
         parse(settings, key)
-    }
-
-    pub fn spec(&self) -> &'static Spec {
-        match self {
-            Vendor::Webhook(_) => &webhook::SPEC,
-            Vendor::MetaCapi(_) => &meta_capi::SPEC,
-            Vendor::TiktokEvents(_) => &tiktok_events::SPEC,
-            Vendor::GoogleAds(_) => &google_ads::SPEC,
-            Vendor::Ga4(_) => &ga4::SPEC,
-        }
-    }
-
-    /// What types cannot say about the settings; problems are named under `key`.
-    pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        match self {
-            Vendor::Webhook(s) => s.check(key, problems),
-            Vendor::MetaCapi(s) => s.check(key, problems),
-            Vendor::TiktokEvents(s) => s.check(key, problems),
-            Vendor::GoogleAds(s) => s.check(key, problems),
-            Vendor::Ga4(s) => s.check(key, problems),
-        }
-    }
-
-    /// The vendor's name for `event` (docs/destinations/); `None` = not sent.
-    pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
-        match self {
-            Vendor::Webhook(s) => s.preset_name(event),
-            Vendor::MetaCapi(s) => s.preset_name(event),
-            Vendor::TiktokEvents(s) => s.preset_name(event),
-            Vendor::GoogleAds(s) => s.preset_name(event),
-            Vendor::Ga4(s) => s.preset_name(event),
-        }
-    }
-
-    /// The destination implementation for these settings.
-    pub fn build(&self) -> Arc<dyn Destination> {
-        match self {
-            Vendor::Webhook(s) => Arc::new(webhook::Webhook::new(s.clone())),
-            Vendor::MetaCapi(s) => Arc::new(meta_capi::MetaCapi::new(s.clone())),
-            Vendor::TiktokEvents(s) => Arc::new(tiktok_events::TiktokEvents::new(s.clone())),
-            Vendor::GoogleAds(s) => Arc::new(google_ads::GoogleAds::new(s.clone())),
-            Vendor::Ga4(s) => Arc::new(ga4::Ga4::new(s.clone())),
-        }
     }
 }
 

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::SinkError;
 use super::config::DeliverySettings;
 use super::destination::{Destination, Response};
-use super::records::LedgerEntry;
+use super::records::{Final, Item, LedgerEntry, Position};
+use super::send::Shared;
 use crate::config::{Config, DestinationConfig};
 use crate::delivery::Delivery;
 use crate::destinations::Vendor;
@@ -48,6 +49,11 @@ pub struct Figures {
     pub c_rate: Option<u64>,
     pub c_p50_ms: Option<f64>,
     pub c_p99_ms: Option<f64>,
+    pub d_events: usize,
+    pub d_latency_ms: u64,
+    pub d_events_per_s_concurrency_1: f64,
+    pub d_events_per_s_concurrency_16: f64,
+    pub d_ratio: f64,
 }
 
 /// A loopback receiver that takes every batch and counts its events.
@@ -130,6 +136,99 @@ fn delivery(destination: &str, i: u64, sent_us: Option<u64>) -> Vec<u8> {
 }
 
 const SECRET: &str = "bench-secret-0123456789";
+
+/// (d): a batch of this many people, each their own GA4 request…
+const D_EVENTS: usize = 200;
+/// …answered after this long (a vendor across the internet is slower).
+const D_LATENCY_MS: u64 = 20;
+const D_PASSES: usize = 3;
+
+/// (d): events/s of one GA4 batch (one request per person) sent through
+/// the sink's rounds with 1 and with 16 requests at a time, passes
+/// interleaved; the medians of each.
+async fn one_person_per_request() -> Result<(f64, f64), SinkError> {
+    let app = Router::new().route(
+        "/mp/collect",
+        post(|| async {
+            tokio::time::sleep(Duration::from_millis(D_LATENCY_MS)).await;
+            axum::http::StatusCode::NO_CONTENT
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| SinkError::Task(format!("bench receiver: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| SinkError::Task(format!("bench receiver: {e}")))?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let text = format!(
+        "[destinations.ga4]\ntype = \"ga4\"\nmeasurement_id = \"G-BENCH1\"\n\
+         api_secret = \"bench\"\nbase_url = \"http://{addr}\"\n"
+    );
+    let config = Config::parse(&text, std::path::Path::new("bench"), &|_| None)
+        .map_err(|e| SinkError::Task(format!("bench config: {e}")))?;
+    let vendor = config.destinations["ga4"].vendor.build();
+    let at = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let deliveries: Vec<Delivery> = (0..D_EVENTS)
+        .map(|i| {
+            let d = serde_json::json!({
+                "v": 1, "destination": "ga4", "name": "purchase",
+                "event": {
+                    "event": "purchase", "event_id": format!("bench-{i}"),
+                    "occurred_at": at, "user_id": format!("u-{i}"),
+                    "value": 19.99, "currency": "EUR",
+                    "consent": {"analytics": "granted"}
+                },
+                "origin": {"topic": "bench", "partition": 0, "offset": i},
+                "routed_at": at
+            });
+            serde_json::from_value(d).expect("bench deliveries are deliveries")
+        })
+        .collect();
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..D_PASSES {
+        for (slot, concurrency) in [1, 16].into_iter().enumerate() {
+            let settings = DeliverySettings {
+                max_concurrent_requests: concurrency,
+                ..DeliverySettings::default()
+            };
+            let shared = Shared::detached("ga4", vendor.clone(), settings)?;
+            let items: Vec<Item> = deliveries
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let position = Position {
+                        topic: "bench".into(),
+                        partition: 0,
+                        offset: i as i64,
+                    };
+                    let mut item = Item::unread(d.clone(), position);
+                    shared.ownership.seen(&mut item);
+                    item
+                })
+                .collect();
+            let started = Instant::now();
+            let finals = super::send::attempt(&shared, items, &CancellationToken::new()).await;
+            let took = started.elapsed().as_secs_f64();
+            let delivered = finals
+                .iter()
+                .filter(|(_, f)| matches!(f, Final::Delivered { .. }))
+                .count();
+            if delivered != D_EVENTS {
+                return Err(SinkError::Task(format!(
+                    "(d) delivered {delivered} of {D_EVENTS}"
+                )));
+            }
+            rates[slot].push(D_EVENTS as f64 / took.max(1e-6));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [mut one, mut many] = rates;
+    Ok((median(&mut one), median(&mut many)))
+}
 
 /// (a): the per-event work of a sink, fed from memory.
 async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
@@ -285,6 +384,12 @@ pub async fn run(
         out,
         "(a) in memory: {a_events} events, {a_rate:.0} events/s wall, {a_cpu:.2} CPU-s (sink + loopback receiver) → {per_core:.0} events/s/core (target ≥ 50000)"
     );
+    let (d1, d16) = one_person_per_request().await?;
+    let d_ratio = if d1 > 0.0 { d16 / d1 } else { 0.0 };
+    let _ = writeln!(
+        out,
+        "(d) GA4-shaped (one person per request, {D_LATENCY_MS} ms per answer): {D_EVENTS} events at {d1:.0} events/s with 1 request at a time, {d16:.0} events/s with 16 → ×{d_ratio:.1} (medians of {D_PASSES} interleaved passes)"
+    );
     let mut figures = Figures {
         bench: "sink",
         a_events,
@@ -296,6 +401,11 @@ pub async fn run(
         c_rate: None,
         c_p50_ms: None,
         c_p99_ms: None,
+        d_events: D_EVENTS,
+        d_latency_ms: D_LATENCY_MS,
+        d_events_per_s_concurrency_1: d1.round(),
+        d_events_per_s_concurrency_16: d16.round(),
+        d_ratio: (d_ratio * 100.0).round() / 100.0,
     };
     if base.kafka.brokers.is_none() {
         let _ = writeln!(

@@ -96,6 +96,26 @@ pub struct Item {
 }
 
 impl Item {
+    /// An item for `delivery` as if read at `at`, for sends that do not
+    /// come from a topic (the sink benchmark, tests).
+    pub fn unread(delivery: Delivery, at: Position) -> Item {
+        Item {
+            raw: serde_json::to_vec(&delivery).expect("deliveries serialise"),
+            delivery: Some(delivery),
+            key: None,
+            headers: Vec::new(),
+            source: at.clone(),
+            origin: at,
+            attempts: 0,
+            first_attempt: None,
+            last_attempt: None,
+            due: None,
+            reason: None,
+            requeued_at: None,
+            epoch: 0,
+        }
+    }
+
     pub fn from_message(m: &BorrowedMessage<'_>) -> Item {
         let raw = m.payload().unwrap_or_default().to_vec();
         let source = Position {

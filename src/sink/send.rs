@@ -77,6 +77,38 @@ pub struct Shared {
     pub tokens: Option<TokenSource>,
 }
 
+impl Shared {
+    /// A destination's sending state without a broker behind it, for sends
+    /// whose outcomes are not written ([`attempt`] alone: the sink
+    /// benchmark and tests). Its producer points nowhere and is never used.
+    pub fn detached(
+        destination: &str,
+        vendor: Arc<dyn Destination>,
+        settings: DeliverySettings,
+    ) -> Result<Shared, SinkError> {
+        let mut producer = rdkafka::ClientConfig::new();
+        producer.set("bootstrap.servers", "127.0.0.1:9");
+        let limits = vendor.limits();
+        Ok(Shared {
+            destination: destination.to_string(),
+            pace: Pace::new(&settings.rate_limit, limits.max_events),
+            http: vendor_client(&settings)?,
+            vendor,
+            settings,
+            limits,
+            producer: ProducerGuard::new(producer, "detached")?,
+            ownership: Arc::default(),
+            dlq_topic: String::new(),
+            copy_limit: usize::MAX,
+            cut_to: OVERSIZE_KEEP,
+            outcomes_topic: String::new(),
+            retry_topic: String::new(),
+            ledger: None,
+            tokens: None,
+        })
+    }
+}
+
 /// What the engine learns when an item's outcome is durable (its offset is
 /// already marked done in [`Ownership`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -124,7 +156,7 @@ pub async fn deliver(
 
 /// Sends `items` until each has an outcome or is let go (see [`deliver`]):
 /// rounds of requests, retrying in memory while the waits are short.
-async fn attempt(
+pub(super) async fn attempt(
     shared: &Shared,
     items: Vec<Item>,
     cancel: &CancellationToken,
@@ -1134,27 +1166,7 @@ mod tests {
         }
 
         fn shared(vendor: Vendor, settings: DeliverySettings) -> Shared {
-            let mut producer = rdkafka::ClientConfig::new();
-            // Never used: these tests stop before outcomes are written.
-            producer.set("bootstrap.servers", "127.0.0.1:9");
-            let limits = vendor.limits();
-            Shared {
-                destination: "d".into(),
-                vendor: Arc::new(vendor),
-                pace: Pace::new(&settings.rate_limit, limits.max_events),
-                http: vendor_client(&settings).unwrap(),
-                settings,
-                limits,
-                producer: ProducerGuard::new(producer, "test").unwrap(),
-                ownership: Arc::new(crate::sink::handover::Ownership::default()),
-                dlq_topic: "dlq".into(),
-                copy_limit: 1 << 20,
-                cut_to: 1 << 16,
-                outcomes_topic: "outcomes".into(),
-                retry_topic: "retry".into(),
-                ledger: None,
-                tokens: None,
-            }
+            Shared::detached("d", Arc::new(vendor), settings).unwrap()
         }
 
         /// Items for `(person, event id)` pairs, tracked as read.
@@ -1173,21 +1185,7 @@ mod tests {
                         partition: 0,
                         offset: i as i64,
                     };
-                    let mut item = Item {
-                        raw: serde_json::to_vec(&d).unwrap(),
-                        delivery: Some(d),
-                        key: None,
-                        headers: Vec::new(),
-                        source: at.clone(),
-                        origin: at,
-                        attempts: 0,
-                        first_attempt: None,
-                        last_attempt: None,
-                        due: None,
-                        reason: None,
-                        requeued_at: None,
-                        epoch: 0,
-                    };
+                    let mut item = Item::unread(d, at);
                     shared.ownership.seen(&mut item);
                     item
                 })
