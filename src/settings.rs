@@ -119,6 +119,20 @@ pub fn default_consent_ad_personalization() -> String {
     "ad_personalization".into()
 }
 
+/// Records problems under one table's key: `bad("url", why)` names
+/// `<table>.url`.
+pub fn reporter<'a>(
+    table: &'a str,
+    problems: &'a mut Vec<Problem>,
+) -> impl FnMut(&str, String) + 'a {
+    move |k, message| {
+        problems.push(Problem {
+            key: format!("{table}.{k}"),
+            message,
+        })
+    }
+}
+
 pub fn is_consent_category(c: &str) -> bool {
     !c.is_empty()
         && c.len() <= 32

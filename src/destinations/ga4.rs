@@ -40,12 +40,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::shared::vendor_hash;
+use super::shared::{check_ad_consent, vendor_hash};
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::normalize::{EmailRule, PhoneFormat};
 use crate::event::{CanonicalEvent, ConsentState, EventName};
-use crate::settings::{Problem, Region, Secret, check_url, de_duration, is_consent_category};
+use crate::settings::{Problem, Region, Secret, check_url, de_duration, reporter};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -190,12 +190,7 @@ fn default_max_event_age() -> Duration {
 impl Settings {
     /// What types cannot say; each problem is named under `key`.
     pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        let mut bad = |k: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{k}"),
-                message,
-            })
-        };
+        let mut bad = reporter(key, problems);
         if !self.measurement_id.starts_with("G-") || self.measurement_id.len() < 4 {
             bad("measurement_id", "must look like \"G-XXXXXXX\"".into());
         }
@@ -221,20 +216,11 @@ impl Settings {
                 "must be \"with_user_id\", \"always\" or \"never\"".into(),
             );
         }
-        for (k, c) in [
-            ("consent_ad_user_data", &self.consent_ad_user_data),
-            (
-                "consent_ad_personalization",
-                &self.consent_ad_personalization,
-            ),
-        ] {
-            if !c.is_empty() && !is_consent_category(c) {
-                bad(
-                    k,
-                    format!("`{c}` is not a consent category (or \"\" for never)"),
-                );
-            }
-        }
+        check_ad_consent(
+            &self.consent_ad_user_data,
+            &self.consent_ad_personalization,
+            &mut bad,
+        );
         if self.max_event_age.is_zero() {
             bad("max_event_age", "must be more than 0".into());
         }

@@ -37,14 +37,12 @@ use chrono::{DateTime, FixedOffset, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::shared::vendor_hash;
+use super::shared::{check_ad_consent, vendor_hash};
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::normalize::{EmailRule, PhoneFormat};
 use crate::event::{CanonicalEvent, ConsentState, EventName};
-use crate::settings::{
-    OAuthSettings, Problem, Secret, check_url, is_api_version, is_consent_category,
-};
+use crate::settings::{OAuthSettings, Problem, Secret, check_url, is_api_version, reporter};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -176,12 +174,7 @@ fn default_true() -> bool {
 impl Settings {
     /// What types cannot say; each problem is named under `key`.
     pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        let mut bad = |k: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{k}"),
-                message,
-            })
-        };
+        let mut bad = reporter(key, problems);
         let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
         let ten_digits = |s: &str| {
             let d: String = s.chars().filter(|c| *c != '-').collect();
@@ -268,20 +261,11 @@ impl Settings {
             }
             seen.push(id);
         }
-        for (k, c) in [
-            ("consent_ad_user_data", &self.consent_ad_user_data),
-            (
-                "consent_ad_personalization",
-                &self.consent_ad_personalization,
-            ),
-        ] {
-            if !c.is_empty() && !is_consent_category(c) {
-                bad(
-                    k,
-                    format!("`{c}` is not a consent category (or \"\" for never)"),
-                );
-            }
-        }
+        check_ad_consent(
+            &self.consent_ad_user_data,
+            &self.consent_ad_personalization,
+            &mut bad,
+        );
     }
 
     /// Only events that have a conversion action are sent, under their canonical name.

@@ -32,7 +32,7 @@ use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::normalize::{EmailRule, PhoneFormat};
 use crate::event::{CanonicalEvent, EventName};
-use crate::settings::{Problem, Secret, check_url, is_api_version};
+use crate::settings::{Problem, Secret, check_url, is_api_version, reporter};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -129,12 +129,7 @@ const ACTION_SOURCES: &[&str] = &[
 impl Settings {
     /// What types cannot say; each problem is named under `key`.
     pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        let mut bad = |k: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{k}"),
-                message,
-            })
-        };
+        let mut bad = reporter(key, problems);
         let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
         if !digits(&self.pixel_id) {
             bad("pixel_id", "must be the numeric pixel / dataset id".into());

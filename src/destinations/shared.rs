@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::event::CanonicalEvent;
 use crate::event::normalize::hash_identifier;
+use crate::settings::is_consent_category;
 use crate::sink::destination::{Refusal, Request};
 
 /// How far ahead of our clock an event time may be before it is refused:
@@ -26,6 +27,26 @@ pub(crate) fn future_refusal(occurred_at: DateTime<Utc>, now: DateTime<Utc>) -> 
             humantime::format_duration(FUTURE_TOLERANCE)
         ),
     })
+}
+
+/// Checks the two settings that name the consent categories Google's
+/// `ad_user_data` and `ad_personalization` signals follow ("" = never sent).
+pub(crate) fn check_ad_consent(
+    user_data: &str,
+    personalization: &str,
+    bad: &mut impl FnMut(&str, String),
+) {
+    for (k, c) in [
+        ("consent_ad_user_data", user_data),
+        ("consent_ad_personalization", personalization),
+    ] {
+        if !c.is_empty() && !is_consent_category(c) {
+            bad(
+                k,
+                format!("`{c}` is not a consent category (or \"\" for never)"),
+            );
+        }
+    }
 }
 
 /// A SHA-256 digest as vendors take it (64 lowercase hex), or `None` for

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::Vendor;
 use crate::delivery::{DELIVERY_VERSION, Delivery, Origin};
 use crate::settings::Problem;
-use crate::sink::destination::{Destination, Outcome, Request, Response};
+use crate::sink::destination::{Destination, Outcome, Request, Response, classify_all};
 
 /// `base` with `overrides` laid over it (a null removes the field), as the
 /// router would hand it to `destination` under the vendor name `name`.
@@ -65,22 +65,8 @@ pub fn ok(body: Value) -> Response {
 /// What the runtime would make of `response` as the answer to every request
 /// `vendor` maps `batch` into: one outcome per row of the batch.
 pub fn classify(vendor: &dyn Destination, response: &Response, batch: &[Delivery]) -> Vec<Outcome> {
-    let mut out: Vec<Option<Outcome>> = vec![None; batch.len()];
-    for request in vendor.map(batch) {
-        let classified = vendor.classify(&request, response, batch);
-        assert_eq!(
-            classified.rows.len(),
-            request.rows.len(),
-            "one outcome per row"
-        );
-        for (&row, o) in request.rows.iter().zip(classified.rows) {
-            out[row] = Some(match out[row].take() {
-                Some(before) => before.merge(o),
-                None => o,
-            });
-        }
-    }
-    out.into_iter()
+    classify_all(vendor, response, batch)
+        .into_iter()
         .enumerate()
         .map(|(i, o)| o.unwrap_or_else(|| panic!("row {i} travelled in no request")))
         .collect()
@@ -93,16 +79,11 @@ pub fn throttle(vendor: &dyn Destination, response: &Response, batch: &[Delivery
     vendor.classify(request, response, batch).throttle
 }
 
-/// The rows of each request as a range, for vendors that pack runs of the
-/// batch (a request whose rows are not one run fails the test).
+/// The rows of each request as a range (a request whose rows are not one
+/// run fails the test).
 pub fn ranges(requests: &[Request]) -> Vec<std::ops::Range<usize>> {
     requests
         .iter()
-        .map(|r| {
-            let start = r.rows.first().copied().unwrap_or(0);
-            let range = start..start + r.rows.len();
-            assert!(range.clone().eq(r.rows.iter().copied()), "{:?}", r.rows);
-            range
-        })
+        .map(|r| r.range().unwrap_or_else(|| panic!("{:?}", r.rows)))
         .collect()
 }

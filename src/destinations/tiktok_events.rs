@@ -24,7 +24,7 @@ use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::EventName;
 use crate::event::normalize::{EmailRule, PhoneFormat};
-use crate::settings::{Problem, Secret, check_url, de_duration, is_api_version};
+use crate::settings::{Problem, Secret, check_url, de_duration, is_api_version, reporter};
 use crate::sink::destination::{
     Classified, Destination, Limits, Outcome, Refusal, Request, Response,
 };
@@ -98,12 +98,7 @@ const EVENT_SOURCES: &[&str] = &["web", "app", "offline", "crm"];
 impl Settings {
     /// What types cannot say; each problem is named under `key`.
     pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        let mut bad = |k: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{k}"),
-                message,
-            })
-        };
+        let mut bad = reporter(key, problems);
         if self.pixel_code.trim().is_empty() {
             bad("pixel_code", "must not be empty".into());
         }

@@ -27,7 +27,7 @@ use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::normalize::{EmailRule, PhoneFormat};
 use crate::event::{CanonicalEvent, EventName};
-use crate::settings::{Problem, Secret, check_url};
+use crate::settings::{Problem, Secret, check_url, reporter};
 use crate::sink::destination::{Classified, Destination, Limits, Outcome, Request, Response};
 use crate::sink::retry;
 
@@ -54,12 +54,7 @@ pub struct Settings {
 impl Settings {
     /// What types cannot say; each problem is named under `key`.
     pub fn check(&self, key: &str, problems: &mut Vec<Problem>) {
-        let mut bad = |k: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{k}"),
-                message,
-            })
-        };
+        let mut bad = reporter(key, problems);
         if let Err(why) = check_url(&self.url) {
             bad("url", why);
         }

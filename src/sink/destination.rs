@@ -57,6 +57,14 @@ impl Request {
         }
     }
 
+    /// The rows as one run of the batch, when they are one (vendors that
+    /// pack runs of events).
+    pub fn range(&self) -> Option<std::ops::Range<usize>> {
+        let start = *self.rows.first()?;
+        let range = start..start + self.rows.len();
+        range.clone().eq(self.rows.iter().copied()).then_some(range)
+    }
+
     /// The rows this call carries, as deliveries of `batch`.
     pub fn deliveries<'a>(&'a self, batch: &'a [Delivery]) -> impl Iterator<Item = &'a Delivery> {
         self.rows.iter().map(move |&i| &batch[i])
@@ -187,6 +195,36 @@ impl Classified {
             throttle: response.status == 429,
         }
     }
+}
+
+/// Adds `classified` (the answer to `request`) to each row's outcome so
+/// far, as the sink merges an event's answers. `outcomes` has one slot per
+/// row of the batch `request` was mapped from.
+pub fn merge_rows(outcomes: &mut [Option<Outcome>], request: &Request, classified: Classified) {
+    for (&row, o) in request.rows.iter().zip(classified.rows) {
+        if let Some(slot) = outcomes.get_mut(row) {
+            *slot = Some(match slot.take() {
+                Some(before) => before.merge(o),
+                None => o,
+            });
+        }
+    }
+}
+
+/// Each row's outcome if `response` answered every request `vendor` maps
+/// `batch` into (`None`: the row travelled in no request). Vendor tests
+/// read a recorded response with it.
+pub fn classify_all(
+    vendor: &dyn Destination,
+    response: &Response,
+    batch: &[Delivery],
+) -> Vec<Option<Outcome>> {
+    let mut out = vec![None; batch.len()];
+    for request in vendor.map(batch) {
+        let classified = vendor.classify(&request, response, batch);
+        merge_rows(&mut out, &request, classified);
+    }
+    out
 }
 
 /// Why the vendor would refuse one event whatever else the request holds.

@@ -154,11 +154,12 @@ mod tests {
         test_support::delivery("d", "purchase", event, serde_json::json!({}))
     }
 
-    /// Puts each person in their own request to `/events`, and every row
-    /// that has a user also in one request to `/profiles`, before its event.
-    struct TwoEndpoints;
+    type MapFn = Box<dyn Fn(&[Delivery]) -> Vec<Request> + Send + Sync>;
 
-    impl Destination for TwoEndpoints {
+    /// A vendor that maps by `0` and takes everything.
+    struct Mapped(MapFn);
+
+    impl Destination for Mapped {
         fn limits(&self) -> Limits {
             Limits {
                 max_events: 100,
@@ -170,28 +171,7 @@ mod tests {
             true
         }
         fn map(&self, batch: &[Delivery]) -> Vec<Request> {
-            let profiles = Request::post(
-                "profiles",
-                "http://v/profiles",
-                vec![],
-                vec![],
-                0..batch.len(),
-            );
-            let mut out = vec![profiles];
-            let mut start = 0;
-            for i in 1..=batch.len() {
-                if i == batch.len() || batch[i].key() != batch[start].key() {
-                    out.push(Request::post(
-                        "events",
-                        "http://v/events",
-                        vec![],
-                        vec![],
-                        start..i,
-                    ));
-                    start = i;
-                }
-            }
-            out
+            (self.0)(batch)
         }
         fn classify(&self, request: &Request, _: &Response, _: &[Delivery]) -> Classified {
             Classified {
@@ -201,46 +181,46 @@ mod tests {
         }
     }
 
-    /// Packs rows into requests of at most `max` rows.
-    struct Packs(usize);
+    fn post(endpoint: &'static str, rows: std::ops::Range<usize>) -> Request {
+        Request::post(
+            endpoint,
+            format!("http://v/{endpoint}"),
+            vec![],
+            vec![],
+            rows,
+        )
+    }
 
-    impl Destination for Packs {
-        fn limits(&self) -> Limits {
-            Limits {
-                max_events: 100,
-                max_bytes: 1 << 20,
-                max_event_age: None,
+    /// Every row in one request to `/profiles`, then each person's rows in
+    /// their own request to `/events`.
+    fn two_endpoints() -> Mapped {
+        Mapped(Box::new(|batch| {
+            let mut out = vec![post("profiles", 0..batch.len())];
+            let mut start = 0;
+            for i in 1..=batch.len() {
+                if i == batch.len() || batch[i].key() != batch[start].key() {
+                    out.push(post("events", start..i));
+                    start = i;
+                }
             }
-        }
-        fn vendor_dedup(&self) -> bool {
-            true
-        }
-        fn map(&self, batch: &[Delivery]) -> Vec<Request> {
+            out
+        }))
+    }
+
+    /// Rows packed into requests of at most `max`.
+    fn packs(max: usize) -> Mapped {
+        Mapped(Box::new(move |batch| {
             (0..batch.len())
-                .step_by(self.0)
-                .map(|s| {
-                    Request::post(
-                        "events",
-                        "http://v/e",
-                        vec![],
-                        vec![],
-                        s..(s + self.0).min(batch.len()),
-                    )
-                })
+                .step_by(max)
+                .map(|s| post("events", s..(s + max).min(batch.len())))
                 .collect()
-        }
-        fn classify(&self, request: &Request, _: &Response, _: &[Delivery]) -> Classified {
-            Classified {
-                rows: vec![Outcome::Delivered; request.rows.len()],
-                throttle: false,
-            }
-        }
+        }))
     }
 
     #[test]
     fn a_batch_whose_rows_go_to_two_endpoints() {
         let round = vec![delivery("a", 0), delivery("a", 1), delivery("b", 2)];
-        let planned = plan(&TwoEndpoints, &round, &[None; 3]);
+        let planned = plan(&two_endpoints(), &round, &[None; 3]);
         let shape: Vec<(&str, Vec<usize>)> = planned
             .calls
             .iter()
@@ -269,11 +249,11 @@ mod tests {
             .iter()
             .map(|&(p, n)| delivery(p, n))
             .collect();
-        let planned = plan(&Packs(1), &round, &[None; 6]);
+        let planned = plan(&packs(1), &round, &[None; 6]);
         let l = lanes(&planned.calls, |r| round[r].key());
         assert_eq!(l, vec![vec![0, 2], vec![1, 4], vec![3], vec![5]]);
         // A request that carries two people joins their lanes, keeping order.
-        let planned = plan(&Packs(2), &round, &[None; 6]);
+        let planned = plan(&packs(2), &round, &[None; 6]);
         let l = lanes(&planned.calls, |r| round[r].key());
         assert_eq!(l, vec![vec![0, 1, 2]]);
     }
@@ -283,7 +263,7 @@ mod tests {
         let round: Vec<Delivery> = (0..7).map(|n| delivery(&format!("p{n}"), n)).collect();
         // Rows 1..5 were in a request of 4 that was too large: cap 2.
         let caps = [None, Some(2), Some(2), Some(2), Some(2), None, Some(1)];
-        let planned = plan(&Packs(100), &round, &caps);
+        let planned = plan(&packs(100), &round, &caps);
         let rows: Vec<Vec<usize>> = planned.calls.iter().map(|c| c.rows.clone()).collect();
         assert_eq!(rows, vec![vec![0, 5], vec![1, 2], vec![3, 4], vec![6]]);
         // classify reads a capped call's rows from the deliveries map saw.

@@ -1165,8 +1165,22 @@ mod tests {
             (format!("http://{addr}"), seen)
         }
 
-        fn shared(vendor: Vendor, settings: DeliverySettings) -> Shared {
-            Shared::detached("d", Arc::new(vendor), settings).unwrap()
+        /// A stand-in answering by `script`, and the sending state of a
+        /// destination whose vendor maps as told into requests to it.
+        async fn vendor(
+            profiles: bool,
+            per_request: usize,
+            settings: DeliverySettings,
+            script: Script,
+        ) -> (Shared, Seen) {
+            let (base, seen) = stand_in(script).await;
+            let vendor = Vendor {
+                base,
+                profiles,
+                per_request,
+            };
+            let shared = Shared::detached("d", Arc::new(vendor), settings).unwrap();
+            (shared, seen)
         }
 
         /// Items for `(person, event id)` pairs, tracked as read.
@@ -1234,21 +1248,15 @@ mod tests {
         async fn an_event_whose_second_call_fails_is_retried_and_charged_one_attempt_per_round() {
             // /events fails once with 503, then takes everything; profiles
             // are always taken.
-            let (base, seen) = stand_in(Arc::new(|endpoint: &str, _: &[String], _| {
+            let script: Script = Arc::new(|endpoint: &str, _: &[String], _| {
                 static EVENTS: AtomicUsize = AtomicUsize::new(0);
                 if endpoint == "events" && EVENTS.fetch_add(1, Ordering::SeqCst) == 0 {
                     (503, "busy".into())
                 } else {
                     (200, "{}".into())
                 }
-            }))
-            .await;
-            let vendor = Vendor {
-                base,
-                profiles: true,
-                per_request: 10,
-            };
-            let shared = shared(vendor, fast());
+            });
+            let (shared, seen) = vendor(true, 10, fast(), script).await;
             let out = run(&shared, &[("u1", "e1"), ("u2", "e2")]).await;
             assert_eq!(
                 out,
@@ -1266,22 +1274,19 @@ mod tests {
         #[tokio::test]
         async fn an_event_refused_by_one_of_its_calls_is_dead_lettered_with_that_reason() {
             // The profile call refuses u2's profile; events are all taken.
-            let (base, _) = stand_in(Arc::new(|endpoint: &str, ids: &[String], _| {
-                if endpoint == "profiles" && ids.contains(&"e2".to_string()) {
-                    (200, r#"{"refused":[0]}"#.into())
-                } else {
-                    (200, "{}".into())
-                }
-            }))
-            .await;
-            let shared = shared(
-                Vendor {
-                    base,
-                    profiles: true,
-                    per_request: 10,
-                },
+            let (shared, _) = vendor(
+                true,
+                10,
                 fast(),
-            );
+                Arc::new(|endpoint: &str, ids: &[String], _| {
+                    if endpoint == "profiles" && ids.contains(&"e2".to_string()) {
+                        (200, r#"{"refused":[0]}"#.into())
+                    } else {
+                        (200, "{}".into())
+                    }
+                }),
+            )
+            .await;
             let out = run(&shared, &[("u1", "e1"), ("u2", "e2")]).await;
             assert_eq!(out[0], ("e1".into(), "delivered".into(), 1));
             assert_eq!(
@@ -1298,22 +1303,19 @@ mod tests {
         async fn a_partial_failure_refuses_its_rows_and_resends_the_unseen_without_an_attempt() {
             // The first /events answer refuses row 1 and did not look at the
             // rows after it; later answers take everything.
-            let (base, seen) = stand_in(Arc::new(|_: &str, _: &[String], n| {
-                if n == 0 {
-                    (200, r#"{"refused":[1],"unseen":[2,3]}"#.into())
-                } else {
-                    (200, "{}".into())
-                }
-            }))
-            .await;
-            let shared = shared(
-                Vendor {
-                    base,
-                    profiles: false,
-                    per_request: 10,
-                },
+            let (shared, seen) = vendor(
+                false,
+                10,
                 fast(),
-            );
+                Arc::new(|_: &str, _: &[String], n| {
+                    if n == 0 {
+                        (200, r#"{"refused":[1],"unseen":[2,3]}"#.into())
+                    } else {
+                        (200, "{}".into())
+                    }
+                }),
+            )
+            .await;
             let out = run(
                 &shared,
                 &[("a", "e0"), ("b", "e1"), ("c", "e2"), ("d", "e3")],
@@ -1338,22 +1340,19 @@ mod tests {
         #[tokio::test]
         async fn a_413_splits_until_requests_fit_and_delivers_every_row_once() {
             // More than three rows in a request is too large.
-            let (base, seen) = stand_in(Arc::new(|_: &str, ids: &[String], _| {
-                if ids.len() > 3 {
-                    (413, "too large".into())
-                } else {
-                    (200, "{}".into())
-                }
-            }))
-            .await;
-            let shared = shared(
-                Vendor {
-                    base,
-                    profiles: false,
-                    per_request: 100,
-                },
+            let (shared, seen) = vendor(
+                false,
+                100,
                 fast(),
-            );
+                Arc::new(|_: &str, ids: &[String], _| {
+                    if ids.len() > 3 {
+                        (413, "too large".into())
+                    } else {
+                        (200, "{}".into())
+                    }
+                }),
+            )
+            .await;
             let events: Vec<(String, String)> = (0..10)
                 .map(|i| (format!("p{i}"), format!("e{i}")))
                 .collect();
@@ -1381,18 +1380,13 @@ mod tests {
             assert_eq!(once, expected, "every row accepted exactly once");
 
             // A single event that is too large on its own is dead-lettered.
-            let (base, _) = stand_in(Arc::new(|_: &str, _: &[String], _| {
-                (413, "too large".into())
-            }))
-            .await;
-            let shared = self::shared(
-                Vendor {
-                    base,
-                    profiles: false,
-                    per_request: 100,
-                },
+            let (shared, _) = vendor(
+                false,
+                100,
                 fast(),
-            );
+                Arc::new(|_: &str, _: &[String], _| (413, "too large".into())),
+            )
+            .await;
             let out = run(&shared, &[("a", "e0"), ("b", "e1")]).await;
             for (_, word, _) in &out {
                 assert!(word.starts_with("rejected too_large:"), "{word}");
@@ -1401,18 +1395,10 @@ mod tests {
 
         #[tokio::test]
         async fn concurrent_requests_never_reorder_one_persons_events() {
-            let (base, seen) =
-                stand_in(Arc::new(|_: &str, _: &[String], _| (200, "{}".into()))).await;
             let mut settings = fast();
             settings.max_concurrent_requests = 16;
-            let shared = shared(
-                Vendor {
-                    base,
-                    profiles: false,
-                    per_request: 1,
-                },
-                settings,
-            );
+            let ok: Script = Arc::new(|_: &str, _: &[String], _| (200, "{}".into()));
+            let (shared, seen) = vendor(false, 1, settings, ok).await;
             let events: Vec<(String, String)> = (0..40)
                 .map(|i| (format!("p{}", i % 4), format!("e{i:02}")))
                 .collect();

@@ -7,7 +7,9 @@ use switchyard::config::Config;
 use switchyard::delivery::Delivery;
 use switchyard::router::dedup::PartitionDedup;
 use switchyard::router::pipeline::{Batch, InRecord, Pipeline};
-use switchyard::sink::destination::{Destination, Outcome, Request, Response};
+use switchyard::sink::destination::{
+    Destination, Outcome, Request, Response, classify_all, merge_rows,
+};
 
 /// `raw` as destination `dest` receives it, routed by the router's own step
 /// chain. A fresh pipeline: the event's own identity hints are all it knows.
@@ -88,12 +90,7 @@ pub async fn deliver_tampered(
         let resp = send(http, &req).await;
         let got = dest.classify(&req, &resp, batch);
         assert_eq!(got.rows.len(), req.rows.len(), "one outcome per row");
-        for (&row, o) in req.rows.iter().zip(got.rows) {
-            out[row] = Some(match out[row].take() {
-                Some(before) => before.merge(o),
-                None => o,
-            });
-        }
+        merge_rows(&mut out, &req, got);
     }
     out.into_iter()
         .map(|o| o.expect("every event is in a request"))
@@ -103,18 +100,8 @@ pub async fn deliver_tampered(
 /// What the sink would make of `resp` as the answer to every request `dest`
 /// maps `batch` into: one outcome per row of the batch.
 pub fn classify(dest: &dyn Destination, resp: &Response, batch: &[Delivery]) -> Vec<Outcome> {
-    let mut out: Vec<Option<Outcome>> = vec![None; batch.len()];
-    for req in dest.map(batch) {
-        let got = dest.classify(&req, resp, batch);
-        assert_eq!(got.rows.len(), req.rows.len(), "one outcome per row");
-        for (&row, o) in req.rows.iter().zip(got.rows) {
-            out[row] = Some(match out[row].take() {
-                Some(before) => before.merge(o),
-                None => o,
-            });
-        }
-    }
-    out.into_iter()
+    classify_all(dest, resp, batch)
+        .into_iter()
         .map(|o| o.expect("every event is in a request"))
         .collect()
 }
@@ -130,11 +117,6 @@ pub fn throttle(dest: &dyn Destination, resp: &Response, batch: &[Delivery]) -> 
 /// run fails the test).
 pub fn ranges(reqs: &[Request]) -> Vec<std::ops::Range<usize>> {
     reqs.iter()
-        .map(|r| {
-            let start = r.rows.first().copied().unwrap_or(0);
-            let range = start..start + r.rows.len();
-            assert!(range.clone().eq(r.rows.iter().copied()), "{:?}", r.rows);
-            range
-        })
+        .map(|r| r.range().unwrap_or_else(|| panic!("{:?}", r.rows)))
         .collect()
 }
