@@ -668,13 +668,18 @@ fn parse_destination(
         });
         return None;
     };
+    // Whether the destination chose its ordering, or takes its vendor's.
+    let ordering_set = table
+        .get("delivery")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|d| d.contains_key("ordering"));
     let mut common = toml::Table::new();
     for k in COMMON_DESTINATION_KEYS {
         if let Some(v) = table.remove(*k) {
             common.insert((*k).to_string(), v);
         }
     }
-    let common: CommonKeys = match deserialize_at(toml::Value::Table(common), key) {
+    let mut common: CommonKeys = match deserialize_at(toml::Value::Table(common), key) {
         Ok(c) => c,
         Err(p) => {
             problems.push(p);
@@ -690,6 +695,9 @@ fn parse_destination(
     };
     vendor.check(key, problems);
     let spec = vendor.spec();
+    if !ordering_set {
+        common.delivery.ordering = spec.ordering;
+    }
     common.delivery.check(&format!("{key}.delivery"), problems);
 
     let consent = match common.consent.or(spec.default_consent().map(String::from)) {
@@ -845,6 +853,33 @@ mod tests {
             c.kafka.properties["socket.timeout.ms"].to_kafka_string(),
             "30000"
         );
+    }
+
+    #[test]
+    fn ordering_is_the_vendors_unless_the_destination_sets_it() {
+        let c = parse(
+            r#"
+            [destinations.quiet]
+            type = "webhook"
+            url = "https://example.com/a"
+            secret = "0123456789abcdef"
+            consent = "marketing"
+            [destinations.quiet.delivery]
+            batch_max_events = 10
+
+            [destinations.ordered]
+            type = "webhook"
+            url = "https://example.com/b"
+            secret = "0123456789abcdef"
+            consent = "marketing"
+            [destinations.ordered.delivery]
+            ordering = true
+            "#,
+        )
+        .unwrap();
+        let spec = c.destinations["quiet"].vendor.spec();
+        assert_eq!(c.destinations["quiet"].delivery.ordering, spec.ordering);
+        assert!(c.destinations["ordered"].delivery.ordering);
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub const SPEC: Spec = Spec {
     contact: Contact::HashesOnly,
     email: EmailRule::Google,
     phone: PhoneFormat::E164,
+    ordering: false,
 };
 
 #[derive(Debug, Clone, Deserialize)]

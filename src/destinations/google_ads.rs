@@ -102,6 +102,7 @@ pub const SPEC: Spec = Spec {
     contact: Contact::HashesOnly,
     email: EmailRule::Google,
     phone: PhoneFormat::E164,
+    ordering: false,
 };
 
 #[derive(Debug, Clone, Deserialize)]

@@ -60,6 +60,7 @@ pub const SPEC: Spec = Spec {
     contact: Contact::HashesOnly,
     email: EmailRule::Plain,
     phone: PhoneFormat::DigitsOnly,
+    ordering: false,
 };
 
 #[derive(Debug, Clone, Deserialize)]

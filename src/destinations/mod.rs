@@ -50,6 +50,10 @@ pub struct Spec {
     pub email: EmailRule,
     /// How the vendor wants a phone number written before it is hashed.
     pub phone: PhoneFormat,
+    /// `delivery.ordering` when the destination does not set it: whether a
+    /// person's later events wait while an earlier one retries (a CRM
+    /// applies profile updates in arrival order; an ad platform does not care).
+    pub ordering: bool,
 }
 
 impl Spec {

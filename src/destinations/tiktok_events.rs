@@ -57,6 +57,7 @@ pub const SPEC: Spec = Spec {
     contact: Contact::HashesOnly,
     email: EmailRule::Plain,
     phone: PhoneFormat::E164,
+    ordering: false,
 };
 
 #[derive(Debug, Clone, Deserialize)]

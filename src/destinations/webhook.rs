@@ -41,6 +41,7 @@ pub const SPEC: Spec = Spec {
     contact: Contact::RawWhenConfigured,
     email: EmailRule::Plain,
     phone: PhoneFormat::E164,
+    ordering: false,
 };
 
 #[derive(Debug, Clone, Deserialize)]
