@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::retry::cut;
 use crate::delivery::Delivery;
+pub use crate::kafka::Position;
 
 /// Header names switchyard sets on dead letters (router and sink alike, so
 /// `dlq list` reads both) and retry records.
@@ -60,13 +61,6 @@ pub const REASON_MAX_BYTES: usize = 2048;
 /// The most of an error class kept: some are vendors' codes, and classes
 /// are metric labels too.
 pub const CLASS_MAX_BYTES: usize = 64;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// One record being delivered: the decoded delivery (if it decoded), its raw
 /// bytes for the dead-letter and retry topics, and its attempt history.
@@ -252,6 +246,38 @@ impl Item {
             });
         }
         h
+    }
+}
+
+#[cfg(test)]
+impl Item {
+    /// `person`'s event read at `source`, first read at `origin`.
+    pub(crate) fn for_test(source: Position, origin: Position, person: &str) -> Item {
+        let event = serde_json::json!({
+            "event": "purchase", "event_id": format!("e{}", origin.offset),
+            "occurred_at": "2026-11-26T14:03:11Z", "user_id": person
+        });
+        let d = crate::destinations::test_support::delivery(
+            "d",
+            "purchase",
+            event,
+            serde_json::json!({}),
+        );
+        Item {
+            raw: serde_json::to_vec(&d).expect("a delivery"),
+            delivery: Some(d),
+            key: None,
+            headers: Vec::new(),
+            source,
+            origin,
+            attempts: 1,
+            first_attempt: None,
+            last_attempt: None,
+            due: None,
+            reason: None,
+            requeued_at: None,
+            epoch: 1,
+        }
     }
 }
 
