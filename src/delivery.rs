@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::CanonicalEvent;
 
+pub mod dead_letter;
+
 /// Current version of the delivery record; bumped on incompatible changes.
 pub const DELIVERY_VERSION: u32 = 1;
 

@@ -26,11 +26,12 @@ use super::metrics::{
 use super::pace::Pace;
 use super::records::{
     CLASS_MAX_BYTES, Final, Item, LedgerEntry, LedgerIndex, Position, REASON_MAX_BYTES,
-    RESPONSE_EXCERPT_BYTES, Rejection, header, ledger_key,
+    RESPONSE_EXCERPT_BYTES, Rejection, ledger_key,
 };
 use super::retry::{Next, cut_string, excerpt, next_step, retry_after};
 use super::round::{self, Planned};
 use crate::delivery::Delivery;
+use crate::delivery::dead_letter::header;
 use crate::kafka::client::ProducerGuard;
 
 /// How long a record may wait for its ack (librdkafka's `message.timeout.ms`
