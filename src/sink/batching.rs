@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use super::destination::Limits;
 use super::offsets::Part;
-use super::records::{Item, Position};
+use super::records::Item;
+use crate::kafka::Position;
 
 /// How often durable progress is committed.
 pub(super) const COMMIT_INTERVAL: Duration = Duration::from_millis(500);

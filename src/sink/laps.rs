@@ -289,7 +289,7 @@ fn instant_at(at: DateTime<Utc>) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::records::Position;
+    use crate::kafka::Position;
 
     const H: Duration = Duration::from_secs(30);
 

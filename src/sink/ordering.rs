@@ -258,7 +258,7 @@ impl Parked {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::records::Position;
+    use crate::kafka::Position;
 
     const DELIVER: &str = "deliver";
     const RETRY: &str = "retry";

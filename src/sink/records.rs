@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::retry::cut;
 use crate::delivery::Delivery;
 use crate::delivery::dead_letter::{header, stage};
-pub use crate::kafka::Position;
+use crate::kafka::Position;
 
 /// The most of a vendor response a dead letter keeps.
 pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
