@@ -1033,6 +1033,8 @@ pub(super) async fn restore_partition(
 /// A read of state that stopped short, as the router reports it.
 fn state_read_failed(e: ShortRead, read: &'static str, topic: String) -> RouterError {
     match e {
+        // The router's reads are bounded by stalls only; a total limit, were
+        // one set, would end them the same way.
         ShortRead::Stalled(stall) | ShortRead::TimedOut(stall) => {
             RouterError::Stalled { read, topic, stall }
         }
