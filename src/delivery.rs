@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::CanonicalEvent;
 
+pub mod dead_letter;
+
 /// Current version of the delivery record; bumped on incompatible changes.
 pub const DELIVERY_VERSION: u32 = 1;
 
@@ -25,12 +27,8 @@ pub struct Delivery {
     pub routed_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Origin {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
+/// Where the canonical record was read (same fields, same JSON).
+pub type Origin = crate::kafka::Position;
 
 impl Delivery {
     /// The Kafka key of a delivery record: the person, so one person's

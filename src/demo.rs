@@ -25,12 +25,13 @@ use switchyard_fakes::{self as fakes, Fake};
 
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::delivery::dead_letter::{header as sink_header, stage as dlq_stage};
 use crate::destinations::Vendor;
 use crate::event::{InvalidEvent, parse_event};
 use crate::kafka::{self, Cluster, client};
 use crate::router::route::{self, Skip};
 use crate::run::RoleContext;
-use crate::sink::records::{LedgerEntry, header as sink_header};
+use crate::sink::records::LedgerEntry;
 
 /// The sample stream shipped with switchyard (`examples/events.ndjson`).
 pub const SAMPLE_EVENTS: &str = include_str!("../examples/events.ndjson");
@@ -672,7 +673,7 @@ async fn deliver_all(
         let stage = h.get(sink_header::STAGE).map(String::as_str);
         let Some(t) = h
             .get(sink_header::DESTINATION)
-            .filter(|_| stage == Some("sink"))
+            .filter(|_| stage == Some(dlq_stage::SINK))
             .and_then(|d| tally.get_mut(d))
         else {
             continue;

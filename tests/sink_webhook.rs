@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use switchyard::delivery::Delivery;
-use switchyard::sink::{self, dlq, records::header};
+use switchyard::delivery::dead_letter::header;
+use switchyard::sink::{self, dlq};
 
 use common::fake_vendor::{FakeVendor, Reply};
 use common::sink::*;

@@ -11,6 +11,7 @@ pub mod topics;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::Config;
@@ -34,6 +35,24 @@ pub enum Error {
     Admin { topic: String, source: KafkaError },
     #[error("{} topic problem(s):\n  {}", .0.len(), .0.join("\n  "))]
     Topics(Vec<String>),
+}
+
+/// Where a record is. Commits name the next offset to read this way too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Position {
+    pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Position {
+        Position {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
 }
 
 /// The brokers switchyard talks to: the configured cluster, or an in-process

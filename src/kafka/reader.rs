@@ -1,19 +1,257 @@
-//! Reading a whole topic as it is now: for the demo, `dlq` tooling and checks.
+//! Reading a topic up to its end offsets, without joining a consumer group:
+//! the sinks' ledger scan and the dead-letter listing, the router's dedup
+//! restore and identity load, the demo's and tests' looks at a topic.
+//!
+//! [`ToEnd`] is the one loop they share: it polls an assigned consumer until
+//! every partition has reached the end offset it was given (compaction and
+//! transaction markers can leave the last offsets without a record, so the
+//! consumer's position counts too), and gives up when the read stalls or
+//! runs out of time.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
+use super::progress::ReadProgress;
 use super::{ADMIN_TIMEOUT, client};
 use crate::config::KafkaConfig;
 
+/// How long [`read_to_end`] may take in all.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a [`scan`] may read nothing before it is reported as stuck. Not
+/// a total time: the ledger grows, and a slow scan that moves must finish.
+const SCAN_STALL: Duration = Duration::from_secs(60);
+
+/// Why a [`ToEnd`] read gave up before its end offsets.
+#[derive(Debug, Error)]
+pub enum ShortRead {
+    #[error("stopped before its end offsets: nothing read for {}s", .0.as_secs())]
+    Stalled(Duration),
+    #[error("not at its end offsets after {}s", .0.as_secs())]
+    TimedOut(Duration),
+    #[error("stopped")]
+    Stopped,
+}
+
+/// Why a [`scan`] failed.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("topic does not exist (run `switchyard topics create`)")]
+    NoTopic,
+    #[error(transparent)]
+    Short(#[from] ShortRead),
+}
+
+/// When a read gives up.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// After this long without a record read or a position advanced (state
+    /// topics grow, so no total time fits them all); logs its progress.
+    Stall(Duration),
+    /// After this long in all.
+    Total(Duration),
+}
+
+/// One read of an assigned consumer up to given end offsets.
+pub struct ToEnd {
+    topic: String,
+    /// Partition → the offset it is read up to (exclusive), while unreached.
+    ends: HashMap<i32, i64>,
+    limit: Limit,
+    started: Instant,
+    progress: ReadProgress,
+    stop: Option<CancellationToken>,
+    past_end: bool,
+}
+
+impl ToEnd {
+    /// `what` names the read in progress lines; `ends` holds the partitions
+    /// to read and the offset each is read up to.
+    pub fn new(what: &'static str, topic: &str, ends: HashMap<i32, i64>, limit: Limit) -> ToEnd {
+        let stall = match limit {
+            Limit::Stall(d) | Limit::Total(d) => d,
+        };
+        ToEnd {
+            topic: topic.to_string(),
+            ends,
+            limit,
+            started: Instant::now(),
+            progress: ReadProgress::new(what, topic, stall),
+            stop: None,
+            past_end: false,
+        }
+    }
+
+    /// Gives up with [`ShortRead::Stopped`] once `stop` is cancelled.
+    pub fn stop_on(mut self, stop: CancellationToken) -> ToEnd {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Also hands out records past the end of a partition already read to
+    /// it (written since the read began): a consumer that goes on tailing
+    /// the topic afterwards must not skip them.
+    pub fn with_later_records(mut self) -> ToEnd {
+        self.past_end = true;
+        self
+    }
+
+    /// The next record, or poll error, before every partition reached its
+    /// end; `Ok(None)` once they all have.
+    pub fn next<'c, C: ConsumerContext>(
+        &mut self,
+        consumer: &'c BaseConsumer<C>,
+        poll: Duration,
+    ) -> Result<Option<KafkaResult<BorrowedMessage<'c>>>, ShortRead> {
+        loop {
+            if self.ends.is_empty() {
+                return Ok(None);
+            }
+            if self.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
+                return Err(ShortRead::Stopped);
+            }
+            match self.limit {
+                Limit::Stall(stall) => {
+                    if self.progress.stalled() {
+                        return Err(ShortRead::Stalled(stall));
+                    }
+                    self.progress.report(&self.ends);
+                }
+                Limit::Total(total) => {
+                    if self.started.elapsed() > total {
+                        return Err(ShortRead::TimedOut(total));
+                    }
+                }
+            }
+            match consumer.poll(poll) {
+                Some(Ok(m)) => {
+                    let p = m.partition();
+                    self.progress.record(p, m.offset());
+                    let end = self.ends.get(&p).copied();
+                    if end.is_some_and(|end| m.offset() >= end - 1) {
+                        self.ends.remove(&p);
+                    }
+                    if end.is_some() || self.past_end {
+                        return Ok(Some(Ok(m)));
+                    }
+                }
+                Some(Err(e)) => return Ok(Some(Err(e))),
+                None => {
+                    // A position that cannot be read now is asked again at
+                    // the next idle poll; the limit ends a read that never moves.
+                    if let Ok(pos) = consumer.position() {
+                        let (topic, progress) = (&self.topic, &mut self.progress);
+                        self.ends.retain(|p, end| {
+                            let at = pos
+                                .find_partition(topic, *p)
+                                .and_then(|e| e.offset().to_raw());
+                            if let Some(o) = at {
+                                progress.position(*p, o);
+                            }
+                            at.is_none_or(|at| at < *end)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The partitions of `topic` (none when it does not exist).
+fn partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> KafkaResult<Vec<i32>> {
+    let md = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    Ok(md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
+/// Assigns `consumer` the non-empty `partitions` of `topic`, each from its
+/// first record with a timestamp at or after `since_ms` (unix milliseconds)
+/// when given, else from its start; returns the high watermark of each, the
+/// end to read to.
+fn assign_to_ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    since_ms: Option<i64>,
+) -> KafkaResult<HashMap<i32, i64>> {
+    let mut starts = HashMap::new();
+    if let Some(ms) = since_ms {
+        let mut query = TopicPartitionList::new();
+        for p in partitions {
+            query.add_partition_offset(topic, *p, Offset::Offset(ms))?;
+        }
+        for e in consumer.offsets_for_times(query, ADMIN_TIMEOUT)?.elements() {
+            starts.insert(e.partition(), e.offset());
+        }
+    }
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?;
+        let start = match starts.get(&p) {
+            // No record that recent in this partition.
+            Some(Offset::End) => continue,
+            Some(Offset::Offset(o)) => (*o).max(low),
+            _ => low,
+        };
+        if high > start {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        }
+    }
+    if !ends.is_empty() {
+        consumer.assign(&tpl)?;
+    }
+    Ok(ends)
+}
+
+/// Calls `each` for every record of `topic` below the high watermarks read
+/// at the start, from the first record at or after `since_ms` in each
+/// partition when given. Fails on a topic that does not exist, and on a
+/// read that stalls. Blocking: call it from `spawn_blocking` in async code.
+pub fn scan(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+    topic: &str,
+    since_ms: Option<i64>,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), ReadError> {
+    let mut cfg = client::consumer(kafka, bootstrap);
+    // A group id is required by librdkafka even though nothing is committed.
+    cfg.set("group.id", "switchyard-scan")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cfg.create()?;
+    let partitions = partitions(&consumer, topic)?;
+    if partitions.is_empty() {
+        return Err(ReadError::NoTopic);
+    }
+    let ends = assign_to_ends(&consumer, topic, &partitions, since_ms)?;
+    let mut read = ToEnd::new("scan", topic, ends, Limit::Stall(SCAN_STALL));
+    while let Some(m) = read.next(&consumer, Duration::from_millis(200))? {
+        each(&m?);
+    }
+    Ok(())
+}
+
 /// Every committed record of `topic` up to each partition's end at the time
-/// of the call (later records are not waited for).
+/// of the call (later records are not waited for): for the demo, `dlq`
+/// tooling and checks.
 pub async fn read_to_end(
     kafka: &KafkaConfig,
     bootstrap: &str,
@@ -27,54 +265,21 @@ pub async fn read_to_end(
 }
 
 fn read_blocking(consumer: &BaseConsumer, topic: &str) -> Result<Vec<OwnedMessage>, KafkaError> {
-    let md = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
-    let mut tpl = TopicPartitionList::new();
-    let mut pending: HashMap<i32, i64> = HashMap::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), ADMIN_TIMEOUT)?;
-            if high > low {
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
-                pending.insert(p.id(), high);
-            }
-        }
-    }
-    if pending.is_empty() {
-        return Ok(Vec::new());
-    }
-    consumer.assign(&tpl)?;
+    let partitions = partitions(consumer, topic)?;
+    let ends = assign_to_ends(consumer, topic, &partitions, None)?;
+    let mut read = ToEnd::new("read", topic, ends, Limit::Total(READ_TIMEOUT)).with_later_records();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            return Err(KafkaError::MessageConsumption(
-                RDKafkaErrorCode::OperationTimedOut,
-            ));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if pending
-                    .get(&m.partition())
-                    .is_some_and(|end| m.offset() >= end - 1)
-                {
-                    pending.remove(&m.partition());
-                }
-                out.push(m.detach());
-            }
-            Some(Err(e)) => return Err(e),
-            None => {
-                // Transaction markers and compaction leave offsets with no record.
-                if let Ok(pos) = consumer.position() {
-                    pending.retain(|p, end| {
-                        pos.find_partition(topic, *p)
-                            .and_then(|e| e.offset().to_raw())
-                            .is_none_or(|o| o < *end)
-                    });
-                }
+    loop {
+        match read.next(consumer, Duration::from_millis(200)) {
+            Ok(Some(m)) => out.push(m?.detach()),
+            Ok(None) => return Ok(out),
+            Err(_) => {
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ));
             }
         }
     }
-    Ok(out)
 }
 
 /// A record's headers as strings.

@@ -14,9 +14,9 @@ use super::dedup::{self, ChunkId, DedupKey, PartitionDedup};
 use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile};
 use super::route::{self, DeliveryWriter, Skip, Stamp};
 use crate::config::Config;
+use crate::delivery::dead_letter::{header, stage};
 use crate::event::{DroppedHint, InvalidEvent, parse_event};
 use crate::kafka::partitioner::partition_for;
-use crate::sink::records::header;
 
 /// One consumed record, borrowed from the consumer.
 #[derive(Debug, Clone, Copy)]
@@ -811,7 +811,7 @@ fn dead_letter(
         reason.truncate(cut);
     }
     let mut headers = vec![
-        (header::STAGE, "router".to_string()),
+        (header::STAGE, stage::ROUTER.to_string()),
         (header::ERROR_CLASS, class.to_string()),
         (header::REASON, reason),
         (header::ORIGIN_TOPIC, canonical.to_string()),

@@ -30,7 +30,7 @@ use super::identity::{IdentityTable, Profile};
 use super::metrics as m;
 use super::pipeline::{Batch, InRecord, Out, Outcome, Pipeline, Reroute};
 use crate::config::{Config, Guarantee, KafkaConfig};
-use crate::kafka::progress::ReadProgress;
+use crate::kafka::reader::{Limit, ShortRead, ToEnd};
 use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::kafka::topics::{self, DedupTopics};
 use crate::kafka::{ADMIN_TIMEOUT, client};
@@ -1009,47 +1009,37 @@ pub(super) async fn restore_partition(
             .map_err(err)?;
         consumer.assign(&tpl).map_err(err)?;
         let ends = HashMap::from([(partition, high)]);
-        let mut progress = ReadProgress::new("dedup restore", &topic, stall);
+        let mut read = ToEnd::new("dedup restore", &topic, ends, Limit::Stall(stall)).stop_on(stop);
         loop {
-            if stop.is_cancelled() {
-                return Err(RouterError::Stopped);
-            }
-            if progress.stalled() {
-                return Err(RouterError::Stalled {
-                    read: "dedup restore",
-                    topic: format!("{topic} partition {partition}"),
-                    stall,
-                });
-            }
-            progress.report(&ends);
-            match consumer.poll(Duration::from_millis(500)) {
+            let polled = read
+                .next(&consumer, Duration::from_millis(500))
+                .map_err(|e| {
+                    state_read_failed(e, "dedup restore", format!("{topic} partition {partition}"))
+                })?;
+            match polled {
                 Some(Ok(msg)) => {
-                    progress.record(partition, msg.offset());
                     if let Some(key) = msg.key() {
                         restore.record(key, msg.payload());
                     }
-                    if msg.offset() >= high - 1 {
-                        return Ok(finish(restore));
-                    }
                 }
                 Some(Err(e)) => return Err(err(e)),
-                None => {
-                    // Compaction may have removed the records up to `high`.
-                    let pos = consumer.position().ok().and_then(|t| {
-                        t.find_partition(&topic, partition)
-                            .and_then(|e| e.offset().to_raw())
-                    });
-                    if let Some(o) = pos {
-                        progress.position(partition, o);
-                    }
-                    if pos.is_some_and(|o| o >= high) {
-                        return Ok(finish(restore));
-                    }
-                }
+                None => return Ok(finish(restore)),
             }
         }
     })
     .await?
+}
+
+/// A read of state that stopped short, as the router reports it.
+fn state_read_failed(e: ShortRead, read: &'static str, topic: String) -> RouterError {
+    match e {
+        // The router's reads are bounded by stalls only; a total limit, were
+        // one set, would end them the same way.
+        ShortRead::Stalled(stall) | ShortRead::TimedOut(stall) => {
+            RouterError::Stalled { read, topic, stall }
+        }
+        ShortRead::Stopped => RouterError::Stopped,
+    }
 }
 
 /// Tails the whole identity topic: every instance sees every update.
@@ -1147,54 +1137,27 @@ pub(super) async fn load_identity(
     let mut table = std::mem::take(pipeline.identity());
     let stop = stop.clone();
     let (tail, table) = tokio::task::spawn_blocking(move || {
-        let mut pending: HashMap<i32, i64> = tail
+        let ends = tail
             .ends
             .iter()
             .filter(|(_, end)| **end > 0)
             .map(|(p, e)| (*p, *e))
             .collect();
-        let mut progress = ReadProgress::new("identity load", &tail.topic, stall);
-        while !pending.is_empty() {
-            if stop.is_cancelled() {
-                return Err(RouterError::Stopped);
-            }
-            if progress.stalled() {
-                return Err(RouterError::Stalled {
-                    read: "identity load",
-                    topic: tail.topic.clone(),
-                    stall,
-                });
-            }
-            progress.report(&pending);
-            match tail.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(msg)) => {
-                    progress.record(msg.partition(), msg.offset());
-                    IdentityTail::apply(&msg, &mut table);
-                    if pending
-                        .get(&msg.partition())
-                        .is_some_and(|end| msg.offset() >= end - 1)
-                    {
-                        pending.remove(&msg.partition());
-                    }
-                }
+        // The tail reads on from here: no record read past an end may be skipped.
+        let mut read = ToEnd::new("identity load", &tail.topic, ends, Limit::Stall(stall))
+            .stop_on(stop)
+            .with_later_records();
+        loop {
+            let polled = read
+                .next(&tail.consumer, Duration::from_millis(200))
+                .map_err(|e| state_read_failed(e, "identity load", tail.topic.clone()))?;
+            match polled {
+                Some(Ok(msg)) => IdentityTail::apply(&msg, &mut table),
                 Some(Err(e)) => warn!(error = %e, "identity load error"),
-                None => {
-                    // Compaction can leave the last offsets empty.
-                    if let Ok(pos) = tail.consumer.position() {
-                        pending.retain(|p, end| {
-                            let at = pos
-                                .find_partition(&tail.topic, *p)
-                                .and_then(|e| e.offset().to_raw());
-                            if let Some(o) = at {
-                                progress.position(*p, o);
-                            }
-                            at.is_none_or(|o| o < *end)
-                        });
-                    }
-                }
+                None => break,
             }
         }
-        Ok((tail, table))
+        Ok::<_, RouterError>((tail, table))
     })
     .await??;
     *pipeline.identity() = table;

@@ -7,58 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::Message;
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use super::SinkError;
-use super::records::header;
 use crate::config::Config;
+pub use crate::delivery::dead_letter::DeadLetter;
+use crate::delivery::dead_letter::{header, stage};
 use crate::kafka::client;
-
-/// One dead letter as listed and filtered.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub partition: i32,
-    pub offset: i64,
-    pub at: Option<DateTime<Utc>>,
-    pub destination: String,
-    pub stage: String,
-    pub error_class: String,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl DeadLetter {
-    fn from_message(m: &BorrowedMessage<'_>) -> DeadLetter {
-        let mut headers = Vec::new();
-        let mut get = BTreeMap::new();
-        if let Some(hs) = m.headers() {
-            for h in hs.iter() {
-                let v = h.value.unwrap_or_default();
-                get.insert(h.key.to_string(), String::from_utf8_lossy(v).into_owned());
-                headers.push((h.key.to_string(), v.to_vec()));
-            }
-        }
-        let field = |k: &str| get.get(k).cloned().unwrap_or_default();
-        DeadLetter {
-            partition: m.partition(),
-            offset: m.offset(),
-            at: m
-                .timestamp()
-                .to_millis()
-                .and_then(DateTime::<Utc>::from_timestamp_millis),
-            destination: field(header::DESTINATION),
-            stage: field(header::STAGE),
-            error_class: field(header::ERROR_CLASS),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().unwrap_or_default().to_vec(),
-            headers,
-        }
-    }
-}
 
 /// Every dead letter on the DLQ topic (read to its current end).
 pub async fn read_all(config: &Config, bootstrap: &str) -> Result<Vec<DeadLetter>, SinkError> {
@@ -105,7 +62,7 @@ pub struct RedriveFilter {
 impl RedriveFilter {
     /// Only sink dead letters hold a delivery record that the deliver topic accepts.
     pub fn matches(&self, l: &DeadLetter) -> bool {
-        l.stage == "sink"
+        l.stage == stage::SINK
             && l.destination == self.destination
             && self.since.is_none_or(|s| l.at.is_some_and(|at| at >= s))
             && self

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::offsets::{OffsetTracker, Part};
 use super::records::Item;
+use crate::kafka::Position;
 
 pub struct Ownership {
     tracker: Mutex<OffsetTracker>,
@@ -31,7 +32,7 @@ pub struct Ownership {
 #[derive(Debug, Default)]
 pub struct Handover {
     /// Final commit points of the partitions given up.
-    pub commits: Vec<(String, i32, i64)>,
+    pub commits: Vec<Position>,
     /// Records still in flight at the deadline: left uncommitted.
     pub abandoned: usize,
     pub waited: Duration,
@@ -95,7 +96,7 @@ impl Ownership {
         self.lock().is_live(topic, partition, epoch)
     }
 
-    pub fn take_commits(&self) -> Vec<(String, i32, i64)> {
+    pub fn take_commits(&self) -> Vec<Position> {
         self.lock().take_commits()
     }
 
@@ -157,7 +158,7 @@ impl Ownership {
             for p in parts {
                 let (commit, in_flight) = t.revoke(p);
                 if let Some(offset) = commit {
-                    report.commits.push((p.0.clone(), p.1, offset));
+                    report.commits.push(Position::new(&p.0, p.1, offset));
                 }
                 report.abandoned += in_flight;
             }
@@ -194,7 +195,6 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::records::Position;
     use std::sync::Arc;
 
     fn item(offset: i64) -> Item {
@@ -250,7 +250,7 @@ mod tests {
         assert!(report.waited >= Duration::from_millis(100));
         assert_eq!(report.abandoned, 0);
         // Offset 2 was read but never sent: its next owner reads it again.
-        assert_eq!(report.commits, vec![("d".to_string(), 0, 2)]);
+        assert_eq!(report.commits, vec![Position::new("d", 0, 2)]);
         assert_eq!(own.take_revoked(), vec![part]);
         assert!(own.take_commits().is_empty());
         assert!(!own.done("d", 0, 2, items[2].epoch));

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::kafka::Position;
+
 pub type Part = (String, i32);
 
 struct Track {
@@ -97,11 +99,11 @@ impl OffsetTracker {
 
     /// Offsets to commit (the next offset to read, Kafka style) that moved
     /// since the last call.
-    pub fn take_commits(&mut self) -> Vec<(String, i32, i64)> {
+    pub fn take_commits(&mut self) -> Vec<Position> {
         let mut out = Vec::new();
         for ((topic, partition), t) in &mut self.parts {
             if let Some(point) = t.commit_point() {
-                out.push((topic.clone(), *partition, point));
+                out.push(Position::new(topic, *partition, point));
             }
         }
         out
@@ -169,11 +171,11 @@ mod tests {
         t.done("d", 0, 12, e);
         assert!(t.take_commits().is_empty(), "10 is still open");
         t.done("d", 0, 10, e);
-        assert_eq!(t.take_commits(), vec![("d".to_string(), 0, 13)]);
+        assert_eq!(t.take_commits(), vec![Position::new("d", 0, 13)]);
         assert!(t.take_commits().is_empty(), "nothing moved");
         t.done("d", 0, 14, e);
         t.done("d", 0, 13, e);
-        assert_eq!(t.take_commits(), vec![("d".to_string(), 0, 15)]);
+        assert_eq!(t.take_commits(), vec![Position::new("d", 0, 15)]);
         assert_eq!(t.pending(), 0);
     }
 
@@ -183,7 +185,7 @@ mod tests {
         t.seen("d", 0, 0);
         let e = t.seen("d", 1, 7);
         t.done("d", 1, 7, e);
-        assert_eq!(t.take_commits(), vec![("d".to_string(), 1, 8)]);
+        assert_eq!(t.take_commits(), vec![Position::new("d", 1, 8)]);
         assert_eq!(t.pending(), 1);
     }
 
@@ -214,6 +216,6 @@ mod tests {
         assert!(!t.done("d", 0, 6, e));
         assert!(t.take_commits().is_empty());
         assert!(t.done("d", 0, 6, e2));
-        assert_eq!(t.take_commits(), vec![("d".to_string(), 0, 7)]);
+        assert_eq!(t.take_commits(), vec![Position::new("d", 0, 7)]);
     }
 }

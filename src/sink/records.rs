@@ -11,47 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::retry::cut;
 use crate::delivery::Delivery;
-
-/// Header names switchyard sets on dead letters (router and sink alike, so
-/// `dlq list` reads both) and retry records.
-pub mod header {
-    pub const DESTINATION: &str = "switchyard-destination";
-    pub const STAGE: &str = "switchyard-stage";
-    pub const ERROR_CLASS: &str = "switchyard-error-class";
-    pub const REASON: &str = "switchyard-reason";
-    pub const HTTP_STATUS: &str = "switchyard-http-status";
-    pub const RESPONSE: &str = "switchyard-response";
-    pub const ATTEMPTS: &str = "switchyard-attempts";
-    pub const FIRST_ATTEMPT: &str = "switchyard-first-attempt";
-    pub const LAST_ATTEMPT: &str = "switchyard-last-attempt";
-    pub const ORIGIN_TOPIC: &str = "switchyard-origin-topic";
-    pub const ORIGIN_PARTITION: &str = "switchyard-origin-partition";
-    pub const ORIGIN_OFFSET: &str = "switchyard-origin-offset";
-    pub const DUE: &str = "switchyard-due";
-    /// When a sink wrote a not-yet-due retry record back to the end of its
-    /// partition (so one far-off record does not hold up the nearer ones).
-    pub const REQUEUED_AT: &str = "switchyard-requeued-at";
-    pub const REDRIVEN_FROM: &str = "switchyard-redriven-from";
-    /// Router dead letters: when the record failed, and the input record's
-    /// own timestamp and size (oversize payloads are cut).
-    pub const FAILED_AT: &str = "switchyard-failed-at";
-    pub const ORIGIN_TIMESTAMP_MS: &str = "switchyard-origin-timestamp-ms";
-    pub const ORIGIN_SIZE: &str = "switchyard-origin-size";
-    pub const TRUNCATED: &str = "switchyard-truncated";
-    /// On a record the router re-published to its event_id's partition:
-    /// where the original was (`<partition>/<offset>`), and why it was moved
-    /// (`wrong_key`, `wrong_partition`).
-    pub const REROUTED_FROM: &str = "switchyard-rerouted-from";
-    pub const REROUTE_REASON: &str = "switchyard-reroute-reason";
-    /// On a delivery: identity hints the router dropped as malformed, one
-    /// `<pointer>: <why>` per hint, separated by "; " (never the value).
-    pub const HINTS_DROPPED: &str = "switchyard-hints-dropped";
-
-    /// Headers describing one attempt history; never copied onto a new record.
-    pub fn is_own(name: &str) -> bool {
-        name.starts_with("switchyard-") && name != REDRIVEN_FROM
-    }
-}
+use crate::delivery::dead_letter::{header, stage};
+use crate::kafka::Position;
 
 /// The most of a vendor response a dead letter keeps.
 pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
@@ -60,13 +21,6 @@ pub const REASON_MAX_BYTES: usize = 2048;
 /// The most of an error class kept: some are vendors' codes, and classes
 /// are metric labels too.
 pub const CLASS_MAX_BYTES: usize = 64;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// One record being delivered: the decoded delivery (if it decoded), its raw
 /// bytes for the dead-letter and retry topics, and its attempt history.
@@ -251,7 +205,7 @@ impl Item {
             })
             .insert(Header {
                 key: header::STAGE,
-                value: Some("sink"),
+                value: Some(stage::SINK),
             })
             .insert(Header {
                 key: header::ERROR_CLASS,
@@ -272,6 +226,38 @@ impl Item {
             });
         }
         h
+    }
+}
+
+#[cfg(test)]
+impl Item {
+    /// `person`'s event read at `source`, first read at `origin`.
+    pub(crate) fn for_test(source: Position, origin: Position, person: &str) -> Item {
+        let event = serde_json::json!({
+            "event": "purchase", "event_id": format!("e{}", origin.offset),
+            "occurred_at": "2026-11-26T14:03:11Z", "user_id": person
+        });
+        let d = crate::destinations::test_support::delivery(
+            "d",
+            "purchase",
+            event,
+            serde_json::json!({}),
+        );
+        Item {
+            raw: serde_json::to_vec(&d).expect("a delivery"),
+            delivery: Some(d),
+            key: None,
+            headers: Vec::new(),
+            source,
+            origin,
+            attempts: 1,
+            first_attempt: None,
+            last_attempt: None,
+            due: None,
+            reason: None,
+            requeued_at: None,
+            epoch: 1,
+        }
     }
 }
 

@@ -25,12 +25,14 @@ use super::metrics::{
 };
 use super::pace::Pace;
 use super::records::{
-    CLASS_MAX_BYTES, Final, Item, LedgerEntry, LedgerIndex, Position, REASON_MAX_BYTES,
-    RESPONSE_EXCERPT_BYTES, Rejection, header, ledger_key,
+    CLASS_MAX_BYTES, Final, Item, LedgerEntry, LedgerIndex, REASON_MAX_BYTES,
+    RESPONSE_EXCERPT_BYTES, Rejection, ledger_key,
 };
 use super::retry::{Next, cut_string, excerpt, next_step, retry_after};
 use super::round::{self, Planned};
 use crate::delivery::Delivery;
+use crate::delivery::dead_letter::header;
+use crate::kafka::Position;
 use crate::kafka::client::ProducerGuard;
 
 /// How long a record may wait for its ack (librdkafka's `message.timeout.ms`
@@ -1019,7 +1021,6 @@ mod tests {
 
         use crate::destinations::test_support;
         use crate::sink::destination::Refusal;
-        use crate::sink::records::Position;
 
         /// What the stand-in got: (path, the ids in the body).
         type Seen = Arc<Mutex<Vec<(String, Vec<String>)>>>;
