@@ -6,6 +6,7 @@
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
+pub mod mixpanel;
 mod shared;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -37,6 +38,10 @@ pub enum Contact {
     HashesOnly,
     /// Hashes, and the raw values when the destination sets `raw_contact = true`.
     RawWhenConfigured,
+    /// Nothing of them by default (the vendor has no use for hashes), the
+    /// raw values when the destination sets `raw_contact = true`. The vendor
+    /// keeps a profile of the person, so it needs their yes.
+    NoneUnlessConfigured,
 }
 
 /// A vendor's policy, stated in its own file as `pub const SPEC`.
@@ -70,7 +75,7 @@ impl Spec {
     /// an owner who chose its category and may choose its default.
     pub fn consent_default(&self) -> ConsentDefault {
         match self.contact {
-            Contact::HashesOnly => ConsentDefault::Deny,
+            Contact::HashesOnly | Contact::NoneUnlessConfigured => ConsentDefault::Deny,
             Contact::RawWhenConfigured => ConsentDefault::Grant,
         }
     }
@@ -79,7 +84,7 @@ impl Spec {
     pub fn hashes_only(&self) -> bool {
         match self.contact {
             Contact::HashesOnly => true,
-            Contact::RawWhenConfigured => false,
+            Contact::RawWhenConfigured | Contact::NoneUnlessConfigured => false,
         }
     }
 }
@@ -92,6 +97,7 @@ pub enum Vendor {
     TiktokEvents(tiktok_events::Settings),
     GoogleAds(google_ads::Settings),
     Ga4(ga4::Settings),
+    Mixpanel(mixpanel::Settings),
 }
 
 type Parse = fn(toml::Value, &str) -> Result<Vendor, Problem>;
@@ -111,6 +117,9 @@ const VENDORS: &[(&Spec, Parse)] = &[
         deserialize_at(v, key).map(Vendor::GoogleAds)
     }),
     (&ga4::SPEC, |v, key| deserialize_at(v, key).map(Vendor::Ga4)),
+    (&mixpanel::SPEC, |v, key| {
+        deserialize_at(v, key).map(Vendor::Mixpanel)
+    }),
 ];
 
 impl Vendor {
@@ -140,6 +149,7 @@ impl Vendor {
             Vendor::TiktokEvents(_) => &tiktok_events::SPEC,
             Vendor::GoogleAds(_) => &google_ads::SPEC,
             Vendor::Ga4(_) => &ga4::SPEC,
+            Vendor::Mixpanel(_) => &mixpanel::SPEC,
         }
     }
 
@@ -151,6 +161,7 @@ impl Vendor {
             Vendor::TiktokEvents(s) => s.check(key, problems),
             Vendor::GoogleAds(s) => s.check(key, problems),
             Vendor::Ga4(s) => s.check(key, problems),
+            Vendor::Mixpanel(s) => s.check(key, problems),
         }
     }
 
@@ -162,6 +173,7 @@ impl Vendor {
             Vendor::TiktokEvents(s) => s.preset_name(event),
             Vendor::GoogleAds(s) => s.preset_name(event),
             Vendor::Ga4(s) => s.preset_name(event),
+            Vendor::Mixpanel(s) => s.preset_name(event),
         }
     }
 
@@ -173,6 +185,7 @@ impl Vendor {
             Vendor::TiktokEvents(s) => Arc::new(tiktok_events::TiktokEvents::new(s.clone())),
             Vendor::GoogleAds(s) => Arc::new(google_ads::GoogleAds::new(s.clone())),
             Vendor::Ga4(s) => Arc::new(ga4::Ga4::new(s.clone())),
+            Vendor::Mixpanel(s) => Arc::new(mixpanel::Mixpanel::new(s.clone())),
         }
     }
 }
@@ -209,8 +222,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.key, "destinations.x.type");
         assert!(
-            p.message
-                .ends_with("expected one of webhook, meta_capi, tiktok_events, google_ads, ga4"),
+            p.message.ends_with(
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel"
+            ),
             "{}",
             p.message
         );
