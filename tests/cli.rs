@@ -317,7 +317,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
     assert!(out.contains("meta (consent ads denied)"), "{out}");
     assert!(
-        out.contains("→ crm, ga4, google_ads, meta, tiktok"),
+        out.contains("→ crm, ga4, google_ads, meta, mixpanel, tiktok"),
         "{out}"
     );
     // Then every sink delivered to its local vendor stand-in: per
@@ -330,7 +330,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         .take_while(|l| !l.starts_with("dead letter"))
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table.len(), 5, "{out}");
+    assert_eq!(table.len(), 6, "{out}");
     for row in &table {
         let n = |i: usize| row[i].parse::<usize>().unwrap();
         let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));

@@ -30,6 +30,10 @@
 //! `$delete`), and answers 200 either way: `{"status":1,"error":null}` with
 //! `verbose=1` (else `1`), or status 0 (`0`) when any update is invalid, in
 //! which case none is applied. Profiles are kept for tests to read.
+//!
+//! `accepted()` lists the events taken (not `$identify`/`$merge`, which are
+//! identity operations) and each profile `$set` (name `"$set"`), so an
+//! identify counts once whichever merge API the project uses.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -378,6 +382,10 @@ impl Mixpanel {
                 }
                 _ => {}
             }
+            if matches!(name, "$identify" | "$merge" | "$create_alias") {
+                // An identity operation, not an event anyone counts.
+                continue;
+            }
             accepted.push(Accepted {
                 key: p["$insert_id"].as_str().map(str::to_string),
                 name: name.to_string(),
@@ -451,7 +459,17 @@ impl Mixpanel {
             }
         }
         let mut state = self.state.lock().expect("lock");
+        let mut accepted = Vec::new();
         for u in &updates {
+            if u.get("$set").is_some() {
+                accepted.push(Accepted {
+                    key: None,
+                    name: "$set".into(),
+                    value: None,
+                    currency: None,
+                    payload: u.clone(),
+                });
+            }
             let id = u["$distinct_id"].as_str().unwrap_or_default().to_string();
             let profile = state.profiles.entry(id).or_default();
             if let Some(set) = u["$set"].as_object() {
@@ -476,7 +494,9 @@ impl Mixpanel {
                 }
             }
         }
-        answer(None)
+        let mut reply = answer(None);
+        reply.accepted = accepted;
+        reply
     }
 }
 
