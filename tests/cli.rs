@@ -134,6 +134,7 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("GOOGLE_ADS_DEVELOPER_TOKEN", "t")
         .env("GOOGLE_ADS_ACCESS_TOKEN", "t")
         .env("GA4_API_SECRET", "t")
+        .env("MIXPANEL_SA_SECRET", "t")
         .env("WEBHOOK_SECRET", "0123456789abcdef0123")
         .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
         .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
@@ -142,7 +143,14 @@ fn check_prints_a_summary_for_a_good_config() {
     no_panic(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", stderr(&o));
-    for word in ["switchyard.dedup", "compact", "meta_capi", "ga4", "webhook"] {
+    for word in [
+        "switchyard.dedup",
+        "compact",
+        "meta_capi",
+        "ga4",
+        "mixpanel",
+        "webhook",
+    ] {
         assert!(out.contains(word), "summary lacks {word}:\n{out}");
     }
     assert!(
