@@ -1477,6 +1477,14 @@ revenue_property = "time"
     }
 
     #[test]
+    fn policy_is_analytics_with_a_yes_and_no_hashes() {
+        use crate::settings::ConsentDefault;
+        assert_eq!(SPEC.default_consent(), Some("analytics"));
+        assert_eq!(SPEC.consent_default(), ConsentDefault::Deny);
+        assert!(!SPEC.hashes_only(), "raw_contact = true is allowed");
+    }
+
+    #[test]
     fn uuid_v4_is_recognised() {
         assert!(is_uuid_v4("6f1c2a9e-3b4d-4c8e-9f10-2a3b4c5d6e7f"));
         assert!(!is_uuid_v4("6f1c2a9e-3b4d-1c8e-9f10-2a3b4c5d6e7f"));
