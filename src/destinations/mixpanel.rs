@@ -36,7 +36,7 @@
 //!   other anonymous id it sends `$merge` (`$distinct_ids`) instead.
 //!
 //! **Profiles**: `POST {host}/engage?verbose=1&ip=0`, a JSON array of update
-//! objects `{$token, $distinct_id, $time, $ip, <one operation>}`, at most
+//! objects `{$token, $distinct_id, $time (seconds), $ip, <one operation>}`, at most
 //! 2000 per request, 1 MB each (reference/user-profile-limits). An identify
 //! with a user id sends `$set` (and `$set_once` for `set_once_traits`), with
 //! common traits under Mixpanel's reserved names (`$email`, `$phone`,
@@ -571,7 +571,9 @@ impl Mixpanel {
             let mut u = Map::new();
             u.insert("$token".into(), json!(self.settings.project_token));
             u.insert("$distinct_id".into(), json!(user));
-            u.insert("$time".into(), json!(ev.occurred_at.timestamp_millis()));
+            // Seconds, as Mixpanel's Python library sends it (the docs say
+            // nothing of `$time` on profile updates).
+            u.insert("$time".into(), json!(ev.occurred_at.timestamp()));
             u.insert("$ip".into(), json!(ip(ev)));
             u.insert(op.into(), value);
             Value::Object(u)
@@ -1148,7 +1150,7 @@ revenue_property = "time"
         assert_eq!(
             body(&reqs[1]),
             json!([{
-                "$token": "tok123", "$distinct_id": "u_1", "$time": 1_795_701_791_000_i64,
+                "$token": "tok123", "$distinct_id": "u_1", "$time": 1_795_701_791_i64,
                 "$ip": "198.51.100.23",
                 "$append": {"$transactions": {"$amount": 49.5, "$time": "2026-11-26T14:03:11",
                                               "currency": "EUR", "order_id": "o-1"}}
