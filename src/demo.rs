@@ -563,6 +563,42 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 g.base_url = Some(server.base_url());
                 ("GA4 Measurement Protocol", server)
             }
+            Vendor::Mixpanel(m) => {
+                use crate::destinations::mixpanel::{Auth, IdMerge};
+                let server =
+                    fakes::serve(fakes::mixpanel::Mixpanel::new(fakes::mixpanel::Settings {
+                        project_id: m.project_id.clone().unwrap_or_default(),
+                        service_account_username: m
+                            .service_account_username
+                            .clone()
+                            .unwrap_or_default(),
+                        service_account_secret: m
+                            .service_account_secret
+                            .as_ref()
+                            .map(|s| s.expose().to_string())
+                            .unwrap_or_default(),
+                        api_secret: match m.auth {
+                            Auth::ApiSecret => m
+                                .api_secret
+                                .as_ref()
+                                .map(|s| s.expose().to_string())
+                                .unwrap_or_default(),
+                            Auth::ServiceAccount => String::new(),
+                        },
+                        project_token: m.project_token.clone(),
+                        id_merge: match m.id_merge {
+                            IdMerge::Simplified => fakes::mixpanel::IdMerge::Simplified,
+                            IdMerge::Original => fakes::mixpanel::IdMerge::Original,
+                        },
+                        revenue_property: m.revenue_property.clone(),
+                        currency_property: m.currency_property.clone(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(DemoError::Fake)?;
+                m.base_url = Some(server.base_url());
+                ("Mixpanel Import/Engage API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

@@ -6,6 +6,7 @@
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
+pub mod mixpanel;
 mod shared;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -37,6 +38,10 @@ pub enum Contact {
     HashesOnly,
     /// Hashes, and the raw values when the destination sets `raw_contact = true`.
     RawWhenConfigured,
+    /// Nothing of them by default (the vendor has no use for hashes), the
+    /// raw values when the destination sets `raw_contact = true`. The vendor
+    /// keeps a profile of the person, so it needs their yes.
+    NoneUnlessConfigured,
 }
 
 /// A vendor's policy, stated in its own file as `pub const SPEC`.
@@ -74,7 +79,7 @@ impl Spec {
     /// an owner who chose its category and may choose its default.
     pub fn consent_default(&self) -> ConsentDefault {
         match self.contact {
-            Contact::HashesOnly => ConsentDefault::Deny,
+            Contact::HashesOnly | Contact::NoneUnlessConfigured => ConsentDefault::Deny,
             Contact::RawWhenConfigured => ConsentDefault::Grant,
         }
     }
@@ -83,7 +88,7 @@ impl Spec {
     pub fn hashes_only(&self) -> bool {
         match self.contact {
             Contact::HashesOnly => true,
-            Contact::RawWhenConfigured => false,
+            Contact::RawWhenConfigured | Contact::NoneUnlessConfigured => false,
         }
     }
 }
@@ -144,6 +149,7 @@ registry! {
     TiktokEvents => tiktok_events::TiktokEvents,
     GoogleAds => google_ads::GoogleAds,
     Ga4 => ga4::Ga4,
+    Mixpanel => mixpanel::Mixpanel,
 }
 
 impl Vendor {
@@ -199,8 +205,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.key, "destinations.x.type");
         assert!(
-            p.message
-                .ends_with("expected one of webhook, meta_capi, tiktok_events, google_ads, ga4"),
+            p.message.ends_with(
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel"
+            ),
             "{}",
             p.message
         );
