@@ -562,6 +562,16 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 g.base_url = Some(server.base_url());
                 ("GA4 Measurement Protocol", server)
             }
+            Vendor::Posthog(p) => {
+                let server = fakes::serve(fakes::posthog::Settings {
+                    api_key: p.api_key.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                p.base_url = Some(server.base_url());
+                ("PostHog capture API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

@@ -15,6 +15,7 @@
 pub mod ga4;
 pub mod google_ads;
 pub mod meta;
+pub mod posthog;
 pub mod tiktok;
 pub mod webhook;
 

@@ -6,6 +6,7 @@
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
+pub mod posthog;
 mod shared;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -144,6 +145,7 @@ registry! {
     TiktokEvents => tiktok_events::TiktokEvents,
     GoogleAds => google_ads::GoogleAds,
     Ga4 => ga4::Ga4,
+    Posthog => posthog::Posthog,
 }
 
 impl Vendor {
@@ -199,8 +201,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.key, "destinations.x.type");
         assert!(
-            p.message
-                .ends_with("expected one of webhook, meta_capi, tiktok_events, google_ads, ga4"),
+            p.message.ends_with(
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, posthog"
+            ),
             "{}",
             p.message
         );
