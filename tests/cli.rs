@@ -134,6 +134,7 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("GOOGLE_ADS_DEVELOPER_TOKEN", "t")
         .env("GOOGLE_ADS_ACCESS_TOKEN", "t")
         .env("GA4_API_SECRET", "t")
+        .env("POSTHOG_PROJECT_API_KEY", "phc_0123456789")
         .env("WEBHOOK_SECRET", "0123456789abcdef0123")
         .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
         .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
@@ -142,7 +143,14 @@ fn check_prints_a_summary_for_a_good_config() {
     no_panic(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", stderr(&o));
-    for word in ["switchyard.dedup", "compact", "meta_capi", "ga4", "webhook"] {
+    for word in [
+        "switchyard.dedup",
+        "compact",
+        "meta_capi",
+        "ga4",
+        "posthog",
+        "webhook",
+    ] {
         assert!(out.contains(word), "summary lacks {word}:\n{out}");
     }
     assert!(
@@ -317,7 +325,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
     assert!(out.contains("meta (consent ads denied)"), "{out}");
     assert!(
-        out.contains("→ crm, ga4, google_ads, meta, tiktok"),
+        out.contains("→ crm, ga4, google_ads, meta, posthog, tiktok"),
         "{out}"
     );
     // Then every sink delivered to its local vendor stand-in: per
@@ -330,7 +338,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         .take_while(|l| !l.starts_with("dead letter"))
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table.len(), 5, "{out}");
+    assert_eq!(table.len(), 6, "{out}");
     for row in &table {
         let n = |i: usize| row[i].parse::<usize>().unwrap();
         let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));
