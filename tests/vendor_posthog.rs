@@ -197,7 +197,7 @@ async fn deliver_splitting(
         for req in dest.map(&part) {
             let resp = send(http, &req).await;
             let got = dest.classify(&req, &resp, &part);
-            if got.rows.iter().any(|o| *o == Outcome::Split) && req.rows.len() > 1 {
+            if got.rows.contains(&Outcome::Split) && req.rows.len() > 1 {
                 splits += 1;
                 let these: Vec<usize> = req.rows.iter().map(|&r| rows[r]).collect();
                 let (a, b) = these.split_at(these.len() / 2);

@@ -630,7 +630,8 @@ mod tests {
             let (class, words) = (class.to_string(), words.to_string());
             move |o: &Outcome| matches!(o, Outcome::Rejected { class: c, reason } if *c == class && reason.contains(&words))
         };
-        let table: Vec<(Response, Box<dyn Fn(&Outcome) -> bool>)> = vec![
+        type Expect = Box<dyn Fn(&Outcome) -> bool>;
+        let table: Vec<(Response, Expect)> = vec![
             (
                 ok(json!({"status": 1})),
                 Box::new(|o| *o == Outcome::Delivered),
@@ -680,11 +681,7 @@ mod tests {
         ];
         for (resp, expect) in table {
             let got = test_support::classify(&posthog(), &resp, &batch);
-            assert!(
-                got.iter().all(|o| expect(o)),
-                "HTTP {}: {got:?}",
-                resp.status
-            );
+            assert!(got.iter().all(&expect), "HTTP {}: {got:?}", resp.status);
         }
         assert!(test_support::throttle(
             &posthog(),
