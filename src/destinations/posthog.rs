@@ -29,6 +29,13 @@
 //!   ("failed to parse request: …", "maximum event size exceeded", …), 401
 //!   for a missing, empty or invalid key ("API key is not valid: …"), 429
 //!   billing limit or rate limited, 503 "transient error, please retry".
+//! - posthog.com/docs/cdp/geoip-enrichment: GeoIP prefers the event
+//!   property `$ip`, else the sender's address (a server's, for us).
+//!   posthog.com/manual/sessions: `$session_id` groups events into a
+//!   session (replays, web analytics). posthog.com/docs/data/events:
+//!   `$current_url` is a default property.
+//!   posthog.com/docs/revenue-analytics/capture-revenue-events: the revenue
+//!   and currency property names are chosen in PostHog's settings.
 //! - PostHog/posthog plugin-server/person tests (`process_event` with
 //!   `$identify` and `$anon_distinct_id`): the anonymous person is merged
 //!   into the identified one by the `$identify` event alone; nothing in the
