@@ -46,7 +46,11 @@
 //! PostHog does not promise to drop the copy, so the sink's ledger still
 //! decides (`vendor_dedup` is false). Identify → `$identify` with `$set`
 //! from traits (the router leaves contact traits and email/phone out unless
-//! `raw_contact = true`) and `$anon_distinct_id` = anonymous_id. A session
+//! `raw_contact = true`) and `$anon_distinct_id` = anonymous_id; an identify
+//! without a user id goes as a `$set` event instead (posthog.com/docs/
+//! product-analytics/person-properties), since PostHog refuses to merge an
+//! already identified person (ingestion warning "Refused to merge an already
+//! identified user") and the anonymous one must stay mergeable. A session
 //! id (`$session_id`, `session_id` in properties, or `session_id` in
 //! metadata) travels as `$session_id`; context.ip → `$ip`, page_url →
 //! `$current_url`; value/currency/order_id/items → `revenue`, `currency`,
@@ -194,8 +198,17 @@ impl Posthog {
     fn event(&self, d: &Delivery) -> Event {
         let ev = &d.event;
         let distinct_id: String = ev.anchor().chars().take(MAX_DISTINCT_ID_CHARS).collect();
+        // `$identify` marks its distinct_id as identified, and PostHog
+        // refuses to merge an identified person into another later; without
+        // a user id there is nobody to identify, so the traits go as a
+        // `$set` event (PostHog's person-properties event).
+        let event = if d.name == "$identify" && ev.user_id.is_none() {
+            "$set".to_string()
+        } else {
+            d.name.clone()
+        };
         Event {
-            event: d.name.clone(),
+            event,
             distinct_id,
             properties: properties(d),
             timestamp: ev
@@ -259,7 +272,7 @@ fn properties(d: &Delivery) -> Map<String, Value> {
             .collect();
         p.insert("products".into(), Value::Array(products));
     }
-    if ev.event == EventName::Identify {
+    if ev.event == EventName::Identify || d.name == "$identify" {
         // The router has already left contact traits, email and phone out
         // unless this destination has `raw_contact = true`.
         let mut set = ev.traits.clone().unwrap_or_default();
@@ -588,10 +601,29 @@ mod tests {
         );
         let p = &body(&posthog().map(&[d])[0])["batch"][0]["properties"];
         assert_eq!(p["$set"]["email"], "jo@example.com");
-        // No user id: nothing to merge into.
-        let d = delivery("$identify", json!({"event": "identify", "user_id": null}));
-        let p = &body(&posthog().map(&[d])[0])["batch"][0]["properties"];
-        assert!(p.get("$anon_distinct_id").is_none());
+        // No user id: nothing to merge into, and the anonymous person must
+        // stay mergeable, so the traits go as a `$set` event.
+        let d = delivery(
+            "$identify",
+            json!({"event": "identify", "user_id": null, "traits": {"plan": "pro"}}),
+        );
+        let e = &body(&posthog().map(&[d])[0])["batch"][0];
+        assert_eq!(e["event"], "$set");
+        assert_eq!(e["distinct_id"], "anon-1");
+        assert_eq!(e["properties"]["$set"], json!({"plan": "pro"}));
+        assert!(e["properties"].get("$anon_distinct_id").is_none());
+    }
+
+    #[test]
+    fn policy_is_analytics_with_raw_contact_only_when_configured() {
+        assert_eq!(SPEC.default_consent(), Some("analytics"));
+        assert!(!SPEC.hashes_only(), "raw_contact = true is allowed");
+        // What the registry derives today; the docs ask for an explicit
+        // `consent_default = "deny"` until it can say analytics-deny.
+        assert_eq!(
+            SPEC.consent_default(),
+            crate::settings::ConsentDefault::Grant
+        );
     }
 
     #[test]
