@@ -104,6 +104,11 @@ pub const SPEC: Spec = Spec {
     contact: Contact::RawWhenConfigured,
     email: EmailRule::Plain,
     phone: PhoneFormat::E164,
+    // PostHog sets person properties "in the order the events are
+    // ingested, and not according to event timestamps"
+    // (posthog.com/docs/data/user-properties): a retried older `$set` must
+    // not land after a newer one.
+    ordering: true,
 };
 
 /// PostHog Cloud's two regions.
