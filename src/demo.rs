@@ -599,6 +599,16 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 m.base_url = Some(server.base_url());
                 ("Mixpanel Import/Engage API", server)
             }
+            Vendor::Posthog(p) => {
+                let server = fakes::serve(fakes::posthog::Settings {
+                    api_key: p.api_key.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                p.base_url = Some(server.base_url());
+                ("PostHog capture API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

@@ -135,6 +135,7 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("GOOGLE_ADS_ACCESS_TOKEN", "t")
         .env("GA4_API_SECRET", "t")
         .env("MIXPANEL_SA_SECRET", "t")
+        .env("POSTHOG_PROJECT_API_KEY", "phc_0123456789")
         .env("WEBHOOK_SECRET", "0123456789abcdef0123")
         .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
         .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
@@ -149,6 +150,7 @@ fn check_prints_a_summary_for_a_good_config() {
         "meta_capi",
         "ga4",
         "mixpanel",
+        "posthog",
         "webhook",
     ] {
         assert!(out.contains(word), "summary lacks {word}:\n{out}");
@@ -325,7 +327,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
     assert!(out.contains("meta (consent ads denied)"), "{out}");
     assert!(
-        out.contains("→ crm, ga4, google_ads, meta, mixpanel, tiktok"),
+        out.contains("→ crm, ga4, google_ads, meta, mixpanel, posthog, tiktok"),
         "{out}"
     );
     // Then every sink delivered to its local vendor stand-in: per

@@ -16,6 +16,7 @@ pub mod ga4;
 pub mod google_ads;
 pub mod meta;
 pub mod mixpanel;
+pub mod posthog;
 pub mod tiktok;
 pub mod webhook;
 

@@ -7,6 +7,7 @@ pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
 pub mod mixpanel;
+pub mod posthog;
 mod shared;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -150,6 +151,7 @@ registry! {
     GoogleAds => google_ads::GoogleAds,
     Ga4 => ga4::Ga4,
     Mixpanel => mixpanel::Mixpanel,
+    Posthog => posthog::Posthog,
 }
 
 impl Vendor {
@@ -206,7 +208,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog"
             ),
             "{}",
             p.message
