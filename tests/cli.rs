@@ -340,7 +340,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         .take_while(|l| !l.starts_with("dead letter"))
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table.len(), 6, "{out}");
+    assert_eq!(table.len(), 7, "{out}");
     for row in &table {
         let n = |i: usize| row[i].parse::<usize>().unwrap();
         let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));
