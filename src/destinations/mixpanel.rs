@@ -72,7 +72,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::shared::pack;
+use super::shared::{item_object, pack};
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
 use crate::event::normalize::{EmailRule, PhoneFormat};
@@ -526,31 +526,7 @@ impl Mixpanel {
             p.insert("order_id".into(), json!(o));
         }
         if !ev.items.is_empty() {
-            let items: Vec<Value> = ev
-                .items
-                .iter()
-                .map(|it| {
-                    let mut m = Map::new();
-                    m.insert("id".into(), json!(it.id));
-                    for (k, v) in [
-                        ("name", &it.name),
-                        ("category", &it.category),
-                        ("brand", &it.brand),
-                        ("variant", &it.variant),
-                    ] {
-                        if let Some(v) = v {
-                            m.insert(k.into(), json!(v));
-                        }
-                    }
-                    if let Some(price) = it.price {
-                        m.insert("price".into(), json!(price));
-                    }
-                    if let Some(q) = it.quantity {
-                        m.insert("quantity".into(), json!(q));
-                    }
-                    Value::Object(m)
-                })
-                .collect();
+            let items: Vec<Value> = ev.items.iter().map(|it| item_object(it, "id")).collect();
             p.insert("items".into(), Value::Array(items));
         }
         Some(json!({"event": d.name, "properties": p}))

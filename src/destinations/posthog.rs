@@ -252,27 +252,7 @@ fn properties(d: &Delivery) -> Map<String, Value> {
         let products: Vec<Value> = ev
             .items
             .iter()
-            .map(|it| {
-                let mut m = Map::new();
-                m.insert("product_id".into(), json!(it.id));
-                for (k, v) in [
-                    ("name", &it.name),
-                    ("category", &it.category),
-                    ("brand", &it.brand),
-                    ("variant", &it.variant),
-                ] {
-                    if let Some(v) = v {
-                        m.insert(k.into(), json!(v));
-                    }
-                }
-                if let Some(price) = it.price {
-                    m.insert("price".into(), json!(price));
-                }
-                if let Some(q) = it.quantity {
-                    m.insert("quantity".into(), json!(q));
-                }
-                Value::Object(m)
-            })
+            .map(|it| shared::item_object(it, "product_id"))
             .collect();
         p.insert("products".into(), Value::Array(products));
     }

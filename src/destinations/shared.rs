@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::event::CanonicalEvent;
+use serde_json::{Map, Value, json};
+
 use crate::event::normalize::hash_identifier;
+use crate::event::{CanonicalEvent, Item};
 use crate::settings::is_consent_category;
 use crate::sink::destination::{Refusal, Request};
 
@@ -47,6 +49,31 @@ pub(crate) fn check_ad_consent(
             );
         }
     }
+}
+
+/// An item as the product-analytics vendors take it: the id under
+/// `id_key`, the other fields under their canonical names, absent ones left
+/// out.
+pub(crate) fn item_object(it: &Item, id_key: &str) -> Value {
+    let mut m = Map::new();
+    m.insert(id_key.into(), json!(it.id));
+    for (k, v) in [
+        ("name", &it.name),
+        ("category", &it.category),
+        ("brand", &it.brand),
+        ("variant", &it.variant),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), json!(v));
+        }
+    }
+    if let Some(price) = it.price {
+        m.insert("price".into(), json!(price));
+    }
+    if let Some(q) = it.quantity {
+        m.insert("quantity".into(), json!(q));
+    }
+    Value::Object(m)
 }
 
 /// A SHA-256 digest as vendors take it (64 lowercase hex), or `None` for
