@@ -673,7 +673,7 @@ async fn deliver_all(
             shutdown: shutdown.clone(),
         };
         let name = name.clone();
-        sinks.spawn(async move { crate::sink::run(ctx, &name).await });
+        sinks.spawn(async move { crate::sink::run(ctx, &name, || {}).await });
     }
     let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
     let outcomes = loop {

@@ -56,6 +56,9 @@ pub struct RoleStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoleState {
+    /// Started (or started again) and not yet up: a sink is up once it has
+    /// checked its topics and subscribed.
+    Starting,
     Running,
     /// Failed; started again after a backoff.
     Restarting,
@@ -68,17 +71,17 @@ pub enum RoleState {
 pub struct Roles(Mutex<Vec<RoleStatus>>);
 
 impl Roles {
-    fn register(&self, role: &'static str, destination: Option<&str>) -> usize {
+    fn register(&self, role: &'static str, destination: Option<&str>, state: RoleState) -> usize {
         let mut roles = self.0.lock().expect("roles lock");
         roles.push(RoleStatus {
             role,
             destination: destination.map(str::to_string),
-            state: RoleState::Running,
+            state,
             restarts: 0,
             error: None,
         });
         UP.with_label_values(&[role, destination.unwrap_or("")])
-            .set(1);
+            .set(i64::from(state == RoleState::Running));
         roles.len() - 1
     }
 
@@ -186,7 +189,10 @@ pub async fn run(config: Arc<Config>, opts: RunOptions) -> Result<(), RunError> 
     let wants = |r: Role| opts.role == r || opts.role == Role::All;
     if wants(Role::Router) {
         let ctx = ctx.clone();
-        let (roles, id) = (roles.clone(), roles.register("router", None));
+        let (roles, id) = (
+            roles.clone(),
+            roles.register("router", None, RoleState::Running),
+        );
         tasks.spawn(async move {
             let result = crate::router::run(ctx).await.map_err(|e| RunError::Role {
                 role: "router",
@@ -198,7 +204,10 @@ pub async fn run(config: Arc<Config>, opts: RunOptions) -> Result<(), RunError> 
     }
     if wants(Role::Ingest) {
         let ctx = ctx.clone();
-        let (roles, id) = (roles.clone(), roles.register("ingest", None));
+        let (roles, id) = (
+            roles.clone(),
+            roles.register("ingest", None, RoleState::Running),
+        );
         tasks.spawn(async move {
             let result = crate::ingest::run(ctx).await.map_err(|e| RunError::Role {
                 role: "ingest",
@@ -247,13 +256,15 @@ fn failed_for_good(roles: &Roles, id: usize, result: &Result<(), RunError>) {
 /// Runs one destination's sink until shutdown, starting it again with
 /// backoff whenever it fails (or panics).
 async fn supervise_sink(ctx: RoleContext, name: String, roles: Arc<Roles>) -> Result<(), RunError> {
-    let id = roles.register("sink", Some(&name));
+    let id = roles.register("sink", Some(&name), RoleState::Starting);
     let mut delays = restart_delays();
     loop {
         let started = Instant::now();
         let attempt = {
-            let (ctx, name) = (ctx.clone(), name.clone());
-            tokio::spawn(async move { crate::sink::run(ctx, &name).await })
+            let (ctx, name, up) = (ctx.clone(), name.clone(), roles.clone());
+            tokio::spawn(async move {
+                crate::sink::run(ctx, &name, move || up.set(id, RoleState::Running, None)).await
+            })
         };
         let message = match attempt.await {
             Ok(Ok(())) => return Ok(()),
@@ -283,7 +294,7 @@ async fn supervise_sink(ctx: RoleContext, name: String, roles: Arc<Roles>) -> Re
             _ = tokio::time::sleep(delay) => {}
             _ = ctx.shutdown.cancelled() => return Ok(()),
         }
-        roles.set(id, RoleState::Running, None);
+        roles.set(id, RoleState::Starting, None);
     }
 }
 

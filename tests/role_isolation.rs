@@ -200,7 +200,12 @@ ordering = true
         .iter()
         .find(|r| r["role"] == "sink" && r["destination"] == "hook")
         .unwrap_or_else(|| panic!("{body}"));
-    assert_eq!(sink["state"], "restarting", "{body}");
+    // Between its restarts a failing sink is `restarting` or `starting`,
+    // never `running`: it never gets as far as subscribing.
+    assert!(
+        sink["state"] == "restarting" || sink["state"] == "starting",
+        "{body}"
+    );
     assert!(sink["restarts"].as_u64().unwrap() >= 2, "{body}");
     assert!(
         sink["error"]

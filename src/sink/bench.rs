@@ -441,7 +441,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     let sink_name = name.clone();
-    let sink = tokio::spawn(async move { super::run(ctx, &sink_name).await });
+    let sink = tokio::spawn(async move { super::run(ctx, &sink_name, || {}).await });
     if !wait_for(&receiver, e2e as u64, Duration::from_secs(300)).await {
         return Err(SinkError::Task(
             "(b) did not deliver every event within 300 s".into(),

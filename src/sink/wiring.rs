@@ -24,7 +24,14 @@ use crate::kafka::client::{self, ProducerGuard};
 use crate::kafka::rebalance::{self, GroupConsumer};
 use crate::run::RoleContext;
 
-pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
+/// `started` is called once the sink has checked its topics and subscribed:
+/// until then `/readyz` must not call it running, or a sink that fails at
+/// start would look ready between its restarts.
+pub async fn run(
+    ctx: RoleContext,
+    destination: &str,
+    started: impl FnOnce() + Send,
+) -> Result<(), SinkError> {
     let config = ctx.config.clone();
     let dest = config
         .destinations
@@ -108,6 +115,7 @@ pub async fn run(ctx: RoleContext, destination: &str) -> Result<(), SinkError> {
     })?);
     consumer.subscribe(&[&deliver_topic, &shared.retry_topic])?;
     tracing::info!(destination, group, "sink started");
+    started();
 
     let mut engine = Engine::new(shared.clone());
     let result = engine.run(&consumer, &ctx.shutdown).await;

@@ -143,7 +143,7 @@ pub async fn start(config: &Arc<Config>) -> InProcess {
         shutdown: shutdown.clone(),
     };
     let name = dest(config);
-    let handle = tokio::spawn(async move { sink::run(ctx, &name).await });
+    let handle = tokio::spawn(async move { sink::run(ctx, &name, || {}).await });
     InProcess { shutdown, handle }
 }
 
