@@ -72,6 +72,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use super::names::NamePreset;
 use super::shared::{item_object, pack};
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
@@ -213,6 +214,9 @@ impl Residency {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The starting names: "retail" (default) or "saas" (`names.rs`).
+    #[serde(default)]
+    pub preset: NamePreset,
     /// The identity merge API of the project: "simplified" or "original".
     pub id_merge: IdMerge,
     #[serde(default)]
@@ -357,26 +361,13 @@ impl Settings {
         }
     }
 
-    /// Product-analytics names (docs/destinations/mixpanel.md); custom
-    /// events under their own name; identify as Mixpanel's `$identify`
-    /// (a profile update, plus the merge event under the original API).
+    /// The preset's names; identify as `$identify` (a profile update, plus
+    /// the merge event under the original API).
     pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
-        use EventName::*;
-        Some(match event {
-            ViewContent => "Product Viewed",
-            AddToCart => "Product Added",
-            BeginCheckout => "Checkout Started",
-            SignUp => "Signed Up",
-            StartTrial => "Trial Started",
-            Lead => "Lead Submitted",
-            Purchase => "Order Completed",
-            Subscribe => "Subscription Started",
-            Renewal => "Subscription Renewed",
-            Refund => "Order Refunded",
-            Search => "Products Searched",
-            Identify => "$identify",
-            Custom(name) => name.strip_prefix("custom.").unwrap_or(name),
-        })
+        match event {
+            EventName::Identify => Some("$identify"),
+            other => self.preset.name(other),
+        }
     }
 }
 
@@ -931,6 +922,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            preset: NamePreset::Retail,
             id_merge: IdMerge::Simplified,
             auth: Auth::ServiceAccount,
             project_id: Some("3141592".into()),

@@ -7,6 +7,7 @@ pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
 pub mod mixpanel;
+pub mod names;
 pub mod posthog;
 mod shared;
 #[cfg(test)]

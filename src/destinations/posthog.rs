@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
+use super::names::NamePreset;
 use super::shared;
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
@@ -121,6 +122,9 @@ pub enum Region {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The starting names: "retail" (default) or "saas" (`names.rs`).
+    #[serde(default)]
+    pub preset: NamePreset,
     /// The project API key (`phc_…`).
     pub api_key: Secret,
     /// "us" or "eu"; required unless `base_url` is set.
@@ -160,25 +164,13 @@ impl Settings {
         }
     }
 
-    /// PostHog-style names (docs/destinations/posthog.md); custom events go
-    /// under their own name, without the `custom.` prefix.
+    /// The preset's names; identify as `$identify` (the merge and the
+    /// person's properties).
     pub fn preset_name<'a>(&self, event: &'a EventName) -> Option<&'a str> {
-        use EventName::*;
-        Some(match event {
-            ViewContent => "Product Viewed",
-            AddToCart => "Product Added",
-            BeginCheckout => "Checkout Started",
-            Purchase => "Order Completed",
-            SignUp => "Signed Up",
-            StartTrial => "Trial Started",
-            Lead => "Lead Submitted",
-            Subscribe => "Subscription Started",
-            Renewal => "Subscription Renewed",
-            Refund => "Order Refunded",
-            Search => "Products Searched",
-            Identify => "$identify",
-            Custom(name) => name.strip_prefix("custom.").unwrap_or(name),
-        })
+        match event {
+            EventName::Identify => Some("$identify"),
+            other => self.preset.name(other),
+        }
     }
 }
 
@@ -415,6 +407,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            preset: NamePreset::Retail,
             api_key: Secret::new("phc_test_key_123"),
             region: Some(Region::Us),
             base_url: None,
