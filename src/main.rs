@@ -30,10 +30,12 @@ fn tune_allocator() {
 }
 
 use switchyard::config::{Config, ConfigError};
+#[cfg(feature = "demo")]
+use switchyard::demo;
 use switchyard::kafka::{self, Cluster, topics};
 use switchyard::run::{Role, RunOptions, default_instance_id};
 use switchyard::sink::dlq;
-use switchyard::{demo, event, ingest};
+use switchyard::{event, ingest};
 
 #[derive(Parser)]
 #[command(
@@ -230,8 +232,21 @@ fn main() -> ExitCode {
             config,
             file,
             keep_times,
-        } => runtime()
-            .and_then(|rt| rt.block_on(run_demo(config, file, demo::DemoOptions { keep_times }))),
+        } => {
+            #[cfg(feature = "demo")]
+            let ran = runtime().and_then(|rt| {
+                rt.block_on(run_demo(config, file, demo::DemoOptions { keep_times }))
+            });
+            // Production images leave the stand-ins out (no `demo` feature).
+            #[cfg(not(feature = "demo"))]
+            let ran = {
+                let _ = (config, file, keep_times);
+                Err(anyhow::anyhow!(
+                    "this switchyard was built without the `demo` feature (no vendor stand-ins); build with default features to run the demo"
+                ))
+            };
+            ran
+        }
         Command::Topics {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
@@ -381,6 +396,7 @@ async fn bench_router(opts: switchyard::router::bench::BenchOptions) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "demo")]
 async fn run_demo(
     config: Option<PathBuf>,
     file: Option<PathBuf>,

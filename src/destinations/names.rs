@@ -25,7 +25,7 @@ pub enum NamePreset {
 impl NamePreset {
     /// The event's name under this preset. `identify` is not an event to
     /// these vendors: each vendor names (or does not send) it itself.
-    pub fn name<'a>(self, event: &'a EventName) -> Option<&'a str> {
+    pub fn name(self, event: &EventName) -> Option<&str> {
         use EventName::*;
         let retail = self == NamePreset::Retail;
         Some(match event {

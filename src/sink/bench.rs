@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SinkError;
 use super::config::DeliverySettings;
-use super::destination::{Destination, Response};
+use super::destination::{Destination, Outcome, Response};
 use super::records::{Final, Item, LedgerEntry};
 use super::send::Shared;
 use crate::config::{Config, DestinationConfig};
@@ -45,8 +45,11 @@ pub struct Figures {
     pub bench: &'static str,
     pub a_events: usize,
     pub a_events_per_s: f64,
-    pub a_cpu_s: f64,
     pub a_events_per_core_s: f64,
+    /// Mixpanel into its stand-in, in the same run, and its ratio to the
+    /// webhook's figure (None without the stand-ins).
+    pub a_mixpanel_events_per_core_s: Option<f64>,
+    pub a_mixpanel_over_webhook: Option<f64>,
     pub b_events: Option<usize>,
     pub b_events_per_s: Option<f64>,
     pub c_rate: Option<u64>,
@@ -74,8 +77,8 @@ struct Receiver {
     first: Mutex<Option<Instant>>,
     last: Mutex<Option<Instant>>,
     measure: AtomicBool,
-    /// (event_id, sent, received) in µs since the epoch, while measuring.
-    arrivals: Mutex<Vec<(String, u64, u64)>>,
+    /// Every measured event the receiver got.
+    arrivals: Mutex<Vec<Arrival>>,
 }
 
 async fn take(State(r): State<Arc<Receiver>>, body: Bytes) -> &'static str {
@@ -109,8 +112,11 @@ async fn start_receiver() -> std::io::Result<(SocketAddr, Arc<Receiver>)> {
     Ok((addr, r))
 }
 
-/// A measured event's id and send time, with the time it arrived.
-fn arrival(event: &serde_json::Value, at: u64) -> Option<(String, u64, u64)> {
+/// A measured event's id, when it was sent and when it arrived (µs since
+/// the epoch).
+type Arrival = (String, u64, u64);
+
+fn arrival(event: &serde_json::Value, at: u64) -> Option<Arrival> {
     let sent = event["properties"]["bench_sent_us"].as_u64()?;
     Some((event["event_id"].as_str()?.to_string(), sent, at))
 }
@@ -134,14 +140,14 @@ fn cpu_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn delivery(destination: &str, i: u64, sent_us: Option<u64>) -> Vec<u8> {
+fn delivery(destination: &str, name: &str, i: u64, sent_us: Option<u64>) -> Vec<u8> {
     let mut props = serde_json::Map::new();
     props.insert("sku".into(), format!("sku-{}", i % 97).into());
     if let Some(s) = sent_us {
         props.insert("bench_sent_us".into(), s.into());
     }
     let d = serde_json::json!({
-        "v": 1, "destination": destination, "name": "purchase",
+        "v": 1, "destination": destination, "name": name,
         "event": {
             "event": "purchase", "event_id": format!("bench-{i}"),
             "occurred_at": "2026-11-26T14:03:11Z", "user_id": format!("u-{}", i % 5000),
@@ -160,6 +166,7 @@ const D_EVENTS: usize = 200;
 /// …answered after this long (a vendor across the internet is slower).
 const D_LATENCY_MS: u64 = 20;
 const D_PASSES: usize = 3;
+const A_PASSES: usize = 3;
 
 /// (d): events/s of one GA4 batch (one request per person) sent through
 /// the sink's rounds with 1 and with 16 requests at a time, passes
@@ -248,31 +255,30 @@ async fn one_person_per_request() -> Result<(f64, f64), SinkError> {
     Ok((median(&mut one), median(&mut many)))
 }
 
-/// (a): the per-event work of a sink, fed from memory.
-async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
-    let hook = Arc::new(Webhook::new(webhook::Settings {
-        url: url.to_string(),
-        secret: Secret::new(SECRET),
-    }));
-    let raw: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..BATCH as u64)
-            .map(|i| delivery("bench", i, None))
-            .collect(),
-    );
+/// (a): the per-event work of a sink, fed from memory: `raw` (deliver
+/// records, each event once) decoded in batches, mapped, sent to `vendor`'s
+/// receiver, classified and turned into ledger records. Returns events/s
+/// (wall) and the CPU seconds it took.
+async fn in_memory(
+    vendor: Arc<dyn Destination>,
+    raw: Arc<Vec<Vec<u8>>>,
+) -> Result<(f64, f64), SinkError> {
     let http = reqwest::Client::builder().build()?;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    let batches = events.div_ceil(BATCH);
+    let batches = raw.len().div_ceil(BATCH);
     let results: Vec<Result<(), SinkError>> = futures::stream::iter(0..batches)
-        .map(|_| {
-            let (hook, raw, http) = (hook.clone(), raw.clone(), http.clone());
+        .map(|b| {
+            let (hook, raw, http) = (vendor.clone(), raw.clone(), http.clone());
             async move {
-                let batch: Vec<Delivery> = raw
+                let batch: Vec<Delivery> = raw[b * BATCH..((b + 1) * BATCH).min(raw.len())]
                     .iter()
                     .filter_map(|r| serde_json::from_slice(r).ok())
                     .collect();
                 for req in hook.map(&batch) {
-                    let mut rb = http.post(&req.url).body(req.body.clone());
+                    let mut rb = http
+                        .request(req.method.clone(), &req.url)
+                        .body(req.body.clone());
                     for (k, v) in &req.headers {
                         rb = rb.header(k, v);
                     }
@@ -285,7 +291,18 @@ async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
                         body,
                     };
                     let classified = hook.classify(&req, &resp, &batch);
-                    for (d, _) in req.deliveries(&batch).zip(classified.rows) {
+                    // A figure for requests the receiver refused would
+                    // measure nothing: any other outcome fails the pass.
+                    if let Some(o) = classified
+                        .rows
+                        .iter()
+                        .find(|o| !matches!(o, Outcome::Delivered))
+                    {
+                        return Err(SinkError::Task(format!(
+                            "(a) the receiver did not take a request (HTTP {status}): {o:?}"
+                        )));
+                    }
+                    for d in req.deliveries(&batch) {
                         let entry = LedgerEntry {
                             event_id: d.event.event_id.clone(),
                             destination: d.destination.clone(),
@@ -310,7 +327,99 @@ async fn in_memory(url: &str, events: usize) -> Result<(f64, f64), SinkError> {
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    Ok(((batches * BATCH) as f64 / wall, cpu))
+    Ok((raw.len() as f64 / wall, cpu))
+}
+
+/// (a) for the webhook and Mixpanel (into its validating stand-in), pass by
+/// pass interleaved: events/s per CPU-second, medians of [`A_PASSES`]. The
+/// webhook is the baseline Mixpanel's figure is read against.
+async fn in_memory_passes(url: &str, events: usize) -> Result<APasses, SinkError> {
+    let events = events.div_ceil(BATCH) * BATCH;
+    let hook: Arc<dyn Destination> = Arc::new(Webhook::new(webhook::Settings {
+        url: url.to_string(),
+        secret: Secret::new(SECRET),
+    }));
+    let hook_raw: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..events as u64)
+            .map(|i| delivery("bench", "purchase", i, None))
+            .collect(),
+    );
+    let mixpanel = mixpanel_receiver(events).await?;
+    let per_core = |cpu: f64| if cpu > 0.0 { events as f64 / cpu } else { 0.0 };
+    let (mut hooks, mut mixpanels, mut walls) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..A_PASSES {
+        let (rate, cpu) = in_memory(hook.clone(), hook_raw.clone()).await?;
+        walls.push(rate);
+        hooks.push(per_core(cpu));
+        if let Some((vendor, raw, _fake)) = &mixpanel {
+            mixpanels.push(per_core(in_memory(vendor.clone(), raw.clone()).await?.1));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    Ok(APasses {
+        events,
+        wall_events_per_s: median(walls).unwrap_or(0.0),
+        webhook_per_core: median(hooks).unwrap_or(0.0),
+        mixpanel_per_core: median(mixpanels),
+    })
+}
+
+struct APasses {
+    events: usize,
+    wall_events_per_s: f64,
+    webhook_per_core: f64,
+    mixpanel_per_core: Option<f64>,
+}
+
+/// Mixpanel's stand-in (its auth, limits and validation), the destination
+/// pointed at it, and `events` purchases of distinct people and ids. `None`
+/// when built without the stand-ins (`--no-default-features`).
+#[cfg(feature = "demo")]
+async fn mixpanel_receiver(
+    events: usize,
+) -> Result<
+    Option<(
+        Arc<dyn Destination>,
+        Arc<Vec<Vec<u8>>>,
+        switchyard_fakes::Fake,
+    )>,
+    SinkError,
+> {
+    use crate::destinations::mixpanel::{Mixpanel, Settings};
+    let fake = switchyard_fakes::serve(switchyard_fakes::mixpanel::Mixpanel::new(
+        switchyard_fakes::mixpanel::Settings::default(),
+    ))
+    .await
+    .map_err(|e| SinkError::Task(format!("bench Mixpanel stand-in: {e}")))?;
+    let defaults = switchyard_fakes::mixpanel::Settings::default();
+    let settings: Settings = toml::Value::Table(toml::toml! {
+        id_merge = "simplified"
+        project_token = (defaults.project_token)
+        project_id = (defaults.project_id)
+        service_account_username = (defaults.service_account_username)
+        service_account_secret = (defaults.service_account_secret)
+        base_url = (fake.base_url())
+    })
+    .try_into()
+    .map_err(|e| SinkError::Task(format!("bench Mixpanel settings: {e}")))?;
+    let raw = (0..events as u64)
+        .map(|i| delivery("mixpanel", "Order Completed", i, None))
+        .collect();
+    Ok(Some((
+        Arc::new(Mixpanel::new(settings)),
+        Arc::new(raw),
+        fake,
+    )))
+}
+
+#[cfg(not(feature = "demo"))]
+async fn mixpanel_receiver(
+    _events: usize,
+) -> Result<Option<(Arc<dyn Destination>, Arc<Vec<Vec<u8>>>, ())>, SinkError> {
+    Ok(None)
 }
 
 /// A config with one webhook destination on fresh topics; the destination
@@ -391,17 +500,32 @@ pub async fn run(
         .await
         .map_err(|e| SinkError::Task(format!("bench receiver: {e}")))?;
     let url = format!("http://{addr}/hook");
-    let (a_rate, a_cpu) = in_memory(&url, events).await?;
-    let a_events = events.div_ceil(BATCH) * BATCH;
-    let per_core = if a_cpu > 0.0 {
-        a_events as f64 / a_cpu
-    } else {
-        0.0
-    };
+    let a = in_memory_passes(&url, events).await?;
+    let a_events = a.events;
+    let per_core = a.webhook_per_core;
     let _ = writeln!(
         out,
-        "(a) in memory: {a_events} events, {a_rate:.0} events/s wall, {a_cpu:.2} CPU-s (sink + loopback receiver) → {per_core:.0} events/s/core (target ≥ 50000)"
+        "(a) in memory, CPU of sink + loopback receiver, medians of {A_PASSES} interleaved passes of {a_events} events: webhook {per_core:.0} events/s/core ({:.0} events/s wall) (target ≥ 50000)",
+        a.wall_events_per_s
     );
+    let a_mixpanel_ratio = a
+        .mixpanel_per_core
+        .filter(|_| per_core > 0.0)
+        .map(|m| m / per_core);
+    match (a.mixpanel_per_core, a_mixpanel_ratio) {
+        (Some(m), Some(ratio)) => {
+            let _ = writeln!(
+                out,
+                "(a) Mixpanel into its validating stand-in: {m:.0} events/s/core, ×{ratio:.2} the webhook's (target ≥ 50000)"
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "(a) Mixpanel skipped: built without the stand-ins (the demo feature)"
+            );
+        }
+    }
     let (d1, d16) = one_person_per_request().await?;
     let d_ratio = if d1 > 0.0 { d16 / d1 } else { 0.0 };
     let _ = writeln!(
@@ -411,9 +535,10 @@ pub async fn run(
     let mut figures = Figures {
         bench: "sink",
         a_events,
-        a_events_per_s: a_rate.round(),
-        a_cpu_s: a_cpu,
+        a_events_per_s: a.wall_events_per_s.round(),
         a_events_per_core_s: per_core.round(),
+        a_mixpanel_events_per_core_s: a.mixpanel_per_core.map(f64::round),
+        a_mixpanel_over_webhook: a_mixpanel_ratio.map(|r| (r * 100.0).round() / 100.0),
         b_events: None,
         b_events_per_s: None,
         c_rate: None,
@@ -451,7 +576,9 @@ pub async fn run(
     produce(
         &producer,
         &topic,
-        (0..e2e as u64).map(|i| delivery(&name, i, None)).collect(),
+        (0..e2e as u64)
+            .map(|i| delivery(&name, "purchase", i, None))
+            .collect(),
     )
     .await?;
     let shutdown = CancellationToken::new();
@@ -498,7 +625,7 @@ pub async fn run(
         tick.tick().await;
         let now = unix_us();
         let batch = (0..per_tick)
-            .map(|i| delivery(&name, 1_000_000 + t * per_tick + i, Some(now)))
+            .map(|i| delivery(&name, "purchase", 1_000_000 + t * per_tick + i, Some(now)))
             .collect();
         let (producer, topic) = (producer.clone(), topic.clone());
         sends.spawn(async move { produce(&producer, &topic, batch).await });
@@ -572,7 +699,7 @@ fn plain_consumer(
     bootstrap: &str,
     topic: &str,
     expected: u64,
-) -> Result<std::thread::JoinHandle<Result<Vec<(String, u64, u64)>, SinkError>>, SinkError> {
+) -> Result<std::thread::JoinHandle<Result<Vec<Arrival>, SinkError>>, SinkError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
