@@ -22,7 +22,10 @@ fn bench_sink_ends_with_one_json_object() {
     // Mixpanel's pass ran into its stand-in, which answers an error to any
     // request it would refuse (and the pass then fails the command).
     assert!(figures["a_mixpanel_events_per_core_s"].as_f64().unwrap() > 0.0);
-    assert!(stdout.contains("(a) Mixpanel into its validating stand-in"), "{stdout}");
+    assert!(
+        stdout.contains("(a) Mixpanel into its validating stand-in"),
+        "{stdout}"
+    );
     // Without kafka.brokers only the in-memory figure is measured.
     assert!(figures["b_events_per_s"].is_null());
     assert!(stdout.contains("(a) in memory"), "{stdout}");

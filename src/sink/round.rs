@@ -33,27 +33,40 @@ impl Planned {
     }
 }
 
-/// Maps the round's rows into requests. Rows without a cap are mapped in one
-/// call; a row a split has capped is mapped with the rows next to it that
-/// share its cap, at most that many at a time, so the vendor builds smaller
-/// requests for them. Requests come out ordered by their first row, which
-/// keeps each person's requests in the order of their events.
-pub fn plan(vendor: &dyn Destination, round: &[Delivery], caps: &[Option<usize>]) -> Planned {
+/// Maps the round's rows into requests, leaving out the calls that already
+/// delivered their rows (`done`: per row, the endpoints whose every call
+/// delivered it in an earlier round). Rows without a cap or a done endpoint
+/// are mapped in one call; the others are mapped with the rows next to them
+/// in the same state, at most their cap at a time, so the vendor builds
+/// smaller requests for them and every request of such a group is either
+/// done for all its rows or for none. Requests come out ordered by their
+/// first row, which keeps each person's requests in the order of their
+/// events.
+pub fn plan(
+    vendor: &dyn Destination,
+    round: &[Delivery],
+    caps: &[Option<usize>],
+    done: &[&[&'static str]],
+) -> Planned {
     debug_assert_eq!(round.len(), caps.len());
+    debug_assert_eq!(round.len(), done.len());
+    let plain = |r: usize| caps[r].is_none() && done[r].is_empty();
     let mut groups: Vec<Option<Vec<Delivery>>> = Vec::new();
     let mut members: Vec<Vec<usize>> = Vec::new();
-    if caps.iter().all(Option::is_none) {
+    if (0..round.len()).all(plain) {
         groups.push(None);
         members.push((0..round.len()).collect());
     } else {
-        let free: Vec<usize> = (0..round.len()).filter(|&r| caps[r].is_none()).collect();
+        let free: Vec<usize> = (0..round.len()).filter(|&r| plain(r)).collect();
         if !free.is_empty() {
             members.push(free);
         }
         let mut chunk: Vec<usize> = Vec::new();
-        for r in (0..round.len()).filter(|&r| caps[r].is_some()) {
+        for r in (0..round.len()).filter(|&r| !plain(r)) {
             let cap = caps[r].unwrap_or(usize::MAX).max(1);
-            let same = chunk.last().is_some_and(|&p| caps[p] == caps[r]);
+            let same = chunk
+                .last()
+                .is_some_and(|&p| caps[p] == caps[r] && done[p] == done[r]);
             if !chunk.is_empty() && (!same || chunk.len() >= cap) {
                 members.push(std::mem::take(&mut chunk));
             }
@@ -75,7 +88,14 @@ pub fn plan(vendor: &dyn Destination, round: &[Delivery], caps: &[Option<usize>]
                 .rows
                 .iter()
                 .filter_map(|&i| rows.get(i).copied())
-                .collect();
+                .collect::<Vec<usize>>();
+            // The group's rows share their done endpoints: all or none.
+            if rows
+                .first()
+                .is_some_and(|&r| done[r].contains(&request.endpoint))
+            {
+                continue;
+            }
             calls.push(Call {
                 request,
                 rows,
@@ -125,6 +145,21 @@ pub fn lanes<'a>(calls: &[Call], person: impl Fn(usize) -> &'a str) -> Vec<Vec<u
     lanes
 }
 
+/// Adds to `done` the endpoints every call of which delivered the row this
+/// round (`calls`: each call's endpoint and whether it delivered the row).
+pub fn note_done(done: &mut Vec<&'static str>, calls: &[(&'static str, bool)]) {
+    for &(endpoint, _) in calls {
+        let all = calls
+            .iter()
+            .filter(|(e, _)| *e == endpoint)
+            .all(|(_, ok)| *ok);
+        if all && !done.contains(&endpoint) {
+            done.push(endpoint);
+        }
+    }
+    done.sort_unstable();
+}
+
 /// The outcome a row gets from one call of `rows_in_call` rows: a split of a
 /// request that held only this row cannot help, so the row is refused.
 pub fn settle(outcome: Outcome, rows_in_call: usize, status: Option<u16>) -> Outcome {
@@ -145,6 +180,8 @@ mod tests {
     use super::*;
     use crate::destinations::test_support;
     use crate::sink::destination::{Classified, Limits, Response};
+
+    const NONE_DONE: &[&str] = &[];
 
     fn delivery(person: &str, n: usize) -> Delivery {
         let event = serde_json::json!({
@@ -220,7 +257,7 @@ mod tests {
     #[test]
     fn a_batch_whose_rows_go_to_two_endpoints() {
         let round = vec![delivery("a", 0), delivery("a", 1), delivery("b", 2)];
-        let planned = plan(&two_endpoints(), &round, &[None; 3]);
+        let planned = plan(&two_endpoints(), &round, &[None; 3], &[NONE_DONE; 3]);
         let shape: Vec<(&str, Vec<usize>)> = planned
             .calls
             .iter()
@@ -249,11 +286,11 @@ mod tests {
             .iter()
             .map(|&(p, n)| delivery(p, n))
             .collect();
-        let planned = plan(&packs(1), &round, &[None; 6]);
+        let planned = plan(&packs(1), &round, &[None; 6], &[NONE_DONE; 6]);
         let l = lanes(&planned.calls, |r| round[r].key());
         assert_eq!(l, vec![vec![0, 2], vec![1, 4], vec![3], vec![5]]);
         // A request that carries two people joins their lanes, keeping order.
-        let planned = plan(&packs(2), &round, &[None; 6]);
+        let planned = plan(&packs(2), &round, &[None; 6], &[NONE_DONE; 6]);
         let l = lanes(&planned.calls, |r| round[r].key());
         assert_eq!(l, vec![vec![0, 1, 2]]);
     }
@@ -263,7 +300,7 @@ mod tests {
         let round: Vec<Delivery> = (0..7).map(|n| delivery(&format!("p{n}"), n)).collect();
         // Rows 1..5 were in a request of 4 that was too large: cap 2.
         let caps = [None, Some(2), Some(2), Some(2), Some(2), None, Some(1)];
-        let planned = plan(&packs(100), &round, &caps);
+        let planned = plan(&packs(100), &round, &caps, &[NONE_DONE; 7]);
         let rows: Vec<Vec<usize>> = planned.calls.iter().map(|c| c.rows.clone()).collect();
         assert_eq!(rows, vec![vec![0, 5], vec![1, 2], vec![3, 4], vec![6]]);
         // classify reads a capped call's rows from the deliveries map saw.
@@ -275,6 +312,41 @@ mod tests {
             .map(|d| d.event.event_id.as_str())
             .collect();
         assert_eq!(ids, vec!["e3", "e4"]);
+    }
+
+    #[test]
+    fn calls_that_already_delivered_their_rows_are_left_out() {
+        let round = vec![delivery("a", 0), delivery("a", 1), delivery("b", 2)];
+        // Rows 0 and 1 had their profile call delivered; row 2 had nothing.
+        let done: [&[&'static str]; 3] = [&["profiles"], &["profiles"], &[]];
+        let planned = plan(&two_endpoints(), &round, &[None; 3], &done);
+        let shape: Vec<(&str, Vec<usize>)> = planned
+            .calls
+            .iter()
+            .map(|c| (c.request.endpoint, c.rows.clone()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("events", vec![0, 1]),
+                ("profiles", vec![2]),
+                ("events", vec![2])
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_done_only_when_every_call_to_it_delivered() {
+        let mut done = Vec::new();
+        note_done(
+            &mut done,
+            &[("profiles", true), ("events", false), ("profiles", true)],
+        );
+        assert_eq!(done, vec!["profiles"]);
+        note_done(&mut done, &[("events", true), ("events", false)]);
+        assert_eq!(done, vec!["profiles"]);
+        note_done(&mut done, &[("events", true)]);
+        assert_eq!(done, vec!["events", "profiles"]);
     }
 
     #[test]

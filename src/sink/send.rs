@@ -217,7 +217,10 @@ pub(super) async fn attempt(
         }
         let round: Vec<Delivery> = pending.iter().map(|r| r.delivery.clone()).collect();
         let caps: Vec<Option<usize>> = pending.iter().map(|r| r.cap).collect();
-        let planned = round::plan(shared.vendor.as_ref(), &round, &caps);
+        let planned = {
+            let done: Vec<&[&'static str]> = pending.iter().map(|r| r.done.as_slice()).collect();
+            round::plan(shared.vendor.as_ref(), &round, &caps, &done)
+        };
         let lanes = round::lanes(&planned.calls, |r| round[r].key());
         // A handover or shutdown stops requests that still wait for the
         // pace; those already sent are answered.
@@ -238,6 +241,8 @@ pub(super) async fn attempt(
         let mut answers: Vec<Option<Answer>> = vec![None; pending.len()];
         let mut sent = vec![false; pending.len()];
         let mut unsent = vec![false; pending.len()];
+        // Per row: each call's endpoint and whether it delivered the row.
+        let mut calls_of: Vec<Vec<(&'static str, bool)>> = vec![Vec::new(); pending.len()];
         for (c, call_answer) in answered.into_iter().flatten() {
             let call = &planned.calls[c];
             let Some(CallAnswer {
@@ -264,6 +269,7 @@ pub(super) async fn attempt(
                     reason: "the vendor's answer was not classified for this event".into(),
                 });
                 let outcome = round::settle(bounded(outcome), call.rows.len(), status);
+                calls_of[r].push((call.request.endpoint, outcome == Outcome::Delivered));
                 if outcome == Outcome::Split {
                     let half = (call.rows.len() / 2).max(1);
                     row.cap = Some(row.cap.map_or(half, |c| c.min(half)));
@@ -284,9 +290,14 @@ pub(super) async fn attempt(
         let now = Utc::now();
         let mut wait = Duration::ZERO;
         let mut again = Vec::new();
-        for (((mut row, answer), sent), unsent) in
-            pending.drain(..).zip(answers).zip(sent).zip(unsent)
+        for ((((mut row, answer), sent), unsent), calls) in pending
+            .drain(..)
+            .zip(answers)
+            .zip(sent)
+            .zip(unsent)
+            .zip(calls_of)
         {
+            round::note_done(&mut row.done, &calls);
             let answer = match answer {
                 // None of its requests went out: no attempt is counted.
                 None if unsent => {
@@ -326,6 +337,7 @@ pub(super) async fn attempt(
                 delivery,
                 cap,
                 free_rounds,
+                done,
             } = row;
             let fin = match outcome {
                 Outcome::Delivered => Final::Delivered {
@@ -358,6 +370,7 @@ pub(super) async fn attempt(
                                 delivery,
                                 cap,
                                 free_rounds,
+                                done,
                             });
                             continue;
                         }
@@ -434,6 +447,10 @@ struct Row {
     cap: Option<usize>,
     /// Rounds it was sent again without being charged an attempt.
     free_rounds: u32,
+    /// Endpoints every call of which delivered this row in an earlier
+    /// round: a later round leaves them out, so a second call that failed
+    /// does not send the first again (an `$append` is not idempotent).
+    done: Vec<&'static str>,
 }
 
 impl Row {
@@ -443,6 +460,7 @@ impl Row {
             delivery,
             cap: None,
             free_rounds: 0,
+            done: Vec::new(),
         }
     }
 }
@@ -1266,9 +1284,10 @@ mod tests {
                     ("e2".into(), "delivered".into(), 2)
                 ]
             );
-            // Both calls went again in round two: a profile update is
-            // idempotent, and the vendor dedups events.
-            assert_eq!(ids(&seen, "profiles"), ["e1", "e1", "e2", "e2"]);
+            // Round two sent only the call that failed: the profile update
+            // that went through is not sent again (it may not be
+            // idempotent, like Mixpanel's `$append`).
+            assert_eq!(ids(&seen, "profiles"), ["e1", "e2"]);
             assert_eq!(ids(&seen, "events"), ["e1", "e1", "e2", "e2"]);
         }
 
