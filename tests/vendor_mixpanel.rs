@@ -323,3 +323,69 @@ async fn wrong_credentials_are_refused_for_every_row() {
         }
     }
 }
+
+/// Through the sink's own rounds: a purchase's /import fails once while its
+/// /engage `$append` goes through; the retry sends only the /import, so the
+/// profile lists the transaction once.
+#[tokio::test]
+async fn a_retried_purchase_appends_its_transaction_once() {
+    use switchyard::kafka::Position;
+    use switchyard::sink::config::DeliverySettings;
+    use switchyard::sink::records::{Final, Item};
+    use switchyard::sink::send::{Shared, attempt};
+    use switchyard_fakes::Scripted;
+    use tokio_util::sync::CancellationToken;
+
+    let (fake, state) = fake(IdMerge::Simplified, |_| {}).await;
+    let config = config(&fake.base_url(), "id_merge = \"simplified\"");
+    let purchase = routed(
+        &config,
+        "mixpanel",
+        &json!({"event": "purchase", "event_id": "t-1", "occurred_at": ago(5), "user_id": "u_7",
+                "consent": {"analytics": "granted"}, "value": 40.0, "currency": "EUR"}),
+    );
+    let mut settings = DeliverySettings::default();
+    settings.retry.initial_backoff = std::time::Duration::from_millis(10);
+    let shared = Shared::detached(
+        "mixpanel",
+        config.destinations["mixpanel"].vendor.build(),
+        settings,
+    )
+    .unwrap();
+    let at = Position {
+        topic: "deliver".into(),
+        partition: 0,
+        offset: 0,
+    };
+    let mut item = Item::unread(purchase, at);
+    shared.ownership.seen(&mut item);
+    // The first request of the purchase's lane is its /import.
+    fake.script([Scripted {
+        status: 503,
+        headers: vec![],
+        body: "{\"error\": \"temporarily unavailable\"}".into(),
+    }]);
+    let finals = attempt(&shared, vec![item], &CancellationToken::new()).await;
+    assert!(
+        matches!(finals.as_slice(), [(item, Final::Delivered { .. })] if item.attempts == 2),
+        "{finals:?}"
+    );
+    let paths: Vec<String> = fake
+        .exchanges()
+        .iter()
+        .map(|e| e.request.path.clone())
+        .collect();
+    assert_eq!(paths.len(), 3, "{paths:?}");
+    assert_eq!(
+        paths.iter().filter(|p| p.starts_with("/engage")).count(),
+        1,
+        "{paths:?}"
+    );
+    let st = state.lock().unwrap();
+    assert_eq!(
+        st.profiles[&st.canonical_of("u_7")]["$transactions"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}

@@ -158,7 +158,7 @@ pub async fn deliver(
 
 /// Sends `items` until each has an outcome or is let go (see [`deliver`]):
 /// rounds of requests, retrying in memory while the waits are short.
-pub(super) async fn attempt(
+pub async fn attempt(
     shared: &Shared,
     items: Vec<Item>,
     cancel: &CancellationToken,
