@@ -457,16 +457,19 @@ impl Mixpanel {
         let ev = &d.event;
         let time = ev.occurred_at.timestamp_millis();
         if ev.event == EventName::Identify {
-            if self.settings.id_merge == IdMerge::Simplified {
-                return None;
-            }
             let user = self.user_id(ev)?;
             let anon = self.anonymous_id(ev).filter(|a| *a != user)?;
             let mut p = Map::new();
             p.insert("time".into(), json!(time));
             p.insert("distinct_id".into(), json!(user));
             p.insert("$insert_id".into(), json!(insert_id(&ev.event_id)));
-            let name = if is_uuid_v4(anon) {
+            let name = if self.settings.id_merge == IdMerge::Simplified {
+                // The simplified API merges on any event that carries both
+                // ids; the SDKs' identify() sends this one.
+                p.insert("$device_id".into(), json!(anon));
+                p.insert("$user_id".into(), json!(user));
+                "$identify"
+            } else if is_uuid_v4(anon) {
                 p.insert("$identified_id".into(), json!(user));
                 p.insert("$anon_id".into(), json!(anon));
                 "$identify"
@@ -1170,8 +1173,17 @@ revenue_property = "time"
     fn identify_is_a_profile_update_and_under_original_a_merge() {
         let d = identify(json!({"email": "maya@example.com"}));
         let reqs = mp().map(std::slice::from_ref(&d));
-        assert_eq!(reqs.len(), 1, "simplified: no event");
-        let b = body(&reqs[0]);
+        assert_eq!(reqs.len(), 2);
+        // Simplified: the merge is an event carrying both ids, as the
+        // SDKs' identify() sends it.
+        let e = &body(&reqs[0])[0];
+        assert_eq!(e["event"], "$identify");
+        assert_eq!(e["properties"]["$device_id"], "anon-1");
+        assert_eq!(e["properties"]["$user_id"], "u_1");
+        assert_eq!(e["properties"]["distinct_id"], "u_1");
+        let no_anon = identify(json!({"anonymous_id": null}));
+        assert_eq!(mp().map(&[no_anon]).len(), 1, "nothing to merge: no event");
+        let b = body(&reqs[1]);
         assert_eq!(
             b[0]["$set"],
             json!({"$first_name": "Maya", "plan": "pro", "$email": "maya@example.com"})
@@ -1415,7 +1427,7 @@ revenue_property = "time"
     #[test]
     fn engage_answers_reject_the_whole_request_or_none() {
         let m = mp();
-        let batch = [identify(json!({}))];
+        let batch = [identify(json!({"anonymous_id": null}))];
         let req = &m.map(&batch)[0];
         assert_eq!(req.endpoint, "profiles");
         for (resp, want_ok) in [
