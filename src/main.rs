@@ -44,6 +44,10 @@ use switchyard::{event, ingest};
     about = "Validate, dedup, enrich and deliver canonical business events from Kafka"
 )]
 struct Cli {
+    /// More log lines on stderr: -v info, -vv debug (RUST_LOG overrides).
+    /// Without it a command logs warnings and errors only; `run` logs info.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -207,7 +211,13 @@ enum TopicsCommand {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    init_tracing();
+    // A command's report is its stdout; a service's log is what it reports.
+    let service = matches!(cli.command, Command::Run { .. });
+    init_tracing(match (cli.verbose, service) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
+        _ => "debug",
+    });
     let result = match cli.command {
         Command::Validate { file, strict } => return validate(&file, strict),
         Command::Check { config } => return check(&config),
@@ -303,8 +313,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
