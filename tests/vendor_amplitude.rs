@@ -1,9 +1,10 @@
-//! The Amplitude destination against its loopback fake (no Kafka): a
-//! shopper browses anonymously, signs in (an identify carrying both ids)
-//! and buys; events are routed and PII-shaped by the router's own code,
-//! mapped, sent over HTTP and classified. Amplitude's partial answers (a
-//! 400 naming events, a 429 naming users) are followed the way the sink
-//! does: named rows are dead-lettered or wait, the others go again.
+//! The Amplitude destination against its loopback fake: a shopper browses
+//! anonymously, signs in (an identify carrying both ids) and buys; events
+//! are routed and PII-shaped by the router's own code, mapped, sent over
+//! HTTP and classified. Amplitude's partial answers (a 400 naming events, a
+//! 429 naming users) are followed the way the sink does: named rows are
+//! dead-lettered or wait, the others go again. The last test runs the real
+//! sink over the broker.
 
 mod common;
 
@@ -383,4 +384,121 @@ min_id_length = 0
         );
     }
     assert!(!err.contains("secret key"), "{err}");
+}
+
+/// The real sink over the broker: a 400 naming one event dead-letters that
+/// event alone (after one attempt), and the others, resent without costing
+/// an attempt, reach Amplitude exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_broker_the_named_event_is_dead_lettered_and_the_rest_arrive_once() {
+    use switchyard::delivery::dead_letter::header;
+    use switchyard::sink::dlq;
+
+    let _watchdog = common::watchdog(
+        "amplitude through the broker",
+        std::time::Duration::from_secs(120),
+    );
+    let fake = switchyard_fakes::serve(Fake::default()).await.unwrap();
+    let prefix = common::unique("amp");
+    let name = common::unique("amp");
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "at_least_once"
+
+[topics]
+prefix = "{prefix}"
+canonical = "{prefix}.canonical"
+partitions = 1
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[destinations.{name}]
+type = "amplitude"
+api_key = "{KEY}"
+base_url = "{url}"
+
+[destinations.{name}.delivery]
+batch_max_events = 10
+linger = "50ms"
+"#,
+        brokers = common::brokers(),
+        url = fake.base_url(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_config(dir.path(), &text);
+    let config = std::sync::Arc::new(Config::load(&path).unwrap());
+    let sink = common::sink::start(&config).await;
+
+    let tag = common::unique("ev");
+    let mut deep = json!("bottom");
+    for _ in 0..45 {
+        deep = json!({ "k": deep });
+    }
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let mut event = json!({
+                "event": "purchase", "event_id": format!("{tag}-{i}"), "occurred_at": ago(3),
+                "user_id": "user-42", "value": 10.0 + f64::from(i), "currency": "EUR"
+            });
+            if i == 2 {
+                // Deeper than Amplitude takes: it names this event in a 400.
+                event["properties"] = json!({ "nested": deep });
+            }
+            let d = json!({
+                "v": 1, "destination": name, "name": "Order Completed", "event": event,
+                "origin": {"topic": format!("{prefix}.canonical"), "partition": 0, "offset": i},
+                "routed_at": ago(3)
+            });
+            (Some("user-42".to_string()), serde_json::to_vec(&d).unwrap())
+        })
+        .collect();
+    common::kafka::produce(&common::brokers(), &config.topics.deliver(&name), &records).await;
+
+    let others: Vec<String> = [0, 1, 3, 4, 5]
+        .iter()
+        .map(|i| switchyard::destinations::amplitude::insert_id(&format!("{tag}-{i}")))
+        .collect();
+    common::sink::wait_until(
+        "the others delivered",
+        std::time::Duration::from_secs(60),
+        || insert_ids(&fake).len() >= others.len(),
+    )
+    .await;
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = dlq::read_all(&config, &common::brokers()).await.unwrap();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Time for any stray resend to arrive before the exact checks.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    sink.stop().await;
+
+    let mut want = others.clone();
+    want.sort_unstable();
+    assert_eq!(insert_ids(&fake), want, "each other event exactly once");
+    assert!(fake.exchanges().iter().any(|e| e.status == 400));
+    assert_eq!(letters.len(), 1, "exactly the named event is dead-lettered");
+    let l = &letters[0];
+    let d: Delivery = serde_json::from_slice(&l.payload).unwrap();
+    assert_eq!(d.event.event_id, format!("{tag}-2"));
+    assert_eq!(l.error_class, "amplitude_invalid_event");
+    let hdr = |k: &str| {
+        l.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        hdr(header::REASON).contains("event_properties"),
+        "{}",
+        hdr(header::REASON)
+    );
+    assert_eq!(hdr(header::ATTEMPTS), "1");
 }

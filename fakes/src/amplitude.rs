@@ -12,7 +12,8 @@
 //! characters, not a placeholder such as "null": a shorter one is removed,
 //! and an event left with none is refused); `time` an integer; `insert_id`
 //! a string; `revenue`, `price` numbers, `quantity` an integer; `ip`,
-//! `productId`, `revenueType` strings. Offending events are answered with
+//! `productId`, `revenueType` strings; `event_properties` and
+//! `user_properties` objects at most 40 layers deep. Offending events are answered with
 //! 400 and `events_with_missing_fields` / `events_with_invalid_fields`
 //! (field → indexes), and the request ingests nothing.
 //!
@@ -113,6 +114,18 @@ fn kept(e: &Map<String, Value>, key: &str, min: usize) -> Option<String> {
         .then(|| id.to_string())
 }
 
+/// "Object depth may not exceed 40 layers."
+const MAX_DEPTH: usize = 40;
+
+/// How many objects and arrays deep `v` goes (a plain value: 0).
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 #[derive(Default)]
 struct Faults {
     missing: HashMap<&'static str, Vec<usize>>,
@@ -145,7 +158,9 @@ impl Faults {
             }
         }
         for field in ["event_properties", "user_properties"] {
-            if e.get(field).is_some_and(|v| !v.is_object()) {
+            if e.get(field)
+                .is_some_and(|v| !v.is_object() || depth(v) > MAX_DEPTH)
+            {
                 self.invalid.entry(field).or_default().push(i);
             }
         }
@@ -413,6 +428,17 @@ mod tests {
         let mut bad_time = ev("c", "user-1");
         bad_time["time"] = json!("2026-01-01T00:00:00Z");
         let short = ev("d", "abc");
+        let mut deep = ev("g", "user-1");
+        let mut nest = json!(1);
+        for _ in 0..41 {
+            nest = json!({ "k": nest });
+        }
+        deep["event_properties"] = nest;
+        let r = send(&s, &mut d, json!([deep]));
+        assert_eq!(
+            r.body["events_with_invalid_fields"],
+            json!({"event_properties": [0]})
+        );
         let r = send(&s, &mut d, json!([ev("b", "user-1"), bad_time, short]));
         assert_eq!(r.status, 400);
         assert_eq!(r.body["events_with_invalid_fields"], json!({"time": [1]}));
