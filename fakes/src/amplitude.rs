@@ -126,6 +126,9 @@ fn depth(v: &Value) -> usize {
     }
 }
 
+/// Whether a field's value has the type Amplitude wants.
+type Shape = fn(&Value) -> bool;
+
 #[derive(Default)]
 struct Faults {
     missing: HashMap<&'static str, Vec<usize>>,
@@ -142,7 +145,7 @@ impl Faults {
         if kept(e, "user_id", min).is_none() && kept(e, "device_id", min).is_none() {
             self.missing.entry("user_id").or_default().push(i);
         }
-        let kinds: [(&'static str, fn(&Value) -> bool); 8] = [
+        let kinds: [(&'static str, Shape); 8] = [
             ("time", |v| v.is_i64() || v.is_u64()),
             ("insert_id", Value::is_string),
             ("revenue", Value::is_number),

@@ -786,7 +786,7 @@ mod tests {
         assert_eq!(amp().refuse(&d).unwrap().class, "amplitude_no_id");
         let d = delivery("x", json!({"user_id": "abc", "anonymous_id": "anon-1"}));
         assert_eq!(amp().refuse(&d), None);
-        let e = &body(&amp().map(&[d.clone()])[0])["events"][0];
+        let e = &body(&amp().map(std::slice::from_ref(&d))[0])["events"][0];
         assert!(e.get("user_id").is_none());
         assert_eq!(e["device_id"], "anon-1");
         // A project with short ids says so, and Amplitude is told.
