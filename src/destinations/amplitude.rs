@@ -66,7 +66,7 @@
 //! inside the sink's retry budget (24 h by default) is dropped:
 //! `vendor_dedup` is true. A retry budget above 7 days would outlive it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -361,9 +361,9 @@ struct Envelope<'a> {
 struct Answer {
     error: Option<String>,
     missing_field: Option<String>,
-    events_with_invalid_fields: HashMap<String, Vec<i64>>,
-    events_with_missing_fields: HashMap<String, Vec<i64>>,
-    events_with_invalid_id_lengths: HashMap<String, Vec<i64>>,
+    events_with_invalid_fields: BTreeMap<String, Vec<i64>>,
+    events_with_missing_fields: BTreeMap<String, Vec<i64>>,
+    events_with_invalid_id_lengths: BTreeMap<String, Vec<i64>>,
     silenced_events: Vec<i64>,
     throttled_events: Vec<i64>,
     throttled_users: HashMap<String, Value>,
