@@ -127,8 +127,11 @@ pub const SPEC: Spec = Spec {
     contact: Contact::NoneUnlessConfigured,
     email: EmailRule::Plain,
     phone: PhoneFormat::E164,
-    // Amplitude orders a user's events by `time`, which every event carries.
-    ordering: false,
+    // A throttled user or device is to pause ("pause sending events for
+    // that user or device for a period of 30 seconds"): their later events
+    // wait behind the retried ones instead of earning more 429s, and an
+    // older `$identify` cannot land after a newer one.
+    ordering: true,
 };
 
 /// Amplitude's data residencies for the HTTP V2 API.
