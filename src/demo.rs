@@ -609,6 +609,16 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 p.base_url = Some(server.base_url());
                 ("PostHog capture API", server)
             }
+            Vendor::Amplitude(a) => {
+                let server = fakes::serve(fakes::amplitude::Settings {
+                    api_key: a.api_key.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                a.base_url = Some(server.base_url());
+                ("Amplitude HTTP V2 API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

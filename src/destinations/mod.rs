@@ -3,6 +3,7 @@
 //! presets, and `limits`, `map` and `classify`. This file is the registry
 //! that names them all once.
 
+pub mod amplitude;
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
@@ -153,6 +154,7 @@ registry! {
     Ga4 => ga4::Ga4,
     Mixpanel => mixpanel::Mixpanel,
     Posthog => posthog::Posthog,
+    Amplitude => amplitude::Amplitude,
 }
 
 impl Vendor {
@@ -209,7 +211,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, amplitude"
             ),
             "{}",
             p.message
