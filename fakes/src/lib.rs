@@ -12,6 +12,7 @@
 //! The vendor logic is a pure function of (request, dedup memory, now) so it
 //! is unit-tested without sockets; `serve` puts it behind a listener.
 
+pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
 pub mod meta;

@@ -3,6 +3,7 @@
 //! presets, and `limits`, `map` and `classify`. This file is the registry
 //! that names them all once.
 
+pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
@@ -153,9 +154,19 @@ registry! {
     Ga4 => ga4::Ga4,
     Mixpanel => mixpanel::Mixpanel,
     Posthog => posthog::Posthog,
+    Customerio => customerio::Customerio,
 }
 
 impl Vendor {
+    /// The vendor setting whose value sends raw contact data, when it does:
+    /// without `raw_contact = true` that is a config error naming it.
+    pub fn needs_raw_contact(&self) -> Option<&'static str> {
+        match self {
+            Vendor::Customerio(s) => s.needs_raw_contact(),
+            _ => None,
+        }
+    }
+
     /// Reads the vendor-specific keys of destination `key` (every key but
     /// the common ones) as the settings of vendor `type_name`.
     pub fn parse(type_name: &str, settings: toml::Value, key: &str) -> Result<Vendor, Problem> {
@@ -209,7 +220,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, customerio"
             ),
             "{}",
             p.message
