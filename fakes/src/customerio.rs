@@ -11,7 +11,7 @@
 //! the status). A body that is not JSON or has no `batch` array is 400
 //! `{"errors": [{reason, field, message}]}`. Each op is checked on its own:
 //! `type` "person", `identifiers` exactly one of `id` (≤ 150 bytes), `email`
-//! (only with `email_identifiers`), `cio_id`; `action` "identify" or
+//! (only with `email_identifiers`), `phone` (E.164), `cio_id`; `action` "identify" or
 //! "event"; an event's `name` (1-100 bytes); `id` a ULID; `timestamp` an
 //! integer; the op ≤ `max_op_bytes` (32 KB). Invalid ops are listed in a 207
 //! `{"errors": [{batch_index, reason, field, message}]}` and the others
@@ -152,6 +152,10 @@ impl Settings {
                     return Err(("identifiers.email", "is not an email address".into()));
                 }
                 "email" => {}
+                "phone" if !v.starts_with('+') => {
+                    return Err(("identifiers.phone", "must be in E.164 format".into()));
+                }
+                "phone" => {}
                 _ => return Err(("identifiers", format!("unknown identifier {k}"))),
             }
         }

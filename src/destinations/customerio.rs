@@ -775,7 +775,7 @@ mod tests {
         assert_eq!(s.preset_name(&EventName::Identify), Some("identify"));
         assert_eq!(SPEC.default_consent(), Some("marketing"));
         assert!(!SPEC.hashes_only());
-        assert!(SPEC.ordering);
+        const { assert!(SPEC.ordering) };
     }
 
     #[test]
