@@ -753,6 +753,14 @@ fn parse_destination(
             ),
         });
     }
+    if let Some(setting) = vendor.needs_raw_contact()
+        && !common.raw_contact
+    {
+        problems.push(Problem {
+            key: format!("{key}.{setting}"),
+            message: "sends raw contact data: it needs raw_contact = true".into(),
+        });
+    }
     Some(DestinationConfig {
         name: name.to_string(),
         raw_contact: common.raw_contact,

@@ -619,6 +619,17 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 a.base_url = Some(server.base_url());
                 ("Amplitude HTTP V2 API", server)
             }
+            Vendor::Customerio(c) => {
+                let server = fakes::serve(fakes::customerio::Settings {
+                    site_id: c.site_id.clone(),
+                    api_key: c.api_key.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                c.base_url = Some(server.base_url());
+                ("Customer.io Track API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

@@ -17,12 +17,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::kafka::{produce, read_all, sigterm, spawn_switchyard};
 use serde_json::{Value, json};
-use switchyard::destinations::{mixpanel, posthog};
+use switchyard::destinations::{amplitude, mixpanel, posthog};
 use switchyard_fakes::{Accepted, Fake, serve};
 
 const MIXPANEL: &str = "mixpanel";
 const POSTHOG: &str = "posthog";
-const ALL: [&str; 2] = [MIXPANEL, POSTHOG];
+const AMPLITUDE: &str = "amplitude";
+const ALL: [&str; 3] = [MIXPANEL, POSTHOG, AMPLITUDE];
 
 const EMAIL_A: &str = "Ada.Lovelace@Example.com";
 const PHONE_A: &str = "+14155550123";
@@ -53,13 +54,13 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                 event: json!({"event": "view_content", "event_id": id("e01"), "occurred_at": at(now, 50),
                     "anonymous_id": anon_a, "consent": granted, "context": ctx,
                     "items": [{"id": "sku-1", "name": "Trail Runner", "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
             },
             Case {
                 event: json!({"event": "add_to_cart", "event_id": id("e02"), "occurred_at": at(now, 48),
                     "anonymous_id": anon_a, "consent": granted, "context": ctx,
                     "items": [{"id": "sku-1", "name": "Trail Runner", "quantity": 1, "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
             },
             // A signs in: the anonymous visitor becomes a known user.
             Case {
@@ -69,7 +70,7 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                     "traits": {"first_name": "Ada", "plan": "pro", "email": EMAIL_A}}),
                 // Mixpanel: a profile update and an `$identify` that merges
                 // (an identity operation its stand-in does not count).
-                expect: &[POSTHOG],
+                expect: &[POSTHOG, AMPLITUDE],
             },
         ],
         vec![
@@ -79,19 +80,19 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                     "user_id": user_a, "consent": granted, "value": 129.0, "currency": "USD",
                     "order_id": id("order-a1"),
                     "items": [{"id": "sku-1", "name": "Trail Runner", "quantity": 1, "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
             },
             Case {
                 event: json!({"event": "purchase", "event_id": id("e05"), "occurred_at": at(now, 38),
                     "user_id": user_a, "consent": granted, "value": 40.0, "currency": "EUR",
                     "order_id": id("order-a2")}),
-                expect: &[MIXPANEL, POSTHOG],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
             },
             Case {
                 event: json!({"event": "custom.webinar_registered", "event_id": id("e06"),
                     "occurred_at": at(now, 36), "user_id": user_a, "consent": granted,
                     "properties": {"webinar_id": "wb-1"}}),
-                expect: &[MIXPANEL, POSTHOG],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
             },
             // B said no to analytics (yes to marketing).
             Case {
@@ -106,7 +107,7 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
             Case {
                 event: json!({"event": "identify", "event_id": id("e08"), "occurred_at": at(now, 20),
                     "user_id": user_a, "consent": granted, "traits": {"plan": "team"}}),
-                expect: &[POSTHOG],
+                expect: &[POSTHOG, AMPLITUDE],
             },
         ],
     ]
@@ -144,9 +145,17 @@ api_key = "phc_demo_project_key"
 base_url = "{posthog}"
 [destinations.posthog.delivery]
 linger = "50ms"
+
+[destinations.amplitude]
+type = "amplitude"
+api_key = "demo-amplitude-api-key"
+base_url = "{amplitude}"
+[destinations.amplitude.delivery]
+linger = "50ms"
 "#,
         mixpanel = fakes[MIXPANEL].base_url(),
         posthog = fakes[POSTHOG].base_url(),
+        amplitude = fakes[AMPLITUDE].base_url(),
     )
 }
 
@@ -160,6 +169,7 @@ fn vendor_key(dest: &str, e: &Value) -> String {
     match dest {
         MIXPANEL => mixpanel::insert_id(id),
         POSTHOG => posthog::event_uuid(id),
+        AMPLITUDE => amplitude::insert_id(id),
         _ => unreachable!("{dest}"),
     }
 }
@@ -187,6 +197,12 @@ async fn canonical_events_reach_the_analytics_and_crm_vendors_exactly_as_expecte
     let mut fakes = BTreeMap::new();
     fakes.insert(MIXPANEL, serve(mixpanel_fake).await.unwrap());
     fakes.insert(POSTHOG, serve(posthog_settings).await.unwrap());
+    fakes.insert(
+        AMPLITUDE,
+        serve(switchyard_fakes::amplitude::Settings::default())
+            .await
+            .unwrap(),
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(dir.path(), &config(&brokers, &prefix, &fakes));
@@ -333,6 +349,14 @@ async fn canonical_events_reach_the_analytics_and_crm_vendors_exactly_as_expecte
             .any(|m| m.anonymous == anon_a && m.identified == user_a),
         "PostHog merge: {:?}",
         posthog_persons.merges()
+    );
+
+    // Amplitude linked the device to the user: an event carried both.
+    assert!(
+        fakes[AMPLITUDE].accepted().iter().any(|a| {
+            a.payload["device_id"] == anon_a.as_str() && a.payload["user_id"] == user_a.as_str()
+        }),
+        "Amplitude link"
     );
 
     // Nothing was dead-lettered.

@@ -13,6 +13,7 @@
 //! is unit-tested without sockets; `serve` puts it behind a listener.
 
 pub mod amplitude;
+pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
 pub mod meta;

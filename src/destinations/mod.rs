@@ -4,6 +4,7 @@
 //! that names them all once.
 
 pub mod amplitude;
+pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
 pub mod meta_capi;
@@ -155,9 +156,19 @@ registry! {
     Mixpanel => mixpanel::Mixpanel,
     Posthog => posthog::Posthog,
     Amplitude => amplitude::Amplitude,
+    Customerio => customerio::Customerio,
 }
 
 impl Vendor {
+    /// The vendor setting whose value sends raw contact data, when it does:
+    /// without `raw_contact = true` that is a config error naming it.
+    pub fn needs_raw_contact(&self) -> Option<&'static str> {
+        match self {
+            Vendor::Customerio(s) => s.needs_raw_contact(),
+            _ => None,
+        }
+    }
+
     /// Reads the vendor-specific keys of destination `key` (every key but
     /// the common ones) as the settings of vendor `type_name`.
     pub fn parse(type_name: &str, settings: toml::Value, key: &str) -> Result<Vendor, Problem> {
@@ -211,7 +222,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, amplitude"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, amplitude, customerio"
             ),
             "{}",
             p.message
