@@ -14,6 +14,7 @@
 
 pub mod ga4;
 pub mod google_ads;
+pub mod klaviyo;
 pub mod meta;
 pub mod mixpanel;
 pub mod posthog;

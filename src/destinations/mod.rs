@@ -5,6 +5,7 @@
 
 pub mod ga4;
 pub mod google_ads;
+pub mod klaviyo;
 pub mod meta_capi;
 pub mod mixpanel;
 pub mod names;
@@ -153,6 +154,7 @@ registry! {
     Ga4 => ga4::Ga4,
     Mixpanel => mixpanel::Mixpanel,
     Posthog => posthog::Posthog,
+    Klaviyo => klaviyo::Klaviyo,
 }
 
 impl Vendor {
@@ -209,7 +211,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, klaviyo"
             ),
             "{}",
             p.message
