@@ -96,6 +96,17 @@ fn is_e164(p: &str) -> bool {
     })
 }
 
+/// One `@`, something before it, a dotted domain after it.
+fn is_email(e: &str) -> bool {
+    e.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && !domain.contains('@')
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+    })
+}
+
 fn is_revision(r: &str) -> bool {
     let date = r.split_once('.').map_or(r, |(d, _)| d);
     date.len() == 10 && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok()
@@ -106,7 +117,7 @@ fn is_revision(r: &str) -> bool {
 fn profile_key(attributes: &Value, id: Option<&Value>, at: &str) -> Result<String, Reply> {
     let text = |k: &str| attributes.get(k).and_then(Value::as_str);
     if let Some(e) = text("email")
-        && !e.contains('@')
+        && !is_email(e)
     {
         return Err(invalid(
             &format!("'{e}' is not a valid email address."),

@@ -33,6 +33,9 @@
 //! - developers.klaviyo.com/en/reference/bulk_create_events and
 //!   `bulk_create_events.json` (`/api/event-bulk-create-jobs`): see below
 //!   why it is not used.
+//! - developers.klaviyo.com/en/reference/create_event, phone numbers:
+//!   "Individual's phone number in E.164 format"; a number without its
+//!   country code is left out (see `e164`).
 //! - developers.klaviyo.com/en/docs/rate_limits_and_error_handling:
 //!   per-account fixed windows (burst 1 s, steady 1 min), HTTP 429 when
 //!   either is reached, `RateLimit-Limit`/`-Remaining`/`-Reset` on every
@@ -42,12 +45,16 @@
 //!   "Viewed Product", "Added to Cart", "Started Checkout", "Placed Order"
 //!   (some features depend on them), hence the retail preset below.
 //!
-//! Why one event per request and not `/api/event-bulk-create-jobs`: the
-//! bulk job answers 202 for the whole job and validates asynchronously, so
-//! a bad event would be "delivered" here and lost there, with nothing to
-//! dead-letter; `/api/events` validates each event before its 202, so each
-//! row gets its own answer. Throughput comes from the sink's
-//! `max_concurrent_requests` (the requests of one batch go concurrently).
+//! Why one event per request and not `/api/event-bulk-create-jobs` (up to
+//! 1000 events, 5 MB, one 202 for the whole job): there, "if a unique_id
+//! is repeated for the same profile and metric, the request will fail and
+//! no events will be processed", so a resend after a lost answer would fail
+//! its whole batch forever; one bad event fails the rest with it; and its
+//! rate limit is 10/s burst, 150/m steady against 350/s, 3500/m for
+//! `/api/events`, which answers each event on its own. Throughput comes
+//! from the sink's `max_concurrent_requests` (the requests of one batch go
+//! concurrently); `delivery.rate_limit` keeps under Klaviyo's steady limit
+//! (the module cannot set a default for it).
 //!
 //! Identity: the profile is found by `external_id` (user_id) and, only when
 //! the destination sets `raw_contact = true` (the router leaves email and
@@ -72,7 +79,7 @@ use super::names::NamePreset;
 use super::shared;
 use super::{Contact, Kind, Spec};
 use crate::delivery::Delivery;
-use crate::event::normalize::{EmailRule, PhoneFormat};
+use crate::event::normalize::{EmailRule, PhoneFormat, normalize_phone};
 use crate::event::{CanonicalEvent, EventName};
 use crate::settings::{Problem, Secret, check_url, reporter};
 use crate::sink::destination::{
@@ -287,17 +294,21 @@ fn identifiers(ev: &CanonicalEvent) -> Map<String, Value> {
     if let Some(e) = ev.email.as_deref().filter(|e| e.contains('@')) {
         m.insert("email".into(), json!(e));
     }
-    if let Some(p) = ev.phone.as_deref().filter(|p| is_e164(p)) {
+    if let Some(p) = ev.phone.as_deref().and_then(e164) {
         m.insert("phone_number".into(), json!(p));
     }
     m
 }
 
-/// `+` and 8 to 15 digits: what Klaviyo takes as `phone_number`.
-fn is_e164(p: &str) -> bool {
-    p.strip_prefix('+').is_some_and(|d| {
-        (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
-    })
+/// The phone in E.164, as Klaviyo's `phone_number` wants it. Only numbers
+/// written with their country code: a destination has no country to read a
+/// national number in, and a wrong guess would reach someone else.
+fn e164(raw: &str) -> Option<String> {
+    if !raw.trim_start().starts_with('+') {
+        return None;
+    }
+    // The country is ignored for a number with its own `+` code.
+    normalize_phone(raw, phonenumber::country::Id::US, PhoneFormat::E164)
 }
 
 /// The event's properties: the publisher's, then what switchyard knows.
@@ -580,7 +591,7 @@ mod tests {
         // What the router hands over with raw_contact = true.
         let d = delivery(
             "Placed Order",
-            json!({"email": "jo@example.com", "phone": "+16502530000",
+            json!({"email": "jo@example.com", "phone": "+1 650 253 0000",
                    "properties": {"email": "jo@example.com", "coupon": "XMAS"}}),
         );
         let b = body(&klaviyo().map(&[d])[0]);
@@ -590,7 +601,7 @@ mod tests {
             json!({"external_id": "u_1", "email": "jo@example.com", "phone_number": "+16502530000"})
         );
         assert!(a["properties"].get("email").is_none());
-        // A phone not in E.164 is left out, not sent as is.
+        // A national number is left out, not guessed or sent as is.
         let d = delivery("x", json!({"phone": "650 253 0000"}));
         let b = body(&klaviyo().map(&[d])[0]);
         assert!(
