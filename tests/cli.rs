@@ -136,6 +136,7 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("GA4_API_SECRET", "t")
         .env("MIXPANEL_SA_SECRET", "t")
         .env("POSTHOG_PROJECT_API_KEY", "phc_0123456789")
+        .env("KLAVIYO_PRIVATE_API_KEY", "pk_0123456789")
         .env("WEBHOOK_SECRET", "0123456789abcdef0123")
         .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
         .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
@@ -151,6 +152,7 @@ fn check_prints_a_summary_for_a_good_config() {
         "ga4",
         "mixpanel",
         "posthog",
+        "klaviyo",
         "webhook",
     ] {
         assert!(out.contains(word), "summary lacks {word}:\n{out}");
@@ -327,7 +329,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
     assert!(out.contains("meta (consent ads denied)"), "{out}");
     assert!(
-        out.contains("→ crm, ga4, google_ads, meta, mixpanel, posthog, tiktok"),
+        out.contains("→ crm, ga4, google_ads, klaviyo, meta, mixpanel, posthog, tiktok"),
         "{out}"
     );
     // Then every sink delivered to its local vendor stand-in: per
@@ -340,7 +342,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         .take_while(|l| !l.starts_with("dead letter"))
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table.len(), 7, "{out}");
+    assert_eq!(table.len(), 8, "{out}");
     for row in &table {
         let n = |i: usize| row[i].parse::<usize>().unwrap();
         let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));

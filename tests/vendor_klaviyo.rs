@@ -107,13 +107,14 @@ async fn journey_is_delivered_once_and_resends_are_dropped() {
         [
             "Viewed Product",
             "Added to Cart",
+            "profile-import",
             "Placed Order",
             "webinar_registered"
         ]
     );
     let keys: Vec<&str> = accepted.iter().filter_map(|a| a.key.as_deref()).collect();
-    assert_eq!(keys, ["k-1", "k-2", "k-4", "k-5"]);
-    let purchase = &accepted[2];
+    assert_eq!(keys, ["k-1", "k-2", "external_id:u-7", "k-4", "k-5"]);
+    let purchase = &accepted[3];
     assert_eq!(
         (purchase.value, purchase.currency.as_deref()),
         (Some(60.0), Some("EUR"))
@@ -300,7 +301,7 @@ linger = "20ms"
     .await;
 
     common::sink::wait_until("the journey delivered", StdDuration::from_secs(90), || {
-        fake.accepted().len() >= 4
+        fake.accepted().len() >= 5
     })
     .await;
     let bootstrap = common::brokers();
@@ -335,7 +336,11 @@ linger = "20ms"
     );
     let mut keys: Vec<String> = fake.accepted().into_iter().filter_map(|a| a.key).collect();
     keys.sort();
-    assert_eq!(keys, ["b-1", "b-2", "b-4", "b-5"], "each event once");
+    assert_eq!(
+        keys,
+        ["b-1", "b-2", "b-4", "b-5", "external_id:u-7"],
+        "each event once"
+    );
     assert!(
         fake.exchanges()
             .iter()

@@ -23,7 +23,9 @@
 //! Dedup: an event whose `unique_id` was taken before for the same profile
 //! and metric is answered 202 and not recorded again ("only the first
 //! processed event will be recorded"). [`Profiles`] keeps the imported
-//! profiles, merged by their first identifier.
+//! profiles, merged by their first identifier; an import is recorded as
+//! accepted (name "profile-import", key the profile's identifier) unless it
+//! changed nothing, so a resent identify is recorded once too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -265,6 +267,7 @@ impl Settings {
         let mut profiles = self.profiles.0.lock().expect("lock");
         let created = !profiles.contains_key(&who);
         let stored = profiles.entry(who.clone()).or_default();
+        let before = stored.clone();
         for (k, v) in attributes {
             if k == "properties"
                 && let (Some(new), Some(Value::Object(old))) =
@@ -275,8 +278,23 @@ impl Settings {
             }
             stored.insert(k.clone(), v.clone());
         }
+        // An import that changes nothing (a resend) is not a new record.
+        let accepted = if created || *stored != before {
+            vec![Accepted {
+                key: Some(who.clone()),
+                name: "profile-import".into(),
+                value: None,
+                currency: None,
+                payload: data["attributes"].clone(),
+            }]
+        } else {
+            Vec::new()
+        };
         let answer = json!({"data": {"type": "profile", "id": who, "attributes": stored.clone()}});
-        Reply::json(if created { 201 } else { 200 }, answer)
+        Reply {
+            accepted,
+            ..Reply::json(if created { 201 } else { 200 }, answer)
+        }
     }
 }
 

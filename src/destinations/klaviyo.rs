@@ -39,7 +39,8 @@
 //! - developers.klaviyo.com/en/docs/rate_limits_and_error_handling:
 //!   per-account fixed windows (burst 1 s, steady 1 min), HTTP 429 when
 //!   either is reached, `RateLimit-Limit`/`-Remaining`/`-Reset` on every
-//!   other answer, `Retry-After` on a 429.
+//!   other answer. Whether a 429 always carries `Retry-After` is not
+//!   stated; when it does, the retry waits that long.
 //! - developers.klaviyo.com/en/docs/guide_to_integrating_a_platform_without_a_pre_built_klaviyo_integration
 //!   and /en/docs/custom_integration_faqs: Klaviyo's own metric names
 //!   "Viewed Product", "Added to Cart", "Started Checkout", "Placed Order"
