@@ -736,7 +736,6 @@ mod tests {
             crate::settings::ConsentDefault::Deny
         );
         assert!(!SPEC.hashes_only(), "raw_contact = true is allowed");
-        assert!(SPEC.ordering);
     }
 
     /// Answers in Klaviyo's shapes (the OpenAPI `ClientError` body) and what
