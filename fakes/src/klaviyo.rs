@@ -16,9 +16,9 @@
 //! identifier, ≤ 100 KB; 201 when the profile is new, 200 when updated, with
 //! the profile in the body. Errors are `{"errors": [{id, status, code,
 //! title, detail, source: {pointer}}]}`. Klaviyo's error `detail` texts are
-//! not all documented; the fake's are in Klaviyo's style (and quote the
-//! refused value, as Klaviyo's validation messages do, so tests see that
-//! switchyard never repeats it).
+//! not documented one by one; the fake's are in that shape and quote the
+//! refused value (Klaviyo's may, and nothing says they do not), so tests
+//! see that switchyard never repeats it.
 //!
 //! Dedup: an event whose `unique_id` was taken before for the same profile
 //! and metric is answered 202 and not recorded again ("only the first
