@@ -630,6 +630,16 @@ async fn start_fakes(config: &mut Config) -> Result<BTreeMap<String, DemoFake>, 
                 c.base_url = Some(server.base_url());
                 ("Customer.io Track API", server)
             }
+            Vendor::Klaviyo(k) => {
+                let server = fakes::serve(fakes::klaviyo::Settings {
+                    api_key: k.api_key.expose().to_string(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(DemoError::Fake)?;
+                k.base_url = Some(server.base_url());
+                ("Klaviyo events and profile-import API", server)
+            }
         };
         fakes.insert(name.clone(), DemoFake { vendor, server });
     }

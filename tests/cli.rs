@@ -139,6 +139,7 @@ fn check_prints_a_summary_for_a_good_config() {
         .env("AMPLITUDE_API_KEY", "0123456789abcdef0123456789abcdef")
         .env("CUSTOMERIO_SITE_ID", "site-1")
         .env("CUSTOMERIO_TRACK_API_KEY", "t")
+        .env("KLAVIYO_PRIVATE_API_KEY", "pk_0123456789")
         .env("WEBHOOK_SECRET", "0123456789abcdef0123")
         .env("INGEST_KEY_CHECKOUT", "ck_0123456789abcdef")
         .env("INGEST_KEY_STAGING", "st_0123456789abcdef")
@@ -156,6 +157,7 @@ fn check_prints_a_summary_for_a_good_config() {
         "posthog",
         "amplitude",
         "customerio",
+        "klaviyo",
         "webhook",
     ] {
         assert!(out.contains(word), "summary lacks {word}:\n{out}");
@@ -332,7 +334,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     assert_eq!(out.matches("→ switchyard.dlq").count(), 3, "{out}");
     assert!(out.contains("meta (consent ads denied)"), "{out}");
     assert!(
-        out.contains("→ amplitude, crm, customerio, ga4, google_ads, meta, mixpanel, posthog, tiktok"),
+        out.contains("→ amplitude, crm, customerio, ga4, google_ads, klaviyo, meta, mixpanel, posthog, tiktok"),
         "{out}"
     );
     // Then every sink delivered to its local vendor stand-in: per
@@ -345,7 +347,7 @@ fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
         .take_while(|l| !l.starts_with("dead letter"))
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table.len(), 9, "{out}");
+    assert_eq!(table.len(), 10, "{out}");
     for row in &table {
         let n = |i: usize| row[i].parse::<usize>().unwrap();
         let (routed, sent, accepted, dead) = (n(2), n(3), n(4), n(5));

@@ -16,6 +16,7 @@ pub mod amplitude;
 pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
+pub mod klaviyo;
 pub mod meta;
 pub mod mixpanel;
 pub mod posthog;

@@ -7,6 +7,7 @@ pub mod amplitude;
 pub mod customerio;
 pub mod ga4;
 pub mod google_ads;
+pub mod klaviyo;
 pub mod meta_capi;
 pub mod mixpanel;
 pub mod names;
@@ -78,13 +79,14 @@ impl Spec {
         }
     }
 
-    /// Whoever receives a person's hashed email or phone needs their yes,
-    /// not their silence; a destination that may get raw contact data has
-    /// an owner who chose its category and may choose its default.
+    /// Silence is no yes to ads, analytics or marketing, nor to receiving a
+    /// person's hashed email or phone; a webhook or warehouse has an owner
+    /// who chose its category and may choose its default.
     pub fn consent_default(&self) -> ConsentDefault {
-        match self.contact {
-            Contact::HashesOnly | Contact::NoneUnlessConfigured => ConsentDefault::Deny,
-            Contact::RawWhenConfigured => ConsentDefault::Grant,
+        match (self.kind, self.contact) {
+            (Kind::AdPlatform | Kind::Analytics | Kind::Crm, _) => ConsentDefault::Deny,
+            (_, Contact::HashesOnly | Contact::NoneUnlessConfigured) => ConsentDefault::Deny,
+            (Kind::Webhook | Kind::Warehouse, Contact::RawWhenConfigured) => ConsentDefault::Grant,
         }
     }
 
@@ -157,6 +159,7 @@ registry! {
     Posthog => posthog::Posthog,
     Amplitude => amplitude::Amplitude,
     Customerio => customerio::Customerio,
+    Klaviyo => klaviyo::Klaviyo,
 }
 
 impl Vendor {
@@ -222,7 +225,7 @@ mod tests {
         assert_eq!(p.key, "destinations.x.type");
         assert!(
             p.message.ends_with(
-                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, amplitude, customerio"
+                "expected one of webhook, meta_capi, tiktok_events, google_ads, ga4, mixpanel, posthog, amplitude, customerio, klaviyo"
             ),
             "{}",
             p.message
