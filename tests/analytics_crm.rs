@@ -17,13 +17,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::kafka::{produce, read_all, sigterm, spawn_switchyard};
 use serde_json::{Value, json};
-use switchyard::destinations::{amplitude, mixpanel, posthog};
+use switchyard::destinations::{amplitude, customerio, mixpanel, posthog};
 use switchyard_fakes::{Accepted, Fake, serve};
 
 const MIXPANEL: &str = "mixpanel";
 const POSTHOG: &str = "posthog";
 const AMPLITUDE: &str = "amplitude";
-const ALL: [&str; 3] = [MIXPANEL, POSTHOG, AMPLITUDE];
+const CUSTOMERIO: &str = "customerio";
+const KLAVIYO: &str = "klaviyo";
+const ALL: [&str; 5] = [MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO, KLAVIYO];
 
 const EMAIL_A: &str = "Ada.Lovelace@Example.com";
 const PHONE_A: &str = "+14155550123";
@@ -54,13 +56,14 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                 event: json!({"event": "view_content", "event_id": id("e01"), "occurred_at": at(now, 50),
                     "anonymous_id": anon_a, "consent": granted, "context": ctx,
                     "items": [{"id": "sku-1", "name": "Trail Runner", "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
+                // Klaviyo's allowlist leaves anonymous browsing out.
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO],
             },
             Case {
                 event: json!({"event": "add_to_cart", "event_id": id("e02"), "occurred_at": at(now, 48),
                     "anonymous_id": anon_a, "consent": granted, "context": ctx,
                     "items": [{"id": "sku-1", "name": "Trail Runner", "quantity": 1, "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO],
             },
             // A signs in: the anonymous visitor becomes a known user.
             Case {
@@ -69,7 +72,8 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                     "consent": granted,
                     "traits": {"first_name": "Ada", "plan": "pro", "email": EMAIL_A}}),
                 // Mixpanel: a profile update and an `$identify` that merges
-                // (an identity operation its stand-in does not count).
+                // (an identity operation its stand-in does not count); the
+                // CRMs: a profile update (checked below).
                 expect: &[POSTHOG, AMPLITUDE],
             },
         ],
@@ -80,26 +84,26 @@ fn fixture(run: &str, now: DateTime<Utc>) -> [Vec<Case>; 3] {
                     "user_id": user_a, "consent": granted, "value": 129.0, "currency": "USD",
                     "order_id": id("order-a1"),
                     "items": [{"id": "sku-1", "name": "Trail Runner", "quantity": 1, "price": 129.0}]}),
-                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO, KLAVIYO],
             },
             Case {
                 event: json!({"event": "purchase", "event_id": id("e05"), "occurred_at": at(now, 38),
                     "user_id": user_a, "consent": granted, "value": 40.0, "currency": "EUR",
                     "order_id": id("order-a2")}),
-                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO, KLAVIYO],
             },
             Case {
                 event: json!({"event": "custom.webinar_registered", "event_id": id("e06"),
                     "occurred_at": at(now, 36), "user_id": user_a, "consent": granted,
                     "properties": {"webinar_id": "wb-1"}}),
-                expect: &[MIXPANEL, POSTHOG, AMPLITUDE],
+                expect: &[MIXPANEL, POSTHOG, AMPLITUDE, CUSTOMERIO, KLAVIYO],
             },
             // B said no to analytics (yes to marketing).
             Case {
                 event: json!({"event": "purchase", "event_id": id("e07"), "occurred_at": at(now, 35),
                     "user_id": id("user-b"), "email": EMAIL_B, "consent": no_analytics,
                     "value": 50.0, "currency": "USD", "order_id": id("order-b1")}),
-                expect: &[],
+                expect: &[CUSTOMERIO, KLAVIYO],
             },
         ],
         vec![
@@ -152,10 +156,33 @@ api_key = "demo-amplitude-api-key"
 base_url = "{amplitude}"
 [destinations.amplitude.delivery]
 linger = "50ms"
+
+[destinations.customerio]
+type = "customerio"
+site_id = "{customerio_site}"
+api_key = "{customerio_key}"
+base_url = "{customerio}"
+[destinations.customerio.delivery]
+linger = "50ms"
+
+# Raw contact allowed: Klaviyo finds profiles by email.
+[destinations.klaviyo]
+type = "klaviyo"
+api_key = "{klaviyo_key}"
+raw_contact = true
+events = ["identify", "purchase", "custom.webinar_registered"]
+base_url = "{klaviyo}"
+[destinations.klaviyo.delivery]
+linger = "50ms"
 "#,
         mixpanel = fakes[MIXPANEL].base_url(),
         posthog = fakes[POSTHOG].base_url(),
         amplitude = fakes[AMPLITUDE].base_url(),
+        customerio = fakes[CUSTOMERIO].base_url(),
+        customerio_site = switchyard_fakes::customerio::Settings::default().site_id,
+        customerio_key = switchyard_fakes::customerio::Settings::default().api_key,
+        klaviyo = fakes[KLAVIYO].base_url(),
+        klaviyo_key = switchyard_fakes::klaviyo::Settings::default().api_key,
     )
 }
 
@@ -170,6 +197,11 @@ fn vendor_key(dest: &str, e: &Value) -> String {
         MIXPANEL => mixpanel::insert_id(id),
         POSTHOG => posthog::event_uuid(id),
         AMPLITUDE => amplitude::insert_id(id),
+        CUSTOMERIO => {
+            let at = chrono::DateTime::parse_from_rfc3339(s(e, "occurred_at").unwrap()).unwrap();
+            customerio::event_ulid(id, at.with_timezone(&Utc))
+        }
+        KLAVIYO => id.to_string(),
         _ => unreachable!("{dest}"),
     }
 }
@@ -177,7 +209,11 @@ fn vendor_key(dest: &str, e: &Value) -> String {
 /// What the stand-in accepted as events (not profile updates).
 fn events(dest: &str, accepted: Vec<Accepted>) -> Vec<Accepted> {
     match dest {
-        MIXPANEL => accepted.into_iter().filter(|a| a.key.is_some()).collect(),
+        MIXPANEL | CUSTOMERIO => accepted.into_iter().filter(|a| a.key.is_some()).collect(),
+        KLAVIYO => accepted
+            .into_iter()
+            .filter(|a| a.name != "profile-import")
+            .collect(),
         _ => accepted,
     }
 }
@@ -197,6 +233,12 @@ async fn canonical_events_reach_the_analytics_and_crm_vendors_exactly_as_expecte
     let mut fakes = BTreeMap::new();
     fakes.insert(MIXPANEL, serve(mixpanel_fake).await.unwrap());
     fakes.insert(POSTHOG, serve(posthog_settings).await.unwrap());
+    let customerio_settings = switchyard_fakes::customerio::Settings::default();
+    let customerio_people = customerio_settings.people.clone();
+    fakes.insert(CUSTOMERIO, serve(customerio_settings).await.unwrap());
+    let klaviyo_settings = switchyard_fakes::klaviyo::Settings::default();
+    let klaviyo_profiles = klaviyo_settings.profiles.clone();
+    fakes.insert(KLAVIYO, serve(klaviyo_settings).await.unwrap());
     fakes.insert(
         AMPLITUDE,
         serve(switchyard_fakes::amplitude::Settings::default())
@@ -300,7 +342,11 @@ async fn canonical_events_reach_the_analytics_and_crm_vendors_exactly_as_expecte
         }
         assert_eq!(got_revenue, want_revenue, "{dest}: revenue per currency");
 
-        // No raw contact data: neither destination allows it.
+        // No raw contact data where the settings do not allow it (Klaviyo's
+        // do, for people who said yes to marketing).
+        if dest == KLAVIYO {
+            continue;
+        }
         for x in fake.exchanges() {
             let text = format!(
                 "{} {:?} {}",
@@ -358,6 +404,21 @@ async fn canonical_events_reach_the_analytics_and_crm_vendors_exactly_as_expecte
         }),
         "Amplitude link"
     );
+
+    // The CRMs' profiles carry A's traits as last updated; Customer.io's
+    // also the anonymous id it merges the browsing under.
+    let person = customerio_people
+        .get(&format!("id:{user_a}"))
+        .expect("Customer.io identified A");
+    assert_eq!(person["plan"], "team", "{person:?}");
+    assert_eq!(person["first_name"], "Ada", "{person:?}");
+    assert_eq!(person["anonymous_id"], anon_a.as_str(), "{person:?}");
+    let profiles = klaviyo_profiles.all();
+    let profile = profiles
+        .get(&format!("external_id:{user_a}"))
+        .unwrap_or_else(|| panic!("Klaviyo imported A: {profiles:?}"));
+    assert_eq!(profile["properties"]["plan"], "team", "{profile:?}");
+    assert_eq!(profile["first_name"], "Ada", "{profile:?}");
 
     // Nothing was dead-lettered.
     let dlq = read_all(&brokers, &format!("{prefix}.dlq"));
