@@ -318,23 +318,7 @@ fn event_properties(ev: &CanonicalEvent) -> Map<String, Value> {
             p.insert("referrer".into(), json!(r));
         }
     }
-    if let Some(v) = ev.value {
-        p.insert("value".into(), json!(v));
-    }
-    if let Some(c) = &ev.currency {
-        p.insert("currency".into(), json!(c));
-    }
-    if let Some(o) = &ev.order_id {
-        p.insert("order_id".into(), json!(o));
-    }
-    if !ev.items.is_empty() {
-        let products: Vec<Value> = ev
-            .items
-            .iter()
-            .map(|it| shared::item_object(it, "product_id"))
-            .collect();
-        p.insert("products".into(), Value::Array(products));
-    }
+    shared::commerce_properties(ev, "value", &mut p);
     p
 }
 

@@ -319,23 +319,7 @@ impl Customerio {
 fn attributes(d: &Delivery) -> Map<String, Value> {
     let ev = &d.event;
     let mut a = ev.properties.clone().unwrap_or_default();
-    if let Some(v) = ev.value {
-        a.insert("value".into(), json!(v));
-    }
-    if let Some(c) = &ev.currency {
-        a.insert("currency".into(), json!(c));
-    }
-    if let Some(o) = &ev.order_id {
-        a.insert("order_id".into(), json!(o));
-    }
-    if !ev.items.is_empty() {
-        let products: Vec<Value> = ev
-            .items
-            .iter()
-            .map(|it| shared::item_object(it, "product_id"))
-            .collect();
-        a.insert("products".into(), Value::Array(products));
-    }
+    shared::commerce_properties(ev, "value", &mut a);
     if let Some(u) = ev.context.as_ref().and_then(|c| c.page_url.as_ref()) {
         a.insert("url".into(), json!(u));
     }

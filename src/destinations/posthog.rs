@@ -231,23 +231,7 @@ fn properties(d: &Delivery) -> Map<String, Value> {
             p.insert("$current_url".into(), json!(u));
         }
     }
-    if let Some(v) = ev.value {
-        p.insert("revenue".into(), json!(v));
-    }
-    if let Some(c) = &ev.currency {
-        p.insert("currency".into(), json!(c));
-    }
-    if let Some(o) = &ev.order_id {
-        p.insert("order_id".into(), json!(o));
-    }
-    if !ev.items.is_empty() {
-        let products: Vec<Value> = ev
-            .items
-            .iter()
-            .map(|it| shared::item_object(it, "product_id"))
-            .collect();
-        p.insert("products".into(), Value::Array(products));
-    }
+    shared::commerce_properties(ev, "revenue", &mut p);
     if ev.event == EventName::Identify || d.name == "$identify" {
         // The router has already left contact traits, email and phone out
         // unless this destination has `raw_contact = true`.

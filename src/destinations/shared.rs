@@ -76,6 +76,34 @@ pub(crate) fn item_object(it: &Item, id_key: &str) -> Value {
     Value::Object(m)
 }
 
+/// The commerce fields the analytics and CRM vendors take as event
+/// properties, under the names of Segment's e-commerce spec their own
+/// templates use: the value under `value_key`, `currency`, `order_id`, and
+/// the items as `products`.
+pub(crate) fn commerce_properties(
+    ev: &CanonicalEvent,
+    value_key: &str,
+    into: &mut Map<String, Value>,
+) {
+    if let Some(v) = ev.value {
+        into.insert(value_key.into(), json!(v));
+    }
+    if let Some(c) = &ev.currency {
+        into.insert("currency".into(), json!(c));
+    }
+    if let Some(o) = &ev.order_id {
+        into.insert("order_id".into(), json!(o));
+    }
+    if !ev.items.is_empty() {
+        let products = ev
+            .items
+            .iter()
+            .map(|it| item_object(it, "product_id"))
+            .collect();
+        into.insert("products".into(), Value::Array(products));
+    }
+}
+
 /// A SHA-256 digest as vendors take it (64 lowercase hex), or `None` for
 /// anything else, which must never be sent: it may be raw contact data.
 pub(crate) fn vendor_hash(s: &str) -> Option<String> {
