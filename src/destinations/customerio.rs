@@ -735,24 +735,6 @@ mod tests {
     }
 
     #[test]
-    fn identify_by_email_without_raw_contact_is_a_config_error() {
-        let text = |raw: bool| {
-            format!(
-                "[destinations.cio]\ntype = \"customerio\"\nsite_id = \"s\"\napi_key = \"k\"\nregion = \"us\"\nidentify_by = [\"email\"]\nraw_contact = {raw}\n"
-            )
-        };
-        let err =
-            crate::config::Config::parse(&text(false), std::path::Path::new("c.toml"), &|_| None)
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("destinations.cio.identify_by"), "{err}");
-        assert!(
-            crate::config::Config::parse(&text(true), std::path::Path::new("c.toml"), &|_| None)
-                .is_ok()
-        );
-    }
-
-    #[test]
     fn presets_and_policy() {
         let s = settings();
         assert_eq!(s.preset_name(&EventName::Purchase), Some("Order Completed"));
