@@ -22,6 +22,13 @@ fn bench_sink_ends_with_one_json_object() {
     // Mixpanel's pass ran into its stand-in, which answers an error to any
     // request it would refuse (and the pass then fails the command).
     assert!(figures["a_mixpanel_events_per_core_s"].as_f64().unwrap() > 0.0);
+    // The stand-in's CPU is counted apart from the sink's, on its own thread.
+    assert!(
+        figures["a_mixpanel_stand_in_events_per_core_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert!(
         stdout.contains("(a) Mixpanel into its validating stand-in"),
         "{stdout}"
