@@ -33,6 +33,7 @@ use switchyard::config::{Config, ConfigError};
 #[cfg(feature = "demo")]
 use switchyard::demo;
 use switchyard::kafka::{self, Cluster, topics};
+use switchyard::replay;
 use switchyard::run::{Role, RunOptions, default_instance_id};
 use switchyard::sink::dlq;
 use switchyard::{event, ingest};
@@ -106,6 +107,39 @@ enum Command {
     Topics {
         #[command(subcommand)]
         command: TopicsCommand,
+    },
+    /// Deliver a time range again (a backfill): from the canonical topic
+    /// through the router's rules for the chosen destinations only, or from
+    /// deliver topics as they are. Events the delivery ledger shows as
+    /// delivered are skipped unless --force. Ctrl-C stops after the records
+    /// in flight are written and prints the command that resumes.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start of the range (records with timestamps at or after it): RFC 3339 or an age like "2h ago".
+        #[arg(long)]
+        from: String,
+        /// End of the range (records before it): RFC 3339, an age, or "now".
+        #[arg(long, default_value = "now")]
+        to: String,
+        /// Destination to replay to (repeatable); default: every enabled one.
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
+        /// `canonical` (routed again) or `deliver` (each destination's deliveries as they are).
+        #[arg(long, default_value = "canonical")]
+        source: replay::Source,
+        /// Count what would be replayed; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many records read per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Replay events already delivered too, and have the sinks send them again.
+        #[arg(long)]
+        force: bool,
+        /// Go on from where a stopped replay got to (it prints this value).
+        #[arg(long)]
+        resume: Option<replay::Resume>,
     },
     /// Inspect and redrive dead letters.
     Dlq {
@@ -213,11 +247,28 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A command's report is its stdout; a service's log is what it reports.
     let service = matches!(cli.command, Command::Run { .. });
-    init_tracing(match (cli.verbose, service) {
+    let level = match (cli.verbose, service) {
         (0, false) => "warn",
         (0, true) | (1, _) => "info",
         _ => "debug",
-    });
+    };
+    // The demo's terminal is its report (routes and the delivery table); its
+    // log, at info like a service's, goes to a file whose path it prints.
+    let demo_log = if matches!(cli.command, Command::Demo { .. }) {
+        match demo_log_file() {
+            Ok((path, file)) => {
+                init_tracing_to_file(if cli.verbose > 1 { "debug" } else { "info" }, file);
+                Some(path)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        init_tracing(level);
+        None
+    };
     let result = match cli.command {
         Command::Validate { file, strict } => return validate(&file, strict),
         Command::Check { config } => return check(&config),
@@ -247,6 +298,9 @@ fn main() -> ExitCode {
             let ran = runtime().and_then(|rt| {
                 rt.block_on(run_demo(config, file, demo::DemoOptions { keep_times }))
             });
+            if let Some(path) = &demo_log {
+                println!("Log of this run: {}", path.display());
+            }
             // Production images leave the stand-ins out (no `demo` feature).
             #[cfg(not(feature = "demo"))]
             let ran = {
@@ -261,6 +315,29 @@ fn main() -> ExitCode {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
         Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
+        Command::Replay {
+            config,
+            from,
+            to,
+            destinations,
+            source,
+            dry_run,
+            rate,
+            force,
+            resume,
+        } => (|| {
+            let opts = replay::Options {
+                from: parse_time("--from", &from)?,
+                to: parse_time("--to", &to)?,
+                destinations,
+                source,
+                dry_run,
+                rate: rate.filter(|r| *r > 0),
+                force,
+                resume: resume.unwrap_or_default(),
+            };
+            runtime()?.block_on(replay_command(&config, opts))
+        })(),
         Command::Bench {
             command: BenchCommand::Sink { config, events },
         } => runtime().and_then(|rt| rt.block_on(bench_sink(config, events))),
@@ -320,6 +397,93 @@ fn init_tracing(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// Where `demo` writes its log: a fresh file in the temporary directory.
+fn demo_log_file() -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let path = std::env::temp_dir().join(format!("switchyard-demo-{}.log", std::process::id()));
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create the demo's log file {}", path.display()))?;
+    Ok((path, file))
+}
+
+fn init_tracing_to_file(default: &str, file: std::fs::File) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .init();
+}
+
+mod progress {
+    use std::io::IsTerminal;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// A long command's progress on stderr (stdout is its report): a bar on
+    /// a terminal, otherwise a plain line every few seconds.
+    pub struct Bar {
+        what: &'static str,
+        bar: Option<indicatif::ProgressBar>,
+        last_line: Mutex<Option<Instant>>,
+    }
+
+    const LINE_EVERY: Duration = Duration::from_secs(5);
+
+    impl Bar {
+        pub fn new(what: &'static str) -> Bar {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:40}] {pos}/{len} records, {per_sec}, ETA {eta}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                bar.set_message(what);
+                bar
+            });
+            Bar {
+                what,
+                bar,
+                last_line: Mutex::new(None),
+            }
+        }
+
+        pub fn show(&self, done: u64, total: u64, elapsed: Duration) {
+            if let Some(bar) = &self.bar {
+                bar.set_length(total);
+                bar.set_position(done);
+                return;
+            }
+            let mut last = self.last_line.lock().expect("progress lock");
+            if last.is_some_and(|t| t.elapsed() < LINE_EVERY) && done < total {
+                return;
+            }
+            *last = Some(Instant::now());
+            let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+            let eta = if rate > 0.0 {
+                format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
+            } else {
+                "?".into()
+            };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            eprintln!(
+                "{}: {done}/{total} records ({pct}%), {rate:.0}/s, ETA {eta}",
+                self.what
+            );
+        }
+    }
+
+    impl Drop for Bar {
+        fn drop(&mut self) {
+            if let Some(bar) = &self.bar {
+                bar.finish_and_clear();
+            }
+        }
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -494,12 +658,121 @@ fn bench_ingest(opts: &ingest::bench::BenchOptions) -> anyhow::Result<ExitCode> 
 }
 
 fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    parse_time("--since", s)
+}
+
+/// A time on the command line: RFC 3339, "now", or an age like "2h" or
+/// "90m ago".
+fn parse_time(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.to_utc());
     }
-    let age = humantime::parse_duration(s)
-        .with_context(|| format!("--since `{s}` is neither RFC 3339 nor an age like \"2h\""))?;
+    if s.trim() == "now" {
+        return Ok(chrono::Utc::now());
+    }
+    let age = s.trim().strip_suffix("ago").unwrap_or(s).trim();
+    let age = humantime::parse_duration(age)
+        .with_context(|| format!("{flag} `{s}` is neither RFC 3339 nor an age like \"2h ago\""))?;
     Ok(chrono::Utc::now() - chrono::Duration::from_std(age)?)
+}
+
+async fn replay_command(path: &Path, opts: replay::Options) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    if config.kafka.brokers.is_none() {
+        anyhow::bail!(
+            "{}: `kafka.brokers` is not set; there is nothing to replay on the embedded broker",
+            path.display()
+        );
+    }
+    let cluster = Cluster::connect(&config)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("stopping after the records in flight are written…");
+            on_signal.cancel();
+        }
+    });
+    let shown = opts.clone();
+    let bar = progress::Bar::new(if opts.dry_run {
+        "counting"
+    } else {
+        "replaying"
+    });
+    let report = replay::run(
+        std::sync::Arc::new(config),
+        cluster.bootstrap(),
+        opts,
+        stop,
+        move |p| bar.show(p.read, p.total, p.elapsed),
+    )
+    .await?;
+    print!("{}", replay_table(&report));
+    if let Some(resume) = &report.stopped {
+        println!("\nStopped. To go on from here:");
+        println!("  {}", resume_command(path, &shown, resume));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The summary table of a replay, per destination.
+fn replay_table(r: &replay::Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let head = if r.dry_run {
+        "would replay"
+    } else {
+        "replayed"
+    };
+    let _ = writeln!(
+        out,
+        "{:<20} {:>12} {:>18} {:>14} {:>16} {:>9}",
+        "destination", head, "already delivered", "consent", "allowlist/name", "too large"
+    );
+    for (name, row) in &r.rows {
+        let _ = writeln!(
+            out,
+            "{name:<20} {:>12} {:>18} {:>14} {:>16} {:>9}",
+            row.replayed, row.delivered_before, row.consent, row.not_routed, row.oversize
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} record(s) read: {} invalid (dead-lettered when routed), {} further cop(ies) of an event_id, {} moved to their event_id's partition (replayed from there)",
+        r.records, r.invalid, r.duplicates, r.moved
+    );
+    if r.outside > 0 {
+        let _ = writeln!(
+            out,
+            "{} record(s) between the range's offsets carry a timestamp outside it: passed over",
+            r.outside
+        );
+    }
+    out
+}
+
+/// The command that goes on with a stopped replay.
+fn resume_command(path: &Path, o: &replay::Options, resume: &replay::Resume) -> String {
+    let time =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut c = format!(
+        "switchyard replay --config {} --from {} --to {} --source {}",
+        path.display(),
+        time(o.from),
+        time(o.to),
+        o.source
+    );
+    for d in &o.destinations {
+        c.push_str(&format!(" --destination {d}"));
+    }
+    if let Some(rate) = o.rate {
+        c.push_str(&format!(" --rate {rate}"));
+    }
+    if o.force {
+        c.push_str(" --force");
+    }
+    c.push_str(&format!(" --resume {resume}"));
+    c
 }
 
 async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {

@@ -307,16 +307,26 @@ fn validate_passes_the_shipped_sample_except_its_deliberately_invalid_lines() {
 #[test]
 fn demo_runs_on_the_embedded_broker_and_reports_every_event() {
     let mut cmd = common::switchyard();
-    cmd.arg("demo").env("RUST_LOG", "info");
+    cmd.arg("demo").env_remove("RUST_LOG");
     let o = run_bounded(cmd, Duration::from_secs(120));
     no_panic(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    // The terminal shows the report only; the log went to the file named
+    // on the last line, at info.
+    assert_eq!(stderr(&o), "", "log lines on the terminal");
+    let log = out
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("Log of this run: "))
+        .unwrap_or_else(|| panic!("no log path:\n{out}"));
+    let logged = std::fs::read_to_string(log).unwrap();
     assert!(
-        stderr(&o).contains("EMBEDDED"),
-        "no embedded-broker warning:\n{}",
-        stderr(&o)
+        logged.contains("EMBEDDED"),
+        "no embedded-broker warning in {log}"
     );
+    assert!(logged.contains(" INFO "), "no info lines in {log}");
+    let _ = std::fs::remove_file(log);
     let sample_lines = switchyard::demo::SAMPLE_EVENTS
         .lines()
         .filter(|l| !l.trim().is_empty())

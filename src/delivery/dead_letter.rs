@@ -45,9 +45,17 @@ pub mod header {
     /// `<pointer>: <why>` per hint, separated by "; " (never the value).
     pub const HINTS_DROPPED: &str = "switchyard-hints-dropped";
 
-    /// Headers describing one attempt history; never copied onto a new record.
+    /// On a delivery `switchyard replay` wrote: the replay's id (its start
+    /// time), kept through retries and onto dead letters.
+    pub const REPLAY: &str = "switchyard-replay";
+    /// On a replayed delivery written with `--force`: the sink sends it even
+    /// when its ledger shows the event delivered.
+    pub const REPLAY_FORCE: &str = "switchyard-replay-force";
+
+    /// Headers describing one attempt history; never copied onto a new
+    /// record. Where a record came from (a redrive, a replay) is kept.
     pub fn is_own(name: &str) -> bool {
-        name.starts_with("switchyard-") && name != REDRIVEN_FROM
+        name.starts_with("switchyard-") && !matches!(name, REDRIVEN_FROM | REPLAY | REPLAY_FORCE)
     }
 }
 

@@ -105,6 +105,11 @@ impl ToEnd {
         self
     }
 
+    /// Reads no further in `partition`: it is done early.
+    pub fn finish(&mut self, partition: i32) {
+        self.ends.remove(&partition);
+    }
+
     /// The next record, or poll error, before every partition reached its
     /// end; `Ok(None)` once they all have.
     pub fn next<'c, C: ConsumerContext>(
@@ -218,6 +223,90 @@ fn assign_to_ends<C: ConsumerContext>(
         consumer.assign(&tpl)?;
     }
     Ok(ends)
+}
+
+/// What a time range covers of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The first record at or after the range's start.
+    pub start: i64,
+    /// The partition's end when the range was found: nothing at or past it
+    /// is in the range.
+    pub end: i64,
+    /// Where the broker says the range ends (the first record at or after
+    /// its end), for progress only: the reader ends a partition at the
+    /// first record stamped at or after the range's end, because brokers
+    /// answer "no such record" differently (tansu 0.6 answers offset 0).
+    pub estimate: i64,
+}
+
+/// The partitions of a topic (none when it does not exist).
+pub fn topic_partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, ReadError> {
+    let found = partitions(consumer, topic)?;
+    if found.is_empty() {
+        return Err(ReadError::NoTopic);
+    }
+    Ok(found)
+}
+
+/// Assigns `consumer` the records of `topic` from the first at or after
+/// `from_ms` (unix milliseconds) in each partition, or from the offset
+/// `resume` gives a partition where that is later; returns each partition's
+/// [`Span`], leaving out those with nothing to read.
+pub fn assign_range<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    (from_ms, to_ms): (i64, i64),
+    resume: &HashMap<i32, i64>,
+) -> Result<std::collections::BTreeMap<i32, Span>, ReadError> {
+    let partitions = topic_partitions(consumer, topic)?;
+    let at = |ms: i64| -> KafkaResult<HashMap<i32, Offset>> {
+        let mut query = TopicPartitionList::new();
+        for p in &partitions {
+            query.add_partition_offset(topic, *p, Offset::Offset(ms))?;
+        }
+        Ok(consumer
+            .offsets_for_times(query, ADMIN_TIMEOUT)?
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset()))
+            .collect())
+    };
+    let (starts, ends) = (at(from_ms)?, at(to_ms)?);
+    let mut spans = std::collections::BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?;
+        let start = match starts.get(&p) {
+            // No record that recent.
+            Some(Offset::End) => high,
+            Some(Offset::Offset(o)) => (*o).clamp(low, high),
+            _ => low,
+        }
+        .max(resume.get(&p).copied().unwrap_or(low));
+        let estimate = match ends.get(&p) {
+            Some(Offset::Offset(o)) if *o > start => (*o).min(high),
+            _ => high,
+        };
+        if high > start {
+            spans.insert(
+                p,
+                Span {
+                    start,
+                    end: high,
+                    estimate,
+                },
+            );
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        }
+    }
+    if !spans.is_empty() {
+        consumer.assign(&tpl)?;
+    }
+    Ok(spans)
 }
 
 /// Calls `each` for every record of `topic` below the high watermarks read

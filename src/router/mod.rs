@@ -9,7 +9,7 @@ pub mod pipeline;
 pub mod route;
 mod runner;
 
-pub use runner::{RouterError, run};
+pub use runner::{RouterError, replay_pipeline, run};
 
 /// Records in batches this process's router has committed (all roles in one
 /// process share it): lets an in-process caller wait for the router.

@@ -79,6 +79,30 @@ impl Outcome {
     }
 }
 
+/// What a replay did with an event for one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    Routed,
+    /// Consent, allowlist or mapping: as live routing would skip it.
+    Skipped(Skip),
+    /// The delivery ledger shows it delivered there.
+    AlreadyDelivered,
+    /// Too large to produce (dead-lettered when it was routed live).
+    Oversize,
+}
+
+/// Why a replay passes over a record for every destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReplayed {
+    /// Dead-lettered when it was routed live.
+    Invalid,
+    /// Another copy of its event_id came earlier in the replay.
+    Duplicate,
+    /// Not on its event_id's partition: the router moved it, and the moved
+    /// copy is the one replayed.
+    Moved,
+}
+
 /// Why a record was re-published to its event_id's partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reroute {
@@ -770,6 +794,96 @@ impl Pipeline {
         Outcome::Routed {
             destinations: routed,
         }
+    }
+
+    /// Routes `rec` again, for the destinations `only` marks (indexes of
+    /// the enabled destinations), as [`Pipeline::process`] would but as a
+    /// replay: no dedup state is read or written (a copy seen twice within
+    /// the replay is dropped through `seen`), the identity table is read but
+    /// never written, nothing is dead-lettered again, and a destination for
+    /// which `delivered` says the event already went is skipped. Every
+    /// delivery carries `headers`.
+    pub fn replay(
+        &mut self,
+        rec: &InRecord<'_>,
+        only: &[bool],
+        seen: &mut HashSet<String>,
+        delivered: impl Fn(usize, &str) -> bool,
+        headers: &[(&'static str, String)],
+        batch: &mut Batch,
+    ) -> Result<Vec<(usize, Replayed)>, NotReplayed> {
+        let payload = rec.payload.ok_or(NotReplayed::Invalid)?;
+        let ev = parse_event(payload).map_err(|_| NotReplayed::Invalid)?;
+        if rec.partition != partition_for(ev.event_id.as_bytes(), self.partitions) {
+            // Routed live from the copy on its event_id's partition.
+            return Err(NotReplayed::Moved);
+        }
+        if !seen.insert(ev.event_id.clone()) {
+            return Err(NotReplayed::Duplicate);
+        }
+        let hints = Profile::from_event(&ev, &mut self.phones);
+        let who = self.identity.resolve_with_own(&ev, &hints);
+        if batch.routed_at.is_empty() {
+            serde_json::to_writer(&mut batch.routed_at, &Utc::now())
+                .expect("serialising to memory");
+        }
+        let anchor = ev
+            .user_id
+            .as_deref()
+            .or(who.user_id)
+            .or(ev.anonymous_id.as_deref())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut prepared = false;
+        for (i, (dest, topic)) in self
+            .config
+            .enabled_destinations()
+            .zip(&self.topics.deliver)
+            .enumerate()
+        {
+            if !only.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let name = match route::select(dest, &ev) {
+                Ok(name) => name,
+                Err(skip) => {
+                    out.push((i, Replayed::Skipped(skip)));
+                    continue;
+                }
+            };
+            if delivered(i, &ev.event_id) {
+                out.push((i, Replayed::AlreadyDelivered));
+                continue;
+            }
+            if !prepared {
+                self.writer.prepare(&ev, &who);
+                prepared = true;
+            }
+            let key = batch.bytes(anchor.as_bytes());
+            let start = batch.buf.len();
+            self.writer.write(
+                &mut batch.buf,
+                i,
+                name,
+                &ev,
+                &who,
+                Stamp {
+                    partition: rec.partition,
+                    offset: rec.offset,
+                    routed_at: &batch.routed_at,
+                },
+            );
+            let payload = start..batch.buf.len();
+            if wire_size(key.len(), payload.len(), headers) > self.delivery_limit {
+                // Dead-lettered when it was routed live.
+                batch.buf.truncate(start);
+                out.push((i, Replayed::Oversize));
+                continue;
+            }
+            batch.push(topic, None, Some(key), Some(payload), headers.to_vec());
+            out.push((i, Replayed::Routed));
+        }
+        Ok(out)
     }
 
     fn invalid(&self, rec: &InRecord<'_>, batch: &mut Batch, err: &InvalidEvent) -> Outcome {

@@ -1165,6 +1165,21 @@ pub(super) async fn load_identity(
     Ok(tail)
 }
 
+/// A pipeline for `switchyard replay`: the identity table loaded (read,
+/// never written back) and the input's layout of `partitions`.
+pub async fn replay_pipeline(
+    config: Arc<Config>,
+    bootstrap: &str,
+    partitions: i32,
+    stop: &CancellationToken,
+) -> Result<Pipeline, RouterError> {
+    let tail = IdentityTail::start(&config.kafka, bootstrap, &config.topics.identity())?;
+    let mut pipeline = Pipeline::new(config.clone());
+    load_identity(tail, &mut pipeline, config.router.state_stall_timeout, stop).await?;
+    pipeline.set_layout(partitions, &config.topics.dedup());
+    Ok(pipeline)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -363,7 +363,12 @@ impl Engine {
 
     /// An item that may be sent now (subject to ordering and the ledger).
     fn admit(&mut self, item: Item) {
-        if let (Some(ledger), Some(id)) = (&self.shared.ledger, item.event_id())
+        // A forced replay is sent again on purpose (e.g. after a mapping fix).
+        let forced = item
+            .headers
+            .iter()
+            .any(|(k, _)| k == crate::delivery::dead_letter::header::REPLAY_FORCE);
+        if let (Some(ledger), Some(id), false) = (&self.shared.ledger, item.event_id(), forced)
             && ledger
                 .lock()
                 .expect("ledger lock")
