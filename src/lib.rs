@@ -13,4 +13,5 @@ pub mod router;
 pub mod run;
 pub mod settings;
 pub mod sink;
+pub mod tail;
 pub mod telemetry;

@@ -141,6 +141,22 @@ enum Command {
         #[arg(long)]
         resume: Option<replay::Resume>,
     },
+    /// Follow outcomes live, one line each: deliveries (from the ledger),
+    /// rejections (dead letters, with the vendor's reason) and retries
+    /// (events parked to wait). Ctrl-C stops.
+    Tail {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this destination (repeatable).
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
+        /// Only this outcome: delivered, rejected or retrying (repeatable).
+        #[arg(long = "outcome")]
+        outcomes: Vec<switchyard::tail::Kind>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and redrive dead letters.
     Dlq {
         #[command(subcommand)]
@@ -315,6 +331,21 @@ fn main() -> ExitCode {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
         Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
+        Command::Tail {
+            config,
+            destinations,
+            outcomes,
+            json,
+        } => runtime().and_then(|rt| {
+            rt.block_on(tail(
+                &config,
+                switchyard::tail::Filter {
+                    destinations,
+                    outcomes,
+                },
+                json,
+            ))
+        }),
         Command::Replay {
             config,
             from,
@@ -712,6 +743,51 @@ async fn replay_command(path: &Path, opts: replay::Options) -> anyhow::Result<Ex
         println!("\nStopped. To go on from here:");
         println!("  {}", resume_command(path, &shown, resume));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tail(
+    path: &Path,
+    filter: switchyard::tail::Filter,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    if config.kafka.brokers.is_none() {
+        anyhow::bail!(
+            "{}: `kafka.brokers` is not set; there is nothing to follow on the embedded broker",
+            path.display()
+        );
+    }
+    let cluster = Cluster::connect(&config)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    switchyard::tail::follow(
+        &config,
+        cluster.bootstrap(),
+        filter,
+        stop,
+        |topics| eprintln!("following {topics} topics from their ends; Ctrl-C stops"),
+        move |line| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(line).expect("a line serialises")
+                )
+            } else {
+                writeln!(out, "{}", line.human())
+            };
+            let _ = out.flush();
+        },
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
