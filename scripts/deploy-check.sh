@@ -7,8 +7,9 @@
 #   scripts/deploy-check.sh install   install only
 #
 # 1. Renders deploy/kubernetes/base and overlays/example with kubectl's
-#    kustomize and validates every object against the Kubernetes
-#    ${K8S_VERSIONS} schemas, unknown fields included (kubernetes-validate).
+#    kustomize and validates every object, and deploy/kubernetes/hpa,
+#    against the Kubernetes $K8S_VERSIONS schemas, unknown fields included
+#    (kubernetes-validate).
 # 2. Validates the KEDA ScaledObjects against KEDA's CRD schema
 #    (@kubernetes-models/keda), unknown fields included.
 # 3. Checks the manifests against the config they carry
@@ -143,6 +144,11 @@ check_kubernetes() {
     done
     "$KV_DIR/bin/python" scripts/deploy-check/manifests.py "$out/$name.yaml" "$out/$name.keda.json" || failed=1
     [ -s "$out/$name.keda.json" ] && { node scripts/deploy-check/keda.mjs "$KEDA_DIR" "$out/$name.keda.json" || failed=1; }
+  done
+  log "kubernetes: deploy/kubernetes/hpa (the plain-HPA alternative)"
+  for v in $K8S_VERSIONS; do
+    "$KV_DIR/bin/kubernetes-validate" --kubernetes-version "$v" --strict --quiet --no-warn \
+      deploy/kubernetes/hpa/*.yaml || failed=1
   done
   return $failed
 }

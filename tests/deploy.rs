@@ -418,6 +418,52 @@ fn a_name_switchyard_does_not_export_is_caught() {
     );
 }
 
+/// GitHub's anchor for a Markdown heading.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+#[test]
+fn every_runbook_names_a_section_of_operations_md() {
+    let sections: BTreeSet<String> = read("docs/operations.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(anchor)
+        .collect();
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let names: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    let runbooks: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: "))
+        .collect();
+    assert_eq!(names.len(), runbooks.len(), "one runbook per alert");
+    for (name, runbook) in names.iter().zip(&runbooks) {
+        let section = runbook
+            .strip_prefix("docs/operations.md#")
+            .unwrap_or_else(|| {
+                panic!("{name}: runbook {runbook} is not a section of docs/operations.md")
+            });
+        assert_eq!(
+            section,
+            anchor(name),
+            "{name}: its runbook names another section"
+        );
+        assert!(
+            sections.contains(section),
+            "{name}: docs/operations.md has no section #{section}"
+        );
+    }
+}
+
 /// `KEY: "value"` pairs of a Secret manifest's `stringData`.
 fn secret_env(path: &str) -> Vec<(String, String)> {
     read(path)
