@@ -4,6 +4,8 @@
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test topics`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# deploy/: manifests, alert rules and dashboard (tests/deploy.rs checks their metric names).
+if [ $# -eq 0 ]; then scripts/deploy-check.sh; fi
 
 export SWITCHYARD_KAFKA_PORT="${SWITCHYARD_KAFKA_PORT:-19092}"
 export SWITCHYARD_KAFKA_DIR="${SWITCHYARD_KAFKA_DIR:-${TMPDIR:-/tmp}/switchyard-test-kafka}"
