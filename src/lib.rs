@@ -8,6 +8,7 @@ pub mod destinations;
 pub mod event;
 pub mod ingest;
 pub mod kafka;
+pub mod parity;
 pub mod replay;
 pub mod router;
 pub mod run;

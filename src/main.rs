@@ -141,6 +141,25 @@ enum Command {
         #[arg(long)]
         resume: Option<replay::Resume>,
     },
+    /// Revenue parity over a time range: per destination and currency, the
+    /// canonical value against the delivered value, and the events that
+    /// explain the difference. Exit 1 when part of it is unexplained.
+    Parity {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start of the range: RFC 3339 or an age like "24h ago".
+        #[arg(long)]
+        from: String,
+        /// End of the range: RFC 3339, an age, or "now".
+        #[arg(long, default_value = "now")]
+        to: String,
+        /// Only this destination (repeatable); default: every enabled one.
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow outcomes live, one line each: deliveries (from the ledger),
     /// rejections (dead letters, with the vendor's reason) and retries
     /// (events parked to wait). Ctrl-C stops.
@@ -331,6 +350,16 @@ fn main() -> ExitCode {
             command: TopicsCommand::Create { config },
         } => runtime().and_then(|rt| rt.block_on(topics_create(&config))),
         Command::Dlq { command } => runtime().and_then(|rt| rt.block_on(dlq(command))),
+        Command::Parity {
+            config,
+            from,
+            to,
+            destinations,
+            json,
+        } => (|| {
+            let (from, to) = (parse_time("--from", &from)?, parse_time("--to", &to)?);
+            runtime()?.block_on(parity(&config, from, to, destinations, json))
+        })(),
         Command::Tail {
             config,
             destinations,
@@ -789,6 +818,106 @@ async fn tail(
     )
     .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn parity(
+    path: &Path,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    destinations: Vec<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use switchyard::parity::Why;
+    let config = Config::load(path)?;
+    if config.kafka.brokers.is_none() {
+        anyhow::bail!(
+            "{}: `kafka.brokers` is not set; there is nothing to compare on the embedded broker",
+            path.display()
+        );
+    }
+    let cluster = Cluster::connect(&config)?;
+    let report = switchyard::parity::run(
+        std::sync::Arc::new(config),
+        cluster.bootstrap(),
+        from,
+        to,
+        destinations,
+    )
+    .await?;
+    if json {
+        let rows: Vec<serde_json::Value> = report
+            .rows
+            .iter()
+            .map(|((d, c), row)| serde_json::json!({"destination": d, "currency": c, "row": row}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "from": from, "to": to, "events": report.events,
+                "with_value": report.with_value, "unexplained": report.unexplained(),
+                "rows": rows
+            })
+        );
+    } else {
+        println!(
+            "{} event(s) from {} to {}, {} with a value and a currency",
+            report.events,
+            from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            report.with_value
+        );
+        let mut head = format!(
+            "{:<16} {:<8} {:>14} {:>14} {:>12}",
+            "destination", "currency", "canonical", "delivered", "difference"
+        );
+        for why in Why::ALL {
+            head.push_str(&format!(" {:>14}", why.as_str()));
+        }
+        println!("{head}");
+        for ((dest, currency), row) in &report.rows {
+            let mut line = format!(
+                "{dest:<16} {currency:<8} {:>14.2} {:>14.2} {:>12.2}",
+                row.canonical.value,
+                row.delivered.value,
+                row.canonical.value - row.delivered.value
+            );
+            for why in Why::ALL {
+                let s = row.why.get(&why).copied().unwrap_or_default();
+                line.push_str(&format!(
+                    " {:>14}",
+                    format!("{} ({:.2})", s.events, s.value)
+                ));
+            }
+            println!("{line}");
+        }
+        for ((dest, currency), row) in &report.rows {
+            for (why, ids) in &row.examples {
+                let n = row.why.get(why).map_or(0, |s| s.events);
+                let more = n.saturating_sub(ids.len() as u64);
+                let tail = if more > 0 {
+                    format!(" … and {more} more")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{dest} {currency} {}: {}{tail}",
+                    why.as_str(),
+                    ids.join(", ")
+                );
+            }
+        }
+    }
+    Ok(if report.unexplained() > 0 {
+        if !json {
+            eprintln!(
+                "{} event(s) routed by the rules have no delivery record, dead letter or outcome",
+                report.unexplained()
+            );
+        }
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The summary table of a replay, per destination.

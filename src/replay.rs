@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::delivery::dead_letter::header;
 use crate::kafka::client;
-use crate::kafka::reader::{self, Limit, ReadError, Span, ToEnd};
+use crate::kafka::reader::{self, InRange, RangeRead, ReadError};
 use crate::router::RouterError;
 use crate::router::pipeline::{Batch, InRecord, NotReplayed, Pipeline, Replayed};
 use crate::router::route::Skip;
@@ -45,8 +45,6 @@ use crate::sink::records::LedgerEntry;
 /// Records read, routed and acknowledged per step; also the most a stop
 /// waits for.
 const STEP: usize = 500;
-/// A read that gets nothing for this long fails.
-const STALL: Duration = Duration::from_secs(60);
 /// Outcomes are written after their event; one this much older than the
 /// range's start cannot be about an event in it.
 const LEDGER_MARGIN: chrono::Duration = chrono::Duration::hours(24);
@@ -210,7 +208,7 @@ struct Work {
     topic: String,
     destination: Option<usize>,
     consumer: BaseConsumer,
-    spans: BTreeMap<i32, Span>,
+    read: RangeRead,
 }
 
 /// Runs a replay until its range is done or `stop` is cancelled (then the
@@ -261,19 +259,19 @@ pub async fn run(
         topics
             .into_iter()
             .map(|(topic, destination)| {
-                let consumer: BaseConsumer = client::reader(&kafka, &at).create()?;
-                let read = |source| ReplayError::Read {
-                    topic: topic.clone(),
-                    source,
-                };
-                let spans = reader::assign_range(&consumer, &topic, range, &resume.of(&topic))
-                    .map_err(read)?;
-                tracing::debug!(topic, ?spans, "replay range");
+                let (consumer, read) =
+                    RangeRead::open(&kafka, &at, &topic, range, &resume.of(&topic)).map_err(
+                        |source| ReplayError::Read {
+                            topic: topic.clone(),
+                            source,
+                        },
+                    )?;
+                tracing::debug!(topic, spans = ?read.spans(), "replay range");
                 Ok(Work {
                     topic,
                     destination,
                     consumer,
-                    spans,
+                    read,
                 })
             })
             .collect::<Result<Vec<Work>, ReplayError>>()
@@ -427,7 +425,7 @@ impl Replay {
     ) -> Result<Report, ReplayError> {
         let total: u64 = work
             .iter()
-            .flat_map(|w| w.spans.values())
+            .flat_map(|w| w.read.spans().values())
             .map(|span| u64::try_from(span.estimate - span.start).unwrap_or(0))
             .sum();
         let mut report = Report {
@@ -442,16 +440,19 @@ impl Replay {
             ..Report::default()
         };
         let started = Instant::now();
-        let range = (
-            self.opts.from.timestamp_millis(),
-            self.opts.to.timestamp_millis(),
-        );
         let step = self
             .opts
             .rate
             .map_or(STEP, |r| usize::try_from(r).unwrap_or(STEP).clamp(1, STEP));
-        // Where each topic's partitions got to, acknowledged.
-        let mut at: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
+        // Where each topic's partitions got to, acknowledged; from their
+        // starts until then.
+        let mut at: BTreeMap<String, BTreeMap<i32, i64>> = work
+            .iter()
+            .map(|w| {
+                let starts = w.read.spans().iter().map(|(p, s)| (*p, s.start));
+                (w.topic.clone(), starts.collect())
+            })
+            .collect();
         let mut seen: HashMap<Option<usize>, HashSet<String>> = HashMap::new();
         let mut batch = Batch::default();
         progress(&Progress {
@@ -459,14 +460,12 @@ impl Replay {
             total,
             elapsed: started.elapsed(),
         });
-        for w in &work {
-            let ends = w.spans.iter().map(|(p, span)| (*p, span.end)).collect();
-            let mut read = ToEnd::new("replay", &w.topic, ends, Limit::Stall(STALL));
+        for mut w in work {
             let seen = seen.entry(w.destination).or_default();
             let mut done = false;
             while !done {
                 if self.stop.is_cancelled() {
-                    report.stopped = Some(self.resume_point(&work, &at));
+                    report.stopped = Some(Resume(at));
                     return Ok(report);
                 }
                 let mut writes = Vec::new();
@@ -474,38 +473,27 @@ impl Replay {
                 batch.clear();
                 let mut taken = 0;
                 while taken < step {
-                    let m = match read.next(&w.consumer, Duration::from_millis(100)) {
-                        Ok(Some(m)) => m?,
+                    let m = match w.read.next(&w.consumer) {
+                        Ok(Some(InRange::Record(m))) => m,
+                        Ok(Some(InRange::Early { partition, offset })) => {
+                            next.insert(partition, offset + 1);
+                            taken += 1;
+                            report.outside += 1;
+                            continue;
+                        }
                         Ok(None) => {
                             done = true;
                             break;
                         }
-                        Err(short) => {
+                        Err(source) => {
                             return Err(ReplayError::Read {
                                 topic: w.topic.clone(),
-                                source: short.into(),
+                                source,
                             });
                         }
                     };
-                    let Some(span) = w.spans.get(&m.partition()) else {
-                        continue;
-                    };
-                    if m.offset() >= span.end {
-                        continue;
-                    }
-                    let stamped = m.timestamp().to_millis();
-                    if stamped.is_some_and(|ms| ms >= range.1) {
-                        // The first record at or after the range's end ends
-                        // the partition's range, as Kafka finds times.
-                        read.finish(m.partition());
-                        continue;
-                    }
                     next.insert(m.partition(), m.offset() + 1);
                     taken += 1;
-                    if stamped.is_some_and(|ms| ms < range.0) {
-                        report.outside += 1;
-                        continue;
-                    }
                     report.records += 1;
                     match w.destination {
                         None => self.route(&m, seen, &mut batch, &mut report),
@@ -690,30 +678,6 @@ impl Replay {
             }
             Ok(())
         })
-    }
-
-    /// Where a stopped replay goes on: each partition's next offset, those
-    /// not reached yet from their start.
-    fn resume_point(&self, work: &[Work], at: &BTreeMap<String, BTreeMap<i32, i64>>) -> Resume {
-        let mut out = BTreeMap::new();
-        for w in work {
-            let reached = at.get(&w.topic);
-            let spans: BTreeMap<i32, i64> = w
-                .spans
-                .iter()
-                .map(|(p, span)| {
-                    (
-                        *p,
-                        reached
-                            .and_then(|r| r.get(p))
-                            .copied()
-                            .unwrap_or(span.start),
-                    )
-                })
-                .collect();
-            out.insert(w.topic.clone(), spans);
-        }
-        Resume(out)
     }
 }
 

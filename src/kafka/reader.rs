@@ -106,7 +106,7 @@ impl ToEnd {
     }
 
     /// Reads no further in `partition`: it is done early.
-    pub fn finish(&mut self, partition: i32) {
+    fn finish(&mut self, partition: i32) {
         self.ends.remove(&partition);
     }
 
@@ -307,6 +307,82 @@ pub fn assign_range<C: ConsumerContext>(
         consumer.assign(&tpl)?;
     }
     Ok(spans)
+}
+
+/// One read of a time range of a topic found by [`assign_range`]: its
+/// records in each partition's order, a partition ending at its first
+/// record stamped at or after the range's end, as Kafka finds times.
+pub struct RangeRead {
+    read: ToEnd,
+    spans: std::collections::BTreeMap<i32, Span>,
+    range: (i64, i64),
+}
+
+/// What [`RangeRead::next`] found.
+pub enum InRange<'c> {
+    /// A record in the range.
+    Record(BorrowedMessage<'c>),
+    /// A record between the range's offsets stamped before its start (a
+    /// publisher's clock behind): passed over.
+    Early { partition: i32, offset: i64 },
+}
+
+impl RangeRead {
+    /// Opens a reader of `topic` assigned to `range` (unix milliseconds,
+    /// `[from, to)`), from `resume`'s offsets where later.
+    pub fn open(
+        kafka: &KafkaConfig,
+        bootstrap: &str,
+        topic: &str,
+        range: (i64, i64),
+        resume: &HashMap<i32, i64>,
+    ) -> Result<(BaseConsumer, RangeRead), ReadError> {
+        let consumer: BaseConsumer = client::reader(kafka, bootstrap).create()?;
+        let spans = assign_range(&consumer, topic, range, resume)?;
+        let ends = spans.iter().map(|(p, s)| (*p, s.end)).collect();
+        let read = RangeRead {
+            read: ToEnd::new("range read", topic, ends, Limit::Stall(SCAN_STALL)),
+            spans,
+            range,
+        };
+        Ok((consumer, read))
+    }
+
+    /// Each partition's span, as found when opened.
+    pub fn spans(&self) -> &std::collections::BTreeMap<i32, Span> {
+        &self.spans
+    }
+
+    /// The next record of the range; `None` once every partition is done.
+    pub fn next<'c, C: ConsumerContext>(
+        &mut self,
+        consumer: &'c BaseConsumer<C>,
+    ) -> Result<Option<InRange<'c>>, ReadError> {
+        loop {
+            let Some(m) = self.read.next(consumer, Duration::from_millis(100))? else {
+                return Ok(None);
+            };
+            let m = m?;
+            let Some(span) = self.spans.get(&m.partition()) else {
+                continue;
+            };
+            if m.offset() >= span.end {
+                continue;
+            }
+            let stamped = m.timestamp().to_millis();
+            if stamped.is_some_and(|ms| ms >= self.range.1) {
+                self.read.finish(m.partition());
+                continue;
+            }
+            if stamped.is_some_and(|ms| ms < self.range.0) {
+                return Ok(Some(InRange::Early {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }));
+            }
+            return Ok(Some(InRange::Record(m)));
+        }
+    }
 }
 
 /// Calls `each` for every record of `topic` below the high watermarks read
