@@ -42,3 +42,13 @@ impl Delivery {
         &self.event.event_id
     }
 }
+
+/// The event_id in a record's payload: a delivery record's (sinks' dead
+/// letters and retries) or a canonical event's (the router's dead letters).
+pub fn event_id_in(payload: Option<&[u8]>) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
+    v.pointer("/event/event_id")
+        .or_else(|| v.get("event_id"))
+        .and_then(|id| id.as_str())
+        .map(str::to_string)
+}

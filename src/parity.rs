@@ -25,7 +25,7 @@ use crate::event::{CanonicalEvent, parse_event};
 use crate::kafka::partitioner::partition_for;
 use crate::kafka::reader::{self, InRange, RangeRead, ReadError};
 use crate::router::route::{self, Skip};
-use crate::sink::records::LedgerEntry;
+use crate::sink::records::latest_outcomes;
 
 /// Outcomes are written after their event; one this much older than the
 /// range's start cannot be about an event in it.
@@ -283,7 +283,7 @@ fn seen(
         .map_err(read_error(&topic))?;
         while let Some(found) = read.next(&consumer).map_err(read_error(&topic))? {
             if let InRange::Record(m) = found
-                && let Some(id) = event_id(m.payload())
+                && let Some(id) = crate::delivery::event_id_in(m.payload())
             {
                 seen.insert((dest.clone(), id), Seen::Routed);
             }
@@ -297,7 +297,7 @@ fn seen(
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         });
-        if let (Some(d), Some(id)) = (destination, event_id(m.payload()))
+        if let (Some(d), Some(id)) = (destination, crate::delivery::event_id_in(m.payload()))
             && destinations.contains(&d)
         {
             seen.insert((d, id), Seen::Rejected);
@@ -305,40 +305,24 @@ fn seen(
     })
     .map_err(read_error(&dlq))?;
     let outcomes = config.topics.outcomes();
-    let mut latest = HashMap::new();
-    reader::scan(
+    let ledger_since = (from - LEDGER_MARGIN).timestamp_millis();
+    let latest = latest_outcomes(
         &config.kafka,
         bootstrap,
         &outcomes,
-        Some((from - LEDGER_MARGIN).timestamp_millis()),
-        |m| {
-            if let Some(e) = m
-                .payload()
-                .and_then(|p| serde_json::from_slice::<LedgerEntry>(p).ok())
-                .filter(|e| destinations.contains(&e.destination))
-            {
-                let said = if e.status == "delivered" {
-                    Seen::Delivered
-                } else {
-                    Seen::Rejected
-                };
-                latest.insert((e.destination, e.event_id), said);
-            }
-        },
+        ledger_since,
+        destinations,
     )
     .map_err(read_error(&outcomes))?;
-    seen.extend(latest);
+    seen.extend(latest.into_iter().map(|(k, delivered)| {
+        let said = if delivered {
+            Seen::Delivered
+        } else {
+            Seen::Rejected
+        };
+        (k, said)
+    }));
     Ok(seen)
-}
-
-/// The event_id of a delivery record (sinks' records) or of a canonical
-/// event (the router's dead letters).
-fn event_id(payload: Option<&[u8]>) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
-    v.pointer("/event/event_id")
-        .or_else(|| v.get("event_id"))
-        .and_then(|id| id.as_str())
-        .map(str::to_string)
 }
 
 #[cfg(test)]

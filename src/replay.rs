@@ -40,7 +40,7 @@ use crate::kafka::reader::{self, InRange, RangeRead, ReadError};
 use crate::router::RouterError;
 use crate::router::pipeline::{Batch, InRecord, NotReplayed, Pipeline, Replayed};
 use crate::router::route::Skip;
-use crate::sink::records::LedgerEntry;
+use crate::sink::records::latest_outcomes;
 
 /// Records read, routed and acknowledged per step; also the most a stop
 /// waits for.
@@ -362,24 +362,12 @@ async fn ledger(
     );
     let wanted: HashSet<String> = destinations.iter().cloned().collect();
     tokio::task::spawn_blocking(move || {
-        let mut latest: HashMap<(String, String), bool> = HashMap::new();
-        reader::scan(
+        let latest = latest_outcomes(
             &kafka,
             &bootstrap,
             &topic,
-            Some(since.timestamp_millis()),
-            |m| {
-                let Some(entry) = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice::<LedgerEntry>(p).ok())
-                else {
-                    return;
-                };
-                if wanted.contains(&entry.destination) {
-                    let delivered = entry.status == "delivered";
-                    latest.insert((entry.destination, entry.event_id), delivered);
-                }
-            },
+            since.timestamp_millis(),
+            &wanted,
         )
         .map_err(|source| ReplayError::Read { topic, source })?;
         let mut out: HashMap<String, HashSet<String>> = HashMap::new();
@@ -606,13 +594,7 @@ impl Replay {
         report: &mut Report,
     ) -> Option<Write> {
         let name = &self.enabled[destination];
-        let event_id = m.payload().and_then(|p| {
-            serde_json::from_slice::<serde_json::Value>(p)
-                .ok()?
-                .pointer("/event/event_id")?
-                .as_str()
-                .map(str::to_string)
-        });
+        let event_id = crate::delivery::event_id_in(m.payload());
         let Some(event_id) = event_id else {
             report.invalid += 1;
             return None;

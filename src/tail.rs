@@ -130,7 +130,7 @@ impl Line {
                 at,
                 outcome: Kind::Rejected,
                 destination: h(header::DESTINATION).unwrap_or_default(),
-                event_id: event_id(r.payload),
+                event_id: crate::delivery::event_id_in(r.payload),
                 http_status: h(header::HTTP_STATUS).and_then(|s| s.parse().ok()),
                 attempts: h(header::ATTEMPTS).and_then(|s| s.parse().ok()),
                 latency_ms: None,
@@ -147,7 +147,7 @@ impl Line {
                     at,
                     outcome: Kind::Retrying,
                     destination: h(header::DESTINATION).unwrap_or_default(),
-                    event_id: event_id(r.payload),
+                    event_id: crate::delivery::event_id_in(r.payload),
                     http_status: None,
                     attempts: h(header::ATTEMPTS).and_then(|s| s.parse().ok()),
                     latency_ms: None,
@@ -212,16 +212,6 @@ fn cut(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// The event_id of a delivery record (sinks' records) or of a canonical
-/// event (the router's dead letters).
-fn event_id(payload: Option<&[u8]>) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
-    v.pointer("/event/event_id")
-        .or_else(|| v.get("event_id"))
-        .and_then(|id| id.as_str())
-        .map(str::to_string)
 }
 
 /// Which outcomes to show.

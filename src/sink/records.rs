@@ -312,6 +312,29 @@ pub struct LedgerEntry {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// Per (destination, event_id) of `destinations`: whether the latest
+/// outcome on the ledger `topic` written since `since_ms` (unix ms) says
+/// delivered (else rejected). Blocking: call it from `spawn_blocking`.
+pub fn latest_outcomes(
+    kafka: &crate::config::KafkaConfig,
+    bootstrap: &str,
+    topic: &str,
+    since_ms: i64,
+    destinations: &std::collections::HashSet<String>,
+) -> Result<HashMap<(String, String), bool>, crate::kafka::reader::ReadError> {
+    let mut latest = HashMap::new();
+    crate::kafka::reader::scan(kafka, bootstrap, topic, Some(since_ms), |m| {
+        if let Some(e) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<LedgerEntry>(p).ok())
+            .filter(|e| destinations.contains(&e.destination))
+        {
+            latest.insert((e.destination, e.event_id), e.status == "delivered");
+        }
+    })?;
+    Ok(latest)
+}
+
 pub fn ledger_key(event_id: &str, destination: &str) -> String {
     format!("{event_id}/{destination}")
 }
