@@ -123,7 +123,7 @@ impl Line {
                     error_class: None,
                     reason: None,
                     due: None,
-                    replay: None,
+                    replay: e.replay,
                 })
             }
             Source::DeadLetters => Some(Line {

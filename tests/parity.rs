@@ -47,6 +47,8 @@ async fn parity_explains_every_difference_and_fails_on_an_event_never_routed() {
     let _w = common::watchdog("parity", Duration::from_secs(300));
     let fake = FakeVendor::start(SECRET).await;
     fake.refuse_with(&["p-bad"], "currency not supported");
+    // Retried (5xx) for longer than the test: pending.
+    fake.fail_times("p-slow", 1000);
     let brokers = common::brokers();
     let prefix = common::unique("parity");
     let dir = tempfile::tempdir().unwrap();
@@ -97,6 +99,7 @@ events = ["sign_up"]
             purchase("p-3", 7.25, "USD", "granted"),
             purchase("p-denied", 99.0, "EUR", "denied"),
             purchase("p-bad", 5.0, "USD", "granted"),
+            purchase("p-slow", 4.0, "USD", "granted"),
         ],
     )
     .await;
@@ -138,7 +141,7 @@ events = ["sign_up"]
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["events"], 5);
+    assert_eq!(report["events"], 6);
     assert_eq!(report["unexplained"], 0);
     let eur = row(&report, "hook", "EUR");
     assert_eq!(eur["canonical"]["value"], 129.5);
@@ -149,10 +152,12 @@ events = ["sign_up"]
     assert_eq!(usd["delivered"]["value"], 7.25);
     assert_eq!(usd["why"]["rejected"]["events"], 1);
     assert_eq!(usd["examples"]["rejected"][0], "p-bad");
+    assert_eq!(usd["why"]["pending"]["value"], 4.0);
+    assert_eq!(usd["examples"]["pending"][0], "p-slow");
     // A destination that takes sign-ups only: nothing routed, all explained.
     let signups = row(&report, "signups", "USD");
     assert_eq!(signups["delivered"]["events"], 0);
-    assert_eq!(signups["why"]["not_routed"]["events"], 2);
+    assert_eq!(signups["why"]["not_routed"]["events"], 3);
 
     // An event published while no router runs has no delivery record.
     common::kafka::sigterm(&mut router, Duration::from_secs(30));
@@ -183,10 +188,29 @@ events = ["sign_up"]
         let out = parity(&config, true);
         if out.status.success() {
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert_eq!(report["events"], 6);
+            assert_eq!(report["events"], 7);
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(90), "p-late never routed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The vendor takes p-bad now: a replay of the range sends it again (the
+    // ledger says rejected), and parity counts it delivered.
+    fake.refuse(&[]);
+    common::run_ok(
+        &["replay", "--from", "15m ago", "--destination", "hook"],
+        &config,
+    );
+    let t = Instant::now();
+    loop {
+        let out = parity(&config, true);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if row(&report, "hook", "USD")["delivered"]["value"] == 12.25 {
+            assert!(row(&report, "hook", "USD")["why"]["rejected"].is_null());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{report}");
         std::thread::sleep(Duration::from_millis(500));
     }
     common::kafka::sigterm(&mut router, Duration::from_secs(30));

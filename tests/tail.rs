@@ -185,6 +185,43 @@ consent = "analytics"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A forced replay of the range: its deliveries are marked replayed.
+    common::run_ok(
+        &[
+            "replay",
+            "--from",
+            "10m ago",
+            "--source",
+            "deliver",
+            "--destination",
+            "hook",
+            "--force",
+        ],
+        &config,
+    );
+    let replayed = |seen: &[serde_json::Value], id: &str| {
+        seen.iter()
+            .any(|v| v["outcome"] == "delivered" && v["event_id"] == id && v["replay"].is_string())
+    };
+    let t = Instant::now();
+    let bad_again = |seen: &[serde_json::Value]| {
+        seen.iter().any(|v| {
+            v["outcome"] == "rejected" && v["event_id"] == "t-bad" && v["replay"].is_string()
+        })
+    };
+    while !["t-0", "t-1", "t-2"]
+        .iter()
+        .all(|id| replayed(&parsed(&all.lines()), id))
+        || !bad_again(&parsed(&all.lines()))
+        || rejected.lines().len() < 2
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{:#?}",
+            parsed(&all.lines())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let seen = parsed(&all.stop());
     let bad = seen.iter().find(|v| v["outcome"] == "rejected").unwrap();
     assert_eq!(bad["destination"], "hook");
@@ -200,16 +237,17 @@ consent = "analytics"
     let delivered = seen.iter().find(|v| v["outcome"] == "delivered").unwrap();
     assert_eq!(delivered["http_status"], 200, "{delivered}");
 
-    // Filtered: only hook's rejection, as a line a person reads.
+    // Filtered: only hook's rejections, as lines a person reads (the
+    // second is the forced replay's).
     let lines = rejected.stop();
-    assert_eq!(lines.len(), 1, "{lines:#?}");
-    assert!(
-        lines[0].contains("rejected")
-            && lines[0].contains("t-bad")
-            && lines[0].contains("email is not valid"),
-        "{}",
-        lines[0]
-    );
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for l in &lines {
+        assert!(
+            l.contains("rejected") && l.contains("t-bad") && l.contains("email is not valid"),
+            "{l}"
+        );
+    }
+    assert!(lines[1].contains("replayed"), "{}", lines[1]);
     assert!(
         elsewhere.stop().is_empty(),
         "another destination's outcomes"

@@ -405,6 +405,7 @@ async fn in_memory(
                             first_attempt_at: Some(chrono::Utc::now()),
                             last_attempt_at: Some(chrono::Utc::now()),
                             recorded_at: chrono::Utc::now(),
+                            replay: None,
                         };
                         std::hint::black_box(serde_json::to_vec(&entry).expect("ledger entry"));
                     }

@@ -310,6 +310,9 @@ pub struct LedgerEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_attempt_at: Option<DateTime<Utc>>,
     pub recorded_at: DateTime<Utc>,
+    /// The `switchyard replay` that wrote the delivery, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<String>,
 }
 
 /// Per (destination, event_id) of `destinations`: whether the latest
@@ -363,6 +366,11 @@ impl LedgerEntry {
             first_attempt_at: item.first_attempt,
             last_attempt_at: item.last_attempt,
             recorded_at: Utc::now(),
+            replay: item
+                .headers
+                .iter()
+                .find(|(k, _)| k == header::REPLAY)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
         })
     }
 }
@@ -525,6 +533,7 @@ mod tests {
             first_attempt_at: None,
             last_attempt_at: None,
             recorded_at: Utc::now(),
+            replay: None,
         })
         .unwrap()
     }
