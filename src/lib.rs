@@ -9,6 +9,7 @@ pub mod event;
 pub mod ingest;
 pub mod kafka;
 pub mod parity;
+pub mod redact;
 pub mod replay;
 pub mod router;
 pub mod run;

@@ -29,17 +29,46 @@ impl fmt::Display for Problem {
     }
 }
 
-/// A secret value: never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// A secret value: never printed by `Debug` or `Display`, and every one
+/// made is known to [`known_secrets`], so text from outside (a vendor's
+/// error, a client library's message with a URL) can be cleaned of it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// Secrets shorter than this are not looked for in text: they would match
+/// ordinary words (and no real credential is this short).
+const SECRET_MIN_LEN: usize = 6;
+
+static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Every secret this process has read (config values, tokens it was given).
+pub fn known_secrets() -> std::sync::RwLockReadGuard<'static, Vec<String>> {
+    KNOWN
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        let s = s.into();
+        if s.len() >= SECRET_MIN_LEN {
+            let mut known = KNOWN
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !known.contains(&s) {
+                known.push(s.clone());
+            }
+        }
+        Secret(s)
     }
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 

@@ -401,7 +401,7 @@ impl Customerio {
     }
 
     fn outcomes(&self, request: &Request, response: &Response, now: SystemTime) -> Classified {
-        let text = || scrub(&retry::excerpt(&response.body, 300));
+        let text = || crate::redact::redacted(retry::excerpt(&response.body, 300));
         let outcome = match response.status {
             207 if request.endpoint == "batch" => return partial(request, response),
             400 => Outcome::Rejected {
@@ -419,15 +419,6 @@ impl Customerio {
         };
         Classified::all(request, response, outcome)
     }
-}
-
-/// `text` with every word holding an `@` replaced: Customer.io's messages
-/// may quote the email they refused, and reasons are logged.
-fn scrub(text: &str) -> String {
-    text.split(' ')
-        .map(|w| if w.contains('@') { "[email]" } else { w })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A 207: the ops named by `batch_index` failed, the others were accepted.

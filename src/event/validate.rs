@@ -932,6 +932,8 @@ fn bad_key(container: &str, key: &str) -> String {
 
 /// How a value is quoted in messages: strings in JSON quotes (shortened),
 /// numbers and literals as written, containers by kind.
+/// The value a message quotes; a contact value in the wrong place (a phone
+/// as a number, an email as an id) is not repeated into dead letters and logs.
 fn got(value: &Value) -> String {
     match value {
         Value::String(s) => {
@@ -940,9 +942,9 @@ fn got(value: &Value) -> String {
             if shown.len() < s.len() {
                 quoted.insert(quoted.len() - 1, '…');
             }
-            quoted
+            crate::redact::redacted(quoted)
         }
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => crate::redact::redacted(n.to_string()),
         Value::Bool(b) => b.to_string(),
         Value::Null => "null".to_owned(),
         Value::Array(_) => "an array".to_owned(),

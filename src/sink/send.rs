@@ -34,6 +34,7 @@ use crate::delivery::Delivery;
 use crate::delivery::dead_letter::header;
 use crate::kafka::Position;
 use crate::kafka::client::ProducerGuard;
+use crate::redact::redacted;
 
 /// How long a record may wait for its ack (librdkafka's `message.timeout.ms`
 /// for the sink's producer unless configured): a write that fails is retried
@@ -515,10 +516,17 @@ async fn send_lane(
                 REQUESTS
                     .with_label_values(&[name, status_class(resp.status)])
                     .inc();
-                let classified =
+                let mut classified =
                     shared
                         .vendor
                         .classify(&call.request, &resp, planned.batch(call, round));
+                // Vendors quote what they refuse; reasons and the excerpt go
+                // to logs and dead-letter headers.
+                for o in &mut classified.rows {
+                    if let Outcome::Rejected { reason, .. } | Outcome::Retry { reason, .. } = o {
+                        *reason = redacted(std::mem::take(reason));
+                    }
+                }
                 if classified.throttle {
                     let after = resp
                         .header("retry-after")
@@ -535,14 +543,15 @@ async fn send_lane(
                 CallAnswer {
                     classified,
                     status: Some(resp.status),
-                    body: excerpt(&resp.body, RESPONSE_EXCERPT_BYTES),
+                    body: redacted(excerpt(&resp.body, RESPONSE_EXCERPT_BYTES)),
                     latency,
                     at,
                 }
             }
             Err(reason) => {
                 REQUESTS.with_label_values(&[name, "network"]).inc();
-                let reason = cut_string(reason, REASON_MAX_BYTES);
+                // A client error quotes the URL, and GA4's holds its secret.
+                let reason = redacted(cut_string(reason, REASON_MAX_BYTES));
                 CallAnswer {
                     classified: Classified {
                         rows: vec![
