@@ -14,3 +14,4 @@ pub mod run;
 pub mod settings;
 pub mod sink;
 pub mod telemetry;
+pub mod trace;
