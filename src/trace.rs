@@ -202,15 +202,17 @@ pub fn identity_added(canonical: &CanonicalEvent, delivered: &CanonicalEvent) ->
     if canonical.user_id.is_none() && delivered.user_id.is_some() {
         out.push("user_id".to_string());
     }
-    if canonical.email.is_none() && canonical.email_sha256.is_none() {
-        if let Some(h) = &delivered.email_sha256 {
-            out.push(format!("email_sha256 {}", short_hash(h)));
-        }
+    if canonical.email.is_none()
+        && canonical.email_sha256.is_none()
+        && let Some(h) = &delivered.email_sha256
+    {
+        out.push(format!("email_sha256 {}", short_hash(h)));
     }
-    if canonical.phone.is_none() && canonical.phone_sha256.is_none() {
-        if let Some(h) = &delivered.phone_sha256 {
-            out.push(format!("phone_sha256 {}", short_hash(h)));
-        }
+    if canonical.phone.is_none()
+        && canonical.phone_sha256.is_none()
+        && let Some(h) = &delivered.phone_sha256
+    {
+        out.push(format!("phone_sha256 {}", short_hash(h)));
     }
     for kind in delivered.external_ids.keys() {
         if !canonical.external_ids.contains_key(kind) {
@@ -307,8 +309,10 @@ pub struct Trace {
 pub fn build(config: &Config, id: &str, since: DateTime<Utc>, found: &Found) -> Trace {
     let canonical_topic = config.topics.canonical.clone();
     let mut steps = Vec::new();
-    let step = |at, stage, destination: Option<&str>, what: String| Step {
-        at,
+    // Times to the millisecond, as shown and as Kafka stamps records, so
+    // that a route and its delivery record of one instant keep their order.
+    let step = |at: Option<DateTime<Utc>>, stage, destination: Option<&str>, what: String| Step {
+        at: at.and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis())),
         stage,
         destination: destination.map(str::to_string),
         what,
@@ -477,7 +481,10 @@ pub fn build(config: &Config, id: &str, since: DateTime<Utc>, found: &Found) -> 
     for rec in retries {
         let destination = rec.header(header::DESTINATION);
         let attempts = rec.header(header::ATTEMPTS).unwrap_or("?");
-        let due = rec.header(header::DUE).unwrap_or("?");
+        let due = rec.header(header::DUE).map_or_else(
+            || "?".to_string(),
+            |d| d.parse().map_or_else(|_| d.to_string(), stamp),
+        );
         let reason = excerpt(rec.header(header::REASON).unwrap_or(""), EXCERPT);
         let what = if rec.header(header::REQUEUED_AT).is_some() {
             format!(
@@ -587,7 +594,10 @@ pub fn build(config: &Config, id: &str, since: DateTime<Utc>, found: &Found) -> 
 
 /// What a trace from `since` cannot see.
 fn limits(config: &Config, since: DateTime<Utc>) -> Vec<String> {
-    let days = |d: std::time::Duration| format!("{}", humantime::format_duration(d));
+    let days = |d: std::time::Duration| match d.as_secs() {
+        s if s % 86_400 == 0 => format!("{} d", s / 86_400),
+        _ => humantime::format_duration(d).to_string(),
+    };
     vec![
         format!(
             "outcomes and dead letters written before {} (--since); dead letters are kept {} \
@@ -597,8 +607,8 @@ fn limits(config: &Config, since: DateTime<Utc>) -> Vec<String> {
             days(config.topics.dlq_retention)
         ),
         format!(
-            "the canonical and deliver topics keep 7 days, retry topics {} \
-             (topics.retry_retention); copies, deliveries and parked retries are looked for \
+            "the canonical and deliver topics keep 7 d as `topics create` makes them, retry \
+             topics {} (topics.retry_retention); copies, deliveries and parked retries are looked for \
              only near the times the ledger and the DLQ give (1 h before, 10 min after)",
             days(config.topics.retry_retention)
         ),
@@ -1185,7 +1195,7 @@ access_token = "t"
             &[
                 (header::DESTINATION, "hook"),
                 (header::ATTEMPTS, "1"),
-                (header::DUE, "2026-12-01T10:00:03Z"),
+                (header::DUE, "2026-12-01T10:00:03.25+00:00"),
                 (header::REASON, "HTTP 503"),
             ],
         );
@@ -1237,7 +1247,7 @@ access_token = "t"
         assert!(
             has(
                 &l,
-                "retry hook parked on sy.retry.hook/1/0 after 1 attempt(s), due 2026-12-01T10:00:03Z: HTTP 503"
+                "retry hook parked on sy.retry.hook/1/0 after 1 attempt(s), due 2026-12-01T10:00:03.250Z: HTTP 503"
             ),
             "{l:#?}"
         );
