@@ -380,6 +380,34 @@ async fn trace_shows_each_events_path_through_router_sink_dlq_retries_and_replay
         ],
     );
 
+    // Redriven once the vendor takes it: the redrive's delivery record
+    // names the dead letter, and the sink delivers it.
+    fake.refuse(&[]);
+    let redriven = common::run_ok(&["dlq", "redrive", "--destination", "hook"], &s.config);
+    assert!(redriven.contains("1 dead letter(s) redriven"), "{redriven}");
+    let t = Instant::now();
+    while sent(&id("bad")) < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the redriven event was not sent:\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, bad) = s.trace(&[&id("bad")]);
+    assert_eq!(code, 0, "{bad}");
+    let deliveries = find(&bad, "deliver", &["hook"]);
+    assert_eq!(deliveries.len(), 2, "{bad}");
+    assert!(
+        deliveries[1].contains(&format!("redriven from dead letter {}.dlq/", s.prefix)),
+        "{bad}"
+    );
+    assert!(
+        !find(&bad, "outcome", &["hook", "delivered after 1 attempt(s)"]).is_empty(),
+        "{bad}"
+    );
+
     // Retried: parked twice, delivered at the third attempt.
     let (code, retry) = s.trace(&[&id("retry")]);
     assert_eq!(code, 0, "{retry}");
@@ -431,22 +459,28 @@ async fn trace_shows_each_events_path_through_router_sink_dlq_retries_and_replay
     );
 
     // --json: one object with the same steps.
-    let (code, json) = s.trace(&[&id("bad"), "--json"]);
+    let (code, json) = s.trace(&[&id("skip"), "--json"]);
     assert_eq!(code, 0, "{json}");
     let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
     assert_eq!(v["found"], true);
-    assert_eq!(v["event_id"], id("bad"));
-    assert_eq!(v["ledger"][0]["status"], "rejected");
-    assert_eq!(
-        v["dead_letters"][0]["headers"]["switchyard-error-class"],
-        "webhook_refused"
-    );
+    assert_eq!(v["event_id"], id("skip"));
+    assert_eq!(v["copies"][0]["valid"], true);
+    assert!(v["ledger"].as_array().unwrap().is_empty(), "{json}");
     assert!(
         v["steps"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["stage"] == "route" && s["what"] == "routed as purchase"),
+            .any(|s| s["stage"] == "route"
+                && s["destination"] == "hook"
+                && s["what"] == "skipped: consent analytics denied"),
+        "{json}"
+    );
+
+    let (_, json) = s.trace(&[&id("bad"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
+    assert_eq!(
+        v["dead_letters"][0]["headers"]["switchyard-error-class"], "webhook_refused",
         "{json}"
     );
 
