@@ -17,3 +17,4 @@ pub mod settings;
 pub mod sink;
 pub mod tail;
 pub mod telemetry;
+pub mod trace;

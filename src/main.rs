@@ -176,6 +176,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One event's path as a timeline: its canonical copies and validation,
+    /// dedup, identity added, each destination's route or skip, delivery
+    /// records, retries, outcomes, dead letters, redrives and replays.
+    /// Found through the delivery ledger and the DLQ (read from --since),
+    /// then bounded windows of the canonical, deliver and retry topics.
+    /// Exit 0: found, 1: error, 3: no record of it since --since.
+    Trace {
+        #[arg(long, short)]
+        config: PathBuf,
+        event_id: String,
+        /// One JSON object instead of the timeline.
+        #[arg(long)]
+        json: bool,
+        /// How far back to look: RFC 3339 or an age like "2h ago".
+        #[arg(long, default_value = switchyard::trace::DEFAULT_SINCE)]
+        since: String,
+    },
     /// Inspect and redrive dead letters.
     Dlq {
         #[command(subcommand)]
@@ -398,6 +415,13 @@ fn main() -> ExitCode {
             };
             runtime()?.block_on(replay_command(&config, opts))
         })(),
+        Command::Trace {
+            config,
+            event_id,
+            json,
+            since,
+        } => parse_time("--since", &since)
+            .and_then(|since| runtime()?.block_on(trace_command(&config, &event_id, since, json))),
         Command::Bench {
             command: BenchCommand::Sink { config, events },
         } => runtime().and_then(|rt| rt.block_on(bench_sink(config, events))),
@@ -978,6 +1002,43 @@ fn resume_command(path: &Path, o: &replay::Options, resume: &replay::Resume) -> 
     }
     c.push_str(&format!(" --resume {resume}"));
     c
+}
+
+/// `trace`'s exit code when it finds no record of the event (2 is clap's
+/// for a usage error, so a mistyped flag never reads as "not found").
+const TRACE_NOT_FOUND: u8 = 3;
+
+async fn trace_command(
+    path: &Path,
+    event_id: &str,
+    since: chrono::DateTime<chrono::Utc>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    if config.kafka.brokers.is_none() {
+        anyhow::bail!(
+            "{}: `kafka.brokers` is not set; there is nothing to trace on the embedded broker",
+            path.display()
+        );
+    }
+    let cluster = Cluster::connect(&config)?;
+    let trace = switchyard::trace::trace(
+        std::sync::Arc::new(config),
+        cluster.bootstrap(),
+        event_id,
+        since,
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&trace)?);
+    } else {
+        print!("{}", trace.text());
+    }
+    Ok(if trace.found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(TRACE_NOT_FOUND)
+    })
 }
 
 async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {

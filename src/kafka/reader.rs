@@ -414,6 +414,101 @@ pub fn scan(
     Ok(())
 }
 
+/// Which partitions of a topic a [`scan_window`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partitions {
+    All,
+    /// The partitions these keys go to under the Java client's partitioner
+    /// (murmur2), as every producer of switchyard's writes them.
+    OfKeys(Vec<Vec<u8>>),
+}
+
+/// What a [`scan_window`] read: the partitions and how many records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    pub partitions: Vec<i32>,
+    pub records: u64,
+}
+
+/// Calls `each` for the records of some partitions of `topic` in a time
+/// window: in each partition from the first record stamped at or after
+/// `from_ms` (or from the earlier offset `earliest` names for it) up to the
+/// first record stamped at or after `to_ms`, or the partition's end at the
+/// start of the call. Blocking: call it from `spawn_blocking` in async code.
+pub fn scan_window(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+    topic: &str,
+    which: &Partitions,
+    (from_ms, to_ms): (i64, i64),
+    earliest: &HashMap<i32, i64>,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<Window, ReadError> {
+    let consumer: BaseConsumer = client::reader(kafka, bootstrap).create()?;
+    let all = topic_partitions(&consumer, topic)?;
+    let mut chosen: Vec<i32> = match which {
+        Partitions::All => all.clone(),
+        Partitions::OfKeys(keys) => {
+            let n = i32::try_from(all.len()).unwrap_or(i32::MAX);
+            keys.iter()
+                .map(|k| super::partitioner::partition_for(k, n))
+                .collect()
+        }
+    };
+    chosen.sort_unstable();
+    chosen.dedup();
+    let mut query = TopicPartitionList::new();
+    for p in &chosen {
+        query.add_partition_offset(topic, *p, Offset::Offset(from_ms))?;
+    }
+    let starts: HashMap<i32, Offset> = consumer
+        .offsets_for_times(query, ADMIN_TIMEOUT)?
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &chosen {
+        let (low, high) = consumer.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?;
+        let start = match starts.get(&p) {
+            // No record that recent.
+            Some(Offset::End) => high,
+            Some(Offset::Offset(o)) => (*o).clamp(low, high),
+            _ => low,
+        };
+        let start = earliest.get(&p).map_or(start, |e| start.min((*e).max(low)));
+        if high > start {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        }
+    }
+    let mut window = Window {
+        partitions: chosen,
+        records: 0,
+    };
+    if ends.is_empty() {
+        return Ok(window);
+    }
+    consumer.assign(&tpl)?;
+    let mut read = ToEnd::new("window", topic, ends, Limit::Stall(SCAN_STALL));
+    while let Some(m) = read.next(&consumer, Duration::from_millis(200))? {
+        let m = m?;
+        let needed = earliest
+            .get(&m.partition())
+            .is_some_and(|e| m.offset() <= *e);
+        if !needed && m.timestamp().to_millis().is_some_and(|ms| ms >= to_ms) {
+            // As Kafka finds times: the first record at or after the
+            // window's end ends the partition's window.
+            read.finish(m.partition());
+            continue;
+        }
+        window.records += 1;
+        each(&m);
+    }
+    Ok(window)
+}
+
 /// Every committed record of `topic` up to each partition's end at the time
 /// of the call (later records are not waited for): for the demo, `dlq`
 /// tooling and checks.
