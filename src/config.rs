@@ -122,6 +122,27 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// Makes the values of credential properties (SASL passwords, key
+    /// passwords, OAuth client secrets, JAAS configs) known secrets, so text
+    /// that quotes one is cleaned before it is logged.
+    fn register_secrets(&self) {
+        let maps = [
+            &self.properties,
+            &self.consumer_properties,
+            &self.producer_properties,
+        ];
+        for (key, value) in maps.into_iter().flatten() {
+            let sensitive = ["password", "secret", "jaas", "oauthbearer.config", "pem"]
+                .iter()
+                .any(|w| key.contains(w));
+            if sensitive && let PropertyValue::Str(v) = value {
+                let _ = crate::settings::Secret::new(v.clone());
+            }
+        }
+    }
+}
+
 /// librdkafka takes every property as a string; TOML users write numbers and booleans.
 #[derive(Clone, Deserialize)]
 #[serde(untagged)]
@@ -372,6 +393,7 @@ impl Config {
         }
         config.check(&mut problems);
         config.kafka.max_message_bytes = config.router.produced_record_bytes();
+        config.kafka.register_secrets();
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -802,6 +824,19 @@ mod tests {
             _ => None,
         };
         Config::parse(text, Path::new("test.toml"), &env)
+    }
+
+    #[test]
+    fn credential_properties_are_printed_nowhere() {
+        let config = parse(
+            "[kafka]\nbrokers = \"b:9093\"\nproperties = { \"security.protocol\" = \"sasl_ssl\", \"sasl.mechanisms\" = \"SCRAM-SHA-512\", \"sasl.username\" = \"svc\", \"sasl.password\" = \"scram-pw-9f8e7d\" }\n",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("scram-pw-9f8e7d"));
+        assert_eq!(
+            crate::redact::redact("SASL authentication failed for scram-pw-9f8e7d"),
+            "SASL authentication failed for [secret]"
+        );
     }
 
     fn problems(text: &str) -> Vec<Problem> {
