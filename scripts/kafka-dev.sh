@@ -20,6 +20,9 @@ TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 RUN_DIR="${SWITCHYARD_KAFKA_DIR:-${TMPDIR:-/tmp}/switchyard-kafka}"
 PORT="${SWITCHYARD_KAFKA_PORT:-19092}"
+# What the broker tells clients to connect to: itself, unless something
+# fronts it (the TLS test puts a TLS terminator there).
+ADVERTISED="${SWITCHYARD_KAFKA_ADVERTISED:-127.0.0.1:$PORT}"
 # How often tansu runs retention, compaction and its other SQLite upkeep. Each
 # run scans every stored record while holding the write lock, so produce
 # acknowledgements stall for seconds once the database is large. Tests keep it
@@ -68,7 +71,7 @@ launch() {
     cd "$RUN_DIR/data"
     nohup "$TANSU_BIN" broker \
       --listener-url "tcp://127.0.0.1:$PORT" \
-      --advertised-listener-url "tcp://127.0.0.1:$PORT" \
+      --advertised-listener-url "tcp://$ADVERTISED" \
       --storage-engine "sqlite://tansu.db?maintenance_interval=$MAINTENANCE" \
       >>"$RUN_DIR/tansu.log" 2>&1 &
     echo $! >"$RUN_DIR/tansu.pid"
