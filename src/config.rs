@@ -515,6 +515,33 @@ impl Config {
     pub fn enabled_destinations(&self) -> impl Iterator<Item = &DestinationConfig> {
         self.destinations.values().filter(|d| d.enabled)
     }
+
+    /// Which enabled destinations a command was asked for, as flags beside
+    /// [`Config::enabled_destinations`]; all of them when `asked` is empty.
+    pub fn chosen_destinations(&self, asked: &[String]) -> Result<Vec<bool>, NotEnabled> {
+        let enabled: Vec<&str> = self
+            .enabled_destinations()
+            .map(|d| d.name.as_str())
+            .collect();
+        if let Some(name) = asked.iter().find(|a| !enabled.contains(&a.as_str())) {
+            return Err(NotEnabled {
+                name: name.clone(),
+                enabled: enabled.join(", "),
+            });
+        }
+        Ok(enabled
+            .iter()
+            .map(|n| asked.is_empty() || asked.iter().any(|a| a == n))
+            .collect())
+    }
+}
+
+/// A command named a destination that is not enabled in the config.
+#[derive(Debug, Error)]
+#[error("`{name}` is no enabled destination (enabled: {enabled})")]
+pub struct NotEnabled {
+    pub name: String,
+    pub enabled: String,
 }
 
 fn syntax_message(e: &toml::de::Error, text: &str) -> String {
@@ -824,6 +851,25 @@ mod tests {
             _ => None,
         };
         Config::parse(text, Path::new("test.toml"), &env)
+    }
+
+    #[test]
+    fn commands_name_enabled_destinations_only() {
+        let config = parse(
+            "[destinations.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nsecret = \"${HOOK_SECRET}\"\nconsent = \"analytics\"\n\
+             [destinations.meta]\ntype = \"meta_capi\"\npixel_id = \"1\"\naccess_token = \"${META_TOKEN}\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.chosen_destinations(&[]).unwrap(), [true, true]);
+        assert_eq!(
+            config.chosen_destinations(&["meta".into()]).unwrap(),
+            [false, true]
+        );
+        let err = config
+            .chosen_destinations(&["mta".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`mta`") && err.contains("hook, meta"), "{err}");
     }
 
     #[test]

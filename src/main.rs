@@ -760,23 +760,38 @@ fn parse_time(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::Ut
     Ok(chrono::Utc::now() - chrono::Duration::from_std(age)?)
 }
 
-async fn replay_command(path: &Path, opts: replay::Options) -> anyhow::Result<ExitCode> {
+/// The config at `path` and its cluster; the embedded broker holds nothing
+/// for a command that reads what a pipeline wrote, so `what` is refused.
+fn on_a_cluster(path: &Path, what: &str) -> anyhow::Result<(Config, Cluster)> {
     let config = Config::load(path)?;
     if config.kafka.brokers.is_none() {
         anyhow::bail!(
-            "{}: `kafka.brokers` is not set; there is nothing to replay on the embedded broker",
+            "{}: `kafka.brokers` is not set; there is nothing to {what} on the embedded broker",
             path.display()
         );
     }
     let cluster = Cluster::connect(&config)?;
+    Ok((config, cluster))
+}
+
+/// Cancelled at the first Ctrl-C (saying `note` on stderr, if given).
+fn stop_on_ctrl_c(note: Option<&'static str>) -> tokio_util::sync::CancellationToken {
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("stopping after the records in flight are written…");
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
             on_signal.cancel();
         }
     });
+    stop
+}
+
+async fn replay_command(path: &Path, opts: replay::Options) -> anyhow::Result<ExitCode> {
+    let (config, cluster) = on_a_cluster(path, "replay")?;
+    let stop = stop_on_ctrl_c(Some("stopping after the records in flight are written…"));
     let shown = opts.clone();
     let bar = progress::Bar::new(if opts.dry_run {
         "counting"
@@ -804,21 +819,8 @@ async fn tail(
     filter: switchyard::tail::Filter,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
-    if config.kafka.brokers.is_none() {
-        anyhow::bail!(
-            "{}: `kafka.brokers` is not set; there is nothing to follow on the embedded broker",
-            path.display()
-        );
-    }
-    let cluster = Cluster::connect(&config)?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let on_signal = stop.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_signal.cancel();
-        }
-    });
+    let (config, cluster) = on_a_cluster(path, "follow")?;
+    let stop = stop_on_ctrl_c(None);
     switchyard::tail::follow(
         &config,
         cluster.bootstrap(),
@@ -852,14 +854,7 @@ async fn parity(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     use switchyard::parity::Why;
-    let config = Config::load(path)?;
-    if config.kafka.brokers.is_none() {
-        anyhow::bail!(
-            "{}: `kafka.brokers` is not set; there is nothing to compare on the embedded broker",
-            path.display()
-        );
-    }
-    let cluster = Cluster::connect(&config)?;
+    let (config, cluster) = on_a_cluster(path, "compare")?;
     let report = switchyard::parity::run(
         std::sync::Arc::new(config),
         cluster.bootstrap(),
@@ -1014,14 +1009,7 @@ async fn trace_command(
     since: chrono::DateTime<chrono::Utc>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
-    if config.kafka.brokers.is_none() {
-        anyhow::bail!(
-            "{}: `kafka.brokers` is not set; there is nothing to trace on the embedded broker",
-            path.display()
-        );
-    }
-    let cluster = Cluster::connect(&config)?;
+    let (config, cluster) = on_a_cluster(path, "trace")?;
     let trace = switchyard::trace::trace(
         std::sync::Arc::new(config),
         cluster.bootstrap(),

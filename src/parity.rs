@@ -169,8 +169,8 @@ pub fn account(
 pub enum ParityError {
     #[error("--from ({0}) must be before --to ({1})")]
     EmptyRange(DateTime<Utc>, DateTime<Utc>),
-    #[error("`{0}` is no enabled destination (enabled: {1})")]
-    UnknownDestination(String, String),
+    #[error(transparent)]
+    NotEnabled(#[from] crate::config::NotEnabled),
     #[error("reading {topic}: {source}")]
     Read { topic: String, source: ReadError },
     #[error(transparent)]
@@ -191,21 +191,12 @@ pub async fn run(
     if from >= to {
         return Err(ParityError::EmptyRange(from, to));
     }
-    let enabled: Vec<String> = config
+    let only = config.chosen_destinations(&destinations)?;
+    let names: HashSet<String> = config
         .enabled_destinations()
-        .map(|d| d.name.clone())
-        .collect();
-    for d in &destinations {
-        if !enabled.contains(d) {
-            return Err(ParityError::UnknownDestination(
-                d.clone(),
-                enabled.join(", "),
-            ));
-        }
-    }
-    let names: HashSet<String> = enabled
-        .into_iter()
-        .filter(|n| destinations.is_empty() || destinations.contains(n))
+        .zip(only)
+        .filter(|(_, chosen)| *chosen)
+        .map(|(d, _)| d.name.clone())
         .collect();
     let bootstrap = bootstrap.to_string();
     tokio::task::spawn_blocking(move || {

@@ -189,8 +189,8 @@ pub struct Progress {
 pub enum ReplayError {
     #[error("--from ({0}) must be before --to ({1})")]
     EmptyRange(DateTime<Utc>, DateTime<Utc>),
-    #[error("`{0}` is no enabled destination (enabled: {1})")]
-    UnknownDestination(String, String),
+    #[error(transparent)]
+    NotEnabled(#[from] crate::config::NotEnabled),
     #[error("reading {topic}: {source}")]
     Read { topic: String, source: ReadError },
     #[error(transparent)]
@@ -227,7 +227,7 @@ pub async fn run(
         .enabled_destinations()
         .map(|d| d.name.clone())
         .collect();
-    let only = chosen(&enabled, &opts.destinations)?;
+    let only = config.chosen_destinations(&opts.destinations)?;
     let names: Vec<String> = enabled
         .iter()
         .zip(&only)
@@ -309,22 +309,6 @@ pub async fn run(
     tokio::task::spawn_blocking(move || replay.go(work, progress))
         .await
         .map_err(|e| ReplayError::Task(e.to_string()))?
-}
-
-/// Which enabled destinations a replay feeds, as flags beside `enabled`.
-fn chosen(enabled: &[String], asked: &[String]) -> Result<Vec<bool>, ReplayError> {
-    for name in asked {
-        if !enabled.contains(name) {
-            return Err(ReplayError::UnknownDestination(
-                name.clone(),
-                enabled.join(", "),
-            ));
-        }
-    }
-    Ok(enabled
-        .iter()
-        .map(|n| asked.is_empty() || asked.contains(n))
-        .collect())
 }
 
 fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<i32, ReplayError> {
@@ -681,18 +665,6 @@ mod tests {
         assert!("canonical=3".parse::<Resume>().is_err());
         assert!("t/x=3".parse::<Resume>().is_err());
         assert_eq!("".parse::<Resume>().unwrap(), Resume::default());
-    }
-
-    #[test]
-    fn destinations_are_checked_against_the_enabled_ones() {
-        let enabled = vec!["hook".to_string(), "meta".to_string()];
-        assert_eq!(chosen(&enabled, &[]).unwrap(), vec![true, true]);
-        assert_eq!(
-            chosen(&enabled, &["meta".into()]).unwrap(),
-            vec![false, true]
-        );
-        let err = chosen(&enabled, &["mta".into()]).unwrap_err().to_string();
-        assert!(err.contains("`mta`") && err.contains("hook, meta"), "{err}");
     }
 
     #[test]

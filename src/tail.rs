@@ -232,8 +232,8 @@ impl Filter {
 
 #[derive(Debug, Error)]
 pub enum TailError {
-    #[error("`{0}` is no enabled destination (enabled: {1})")]
-    UnknownDestination(String, String),
+    #[error(transparent)]
+    NotEnabled(#[from] crate::config::NotEnabled),
     #[error("{topic}: {source}")]
     Read { topic: String, source: ReadError },
     #[error(transparent)]
@@ -252,26 +252,19 @@ pub async fn follow(
     ready: impl FnOnce(usize) + Send + 'static,
     mut each: impl FnMut(&Line) + Send + 'static,
 ) -> Result<(), TailError> {
-    let enabled: Vec<String> = config
+    let only = config.chosen_destinations(&filter.destinations)?;
+    let chosen: Vec<&str> = config
         .enabled_destinations()
-        .map(|d| d.name.clone())
+        .zip(only)
+        .filter(|(_, chosen)| *chosen)
+        .map(|(d, _)| d.name.as_str())
         .collect();
-    for d in &filter.destinations {
-        if !enabled.contains(d) {
-            return Err(TailError::UnknownDestination(d.clone(), enabled.join(", ")));
-        }
-    }
     let t = &config.topics;
     let mut topics = vec![
         (t.outcomes(), Source::Ledger),
         (t.dlq(), Source::DeadLetters),
     ];
-    topics.extend(
-        enabled
-            .iter()
-            .filter(|d| filter.destinations.is_empty() || filter.destinations.contains(d))
-            .map(|d| (t.retry(d), Source::Retry)),
-    );
+    topics.extend(chosen.iter().map(|d| (t.retry(d), Source::Retry)));
     let consumer: BaseConsumer = client::reader(&config.kafka, bootstrap).create()?;
     tokio::task::spawn_blocking(move || {
         let mut tpl = TopicPartitionList::new();

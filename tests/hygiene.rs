@@ -92,21 +92,9 @@ async fn no_secret_or_raw_contact_value_reaches_logs_metrics_or_dead_letter_head
     let brokers = common::brokers();
     let prefix = common::unique("hygiene");
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
-
-[topics]
-canonical = "{prefix}.canonical"
-prefix = "{prefix}"
-partitions = 2
-
-[metrics]
-listen = "127.0.0.1:0"
-
+    let text = common::pipeline_config(&prefix, 2)
+        + &format!(
+            r#"
 [destinations.hook]
 type = "webhook"
 url = "{hook_url}"
@@ -135,9 +123,9 @@ base_url = "http://127.0.0.1:9"
 max_attempts = 2
 initial_backoff = "50ms"
 "#,
-        hook_url = hook.url(),
-        ga4_url = ga4.base_url(),
-    );
+            hook_url = hook.url(),
+            ga4_url = ga4.base_url(),
+        );
     let config = common::write_config(dir.path(), &text);
     let mut create = common::switchyard();
     create

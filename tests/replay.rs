@@ -40,39 +40,10 @@ impl Setup {
         let prefix = common::unique("replay");
         let canonical = format!("{prefix}.canonical");
         let dir = tempfile::tempdir().unwrap();
-        let config = common::write_config(
-            dir.path(),
-            &format!(
-                r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-
-[topics]
-canonical = "{canonical}"
-prefix = "{prefix}"
-partitions = 3
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[destinations.hook]
-type = "webhook"
-url = "{hook}"
-secret = "{SECRET}"
-consent = "analytics"
-
-[destinations.hook.delivery]
-linger = "10ms"
-
-[destinations.other]
-type = "webhook"
-url = "http://127.0.0.1:9/other"
-secret = "0123456789abcdef"
-consent = "analytics"
-"#
-            ),
-        );
+        let text = common::pipeline_config(&prefix, 3)
+            + &common::webhook("hook", hook, SECRET, "")
+            + &common::webhook("other", "http://127.0.0.1:9/other", SECRET, "");
+        let config = common::write_config(dir.path(), &text);
         common::run_ok(&["topics", "create"], &config);
         let now = Utc::now();
         Setup {

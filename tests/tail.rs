@@ -92,43 +92,15 @@ async fn tail_shows_deliveries_rejections_and_parked_retries_as_they_happen() {
     let brokers = common::brokers();
     let prefix = common::unique("tail");
     let dir = tempfile::tempdir().unwrap();
-    let config = common::write_config(
-        dir.path(),
-        &format!(
-            r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-
-[topics]
-canonical = "{prefix}.canonical"
-prefix = "{prefix}"
-partitions = 2
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[destinations.hook]
-type = "webhook"
-url = "{url}"
-secret = "{SECRET}"
-consent = "analytics"
-
-[destinations.hook.delivery]
-linger = "10ms"
-
-[destinations.hook.delivery.retry]
-park_after = "1s"
-
-[destinations.other]
-type = "webhook"
-url = "http://127.0.0.1:9/other"
-secret = "{SECRET}"
-consent = "analytics"
-"#,
-            url = fake.url()
-        ),
-    );
+    let text = common::pipeline_config(&prefix, 2)
+        + &common::webhook(
+            "hook",
+            &fake.url(),
+            SECRET,
+            "[destinations.hook.delivery.retry]\npark_after = \"1s\"",
+        )
+        + &common::webhook("other", "http://127.0.0.1:9/other", SECRET, "");
+    let config = common::write_config(dir.path(), &text);
     common::run_ok(&["topics", "create"], &config);
     let all = Tail::start(&["--json"], &config);
     let rejected = Tail::start(&["--destination", "hook", "--outcome", "rejected"], &config);

@@ -34,39 +34,10 @@ impl Setup {
         let prefix = common::unique("trace");
         let canonical = format!("{prefix}.canonical");
         let dir = tempfile::tempdir().unwrap();
-        let config = common::write_config(
-            dir.path(),
-            &format!(
-                r#"
-[kafka]
-brokers = "{brokers}"
-guarantee = "at_least_once"
-consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
-
-[topics]
-canonical = "{canonical}"
-prefix = "{prefix}"
-partitions = 3
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[destinations.hook]
-type = "webhook"
-url = "{hook}"
-secret = "{SECRET}"
-consent = "analytics"
-
-[destinations.hook.delivery]
-linger = "10ms"
-
-[destinations.hook.delivery.retry]
-initial_backoff = "100ms"
-max_backoff = "200ms"
-park_after = "500ms"
-"#
-            ),
-        );
+        let retry = "[destinations.hook.delivery.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"200ms\"\npark_after = \"500ms\"";
+        let text =
+            common::pipeline_config(&prefix, 3) + &common::webhook("hook", hook, SECRET, retry);
+        let config = common::write_config(dir.path(), &text);
         common::run_ok(&["topics", "create"], &config);
         Setup {
             dir,

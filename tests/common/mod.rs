@@ -85,6 +85,49 @@ impl Drop for Watchdog {
     }
 }
 
+/// The head of a pipeline config on the test broker: at least once (tansu's
+/// transactions do not work with librdkafka), an eager assignor (tansu 0.6
+/// never finishes a cooperative hand-over), `<prefix>.canonical`, metrics
+/// on a free port. Destination blocks follow it.
+pub fn pipeline_config(prefix: &str, partitions: u32) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+guarantee = "at_least_once"
+consumer_properties = {{ "partition.assignment.strategy" = "roundrobin" }}
+
+[topics]
+canonical = "{prefix}.canonical"
+prefix = "{prefix}"
+partitions = {partitions}
+
+[metrics]
+listen = "127.0.0.1:0"
+"#,
+        brokers = brokers()
+    )
+}
+
+/// A webhook destination `name` (consent `analytics`, signed with
+/// `secret`) sending to `url` with a short linger; `delivery` adds lines to
+/// its `[destinations.NAME.delivery]` table.
+pub fn webhook(name: &str, url: &str, secret: &str, delivery: &str) -> String {
+    format!(
+        r#"
+[destinations.{name}]
+type = "webhook"
+url = "{url}"
+secret = "{secret}"
+consent = "analytics"
+
+[destinations.{name}.delivery]
+linger = "10ms"
+{delivery}
+"#
+    )
+}
+
 /// Writes a config file into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("switchyard.toml");
