@@ -11,11 +11,11 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use super::dedup::{self, ChunkId, DedupKey, PartitionDedup};
-use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile};
+use super::identity::{IdKey, IdentityTable, PhoneHasher, Profile, Resolved};
 use super::route::{self, DeliveryWriter, Skip, Stamp};
 use crate::config::Config;
 use crate::delivery::dead_letter::{header, stage};
-use crate::event::{DroppedHint, InvalidEvent, parse_event};
+use crate::event::{CanonicalEvent, DroppedHint, InvalidEvent, parse_event};
 use crate::kafka::partitioner::partition_for;
 
 /// One consumed record, borrowed from the consumer.
@@ -744,28 +744,20 @@ impl Pipeline {
                     if routed == 0 {
                         self.writer.prepare(&ev, &who);
                     }
-                    let key = batch.bytes(anchor.as_bytes());
-                    let start = batch.buf.len();
-                    self.writer.write(
-                        &mut batch.buf,
-                        i,
-                        name,
-                        &ev,
-                        &who,
-                        Stamp {
-                            partition: rec.partition,
-                            offset: rec.offset,
-                            routed_at: &batch.routed_at,
-                        },
-                    );
-                    let payload = start..batch.buf.len();
-                    let size = wire_size(key.len(), payload.len(), &hint_header);
                     let limit = self.delivery_limit;
-                    if size > limit {
+                    let written = write_delivery(
+                        &mut self.writer,
+                        batch,
+                        (i, name),
+                        (&ev, &who, anchor),
+                        rec,
+                        (&hint_header, limit),
+                    );
+                    let Ok((key, payload)) = written else {
                         // No producer or broker would take it, and a refused
                         // record would stall the partition: the event goes to
                         // the DLQ for this destination instead.
-                        batch.buf.truncate(start);
+                        let size = written.err().unwrap_or_default();
                         let reason = format!(
                             "the delivery for destination {} would be {size} bytes; the limit is \
                              {limit} (router.max_record_bytes plus what routing may add)",
@@ -779,7 +771,7 @@ impl Pipeline {
                         dead_letter(to, rec, batch, "delivery_oversize", reason, None);
                         batch.oversize_deliveries += 1;
                         continue;
-                    }
+                    };
                     batch.push(topic, None, Some(key), Some(payload), hint_header.clone());
                     Batch::count(&mut batch.routed, i);
                     routed += 1;
@@ -859,27 +851,19 @@ impl Pipeline {
                 self.writer.prepare(&ev, &who);
                 prepared = true;
             }
-            let key = batch.bytes(anchor.as_bytes());
-            let start = batch.buf.len();
-            self.writer.write(
-                &mut batch.buf,
-                i,
-                name,
-                &ev,
-                &who,
-                Stamp {
-                    partition: rec.partition,
-                    offset: rec.offset,
-                    routed_at: &batch.routed_at,
-                },
+            let written = write_delivery(
+                &mut self.writer,
+                batch,
+                (i, name),
+                (&ev, &who, anchor),
+                rec,
+                (headers, self.delivery_limit),
             );
-            let payload = start..batch.buf.len();
-            if wire_size(key.len(), payload.len(), headers) > self.delivery_limit {
+            let Ok((key, payload)) = written else {
                 // Dead-lettered when it was routed live.
-                batch.buf.truncate(start);
                 out.push((i, Replayed::Oversize));
                 continue;
-            }
+            };
             batch.push(topic, None, Some(key), Some(payload), headers.to_vec());
             out.push((i, Replayed::Routed));
         }
@@ -905,6 +889,41 @@ impl Pipeline {
         );
         dead_letter(to, rec, batch, class, reason, oversize)
     }
+}
+
+/// Writes the delivery of `ev` for destination `i` (named `name` there)
+/// into `batch`'s buffer: its key's and payload's ranges, or, when the
+/// record with `headers` would be larger than `limit`, its size (and
+/// nothing stays written).
+fn write_delivery(
+    writer: &mut DeliveryWriter,
+    batch: &mut Batch,
+    (i, name): (usize, &str),
+    (ev, who, anchor): (&CanonicalEvent, &Resolved<'_>, &str),
+    rec: &InRecord<'_>,
+    (headers, limit): (&[(&'static str, String)], usize),
+) -> Result<(Range<usize>, Range<usize>), usize> {
+    let key = batch.bytes(anchor.as_bytes());
+    let start = batch.buf.len();
+    writer.write(
+        &mut batch.buf,
+        i,
+        name,
+        ev,
+        who,
+        Stamp {
+            partition: rec.partition,
+            offset: rec.offset,
+            routed_at: &batch.routed_at,
+        },
+    );
+    let payload = start..batch.buf.len();
+    let size = wire_size(key.len(), payload.len(), headers);
+    if size > limit {
+        batch.buf.truncate(key.start);
+        return Err(size);
+    }
+    Ok((key, payload))
 }
 
 /// Writes `rec` to the DLQ (`to`: the input topic's name, the DLQ's and the
